@@ -1,0 +1,36 @@
+"""hf-scd: Semantic Cache Distillation for transformers. Ship a KV cache as compact codes; continue elsewhere."""
+
+from .artifacts import OperatingPoint, SCDArtifacts
+from .cache import SCDCache, SCDLayer
+from .errors import (
+    ArtifactError,
+    ArtifactMismatchError,
+    CacheStateError,
+    CorruptPayloadError,
+    OperatingPointError,
+    PayloadError,
+    PayloadVersionError,
+    SCDError,
+    TruncatedPayloadError,
+    UnsupportedModelError,
+)
+from .payload import SCDPayload
+
+__version__ = "0.1.0"
+__all__ = [
+    "ArtifactError",
+    "ArtifactMismatchError",
+    "CacheStateError",
+    "CorruptPayloadError",
+    "OperatingPoint",
+    "OperatingPointError",
+    "PayloadError",
+    "PayloadVersionError",
+    "SCDArtifacts",
+    "SCDCache",
+    "SCDError",
+    "SCDLayer",
+    "SCDPayload",
+    "TruncatedPayloadError",
+    "UnsupportedModelError",
+]

@@ -75,7 +75,7 @@ def _gguf_path(spec: PackagedModel) -> Path:
     digest = hashlib.sha256()
     partial = target.with_suffix(".partial")
     with open(partial, "wb") as out:
-        for package, file in zip(spec.packages, spec.files):
+        for package, file in zip(spec.packages, spec.files, strict=False):
             with open(_package_dir(package, spec) / file, "rb") as part:
                 while chunk := part.read(1 << 24):
                     digest.update(chunk)
@@ -113,9 +113,16 @@ def model_dir(name: str = DEFAULT_MODEL) -> Path:
     return folder
 
 
-def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.bfloat16):
+def default_dtype() -> torch.dtype:
+    """bf16 on CUDA; fp32 on CPU, where bf16 matmuls are tens of times slower without AVX512-BF16/AMX."""
+    return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+
+
+def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype | None = None):
     """(model, tokenizer) for a packaged model name, or for any local transformers folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = dtype or default_dtype()
 
     folder = Path(name) if Path(name).is_dir() else model_dir(name)
     tokenizer = AutoTokenizer.from_pretrained(folder)

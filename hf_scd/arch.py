@@ -1,0 +1,94 @@
+"""What SCD needs to know about a model, read once, and the check that it is a model SCD supports."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import UnsupportedModelError
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The KV geometry a codec and a payload are tied to."""
+
+    model_type: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+
+    def bf16_bytes_per_token(self) -> int:
+        """Bytes one token of raw BF16 KV costs: 2 (K and V) x layers x kv heads x head_dim x 2 bytes."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * 2
+
+    def to_dict(self) -> dict:
+        return {
+            "model_type": self.model_type,
+            "num_layers": self.num_layers,
+            "num_kv_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+        }
+
+
+class ModelHandle:
+    """The parts of a supported decoder SCD touches: attention modules, rotary embedding, norms."""
+
+    def __init__(self, model: nn.Module):
+        config = getattr(model, "config", None)
+        model_type = getattr(config, "model_type", None)
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise UnsupportedModelError(
+                f"hf-scd supports the Llama family ({', '.join(SUPPORTED_MODEL_TYPES)}); "
+                f"got model_type={model_type!r}. Other architectures place RoPE or the KV cache differently and would be rebuilt wrongly."
+            )
+        decoder = getattr(model, "model", model)
+        layers = getattr(decoder, "layers", None)
+        rotary = getattr(decoder, "rotary_emb", None)
+        if layers is None or rotary is None:
+            raise UnsupportedModelError(
+                f"{type(model).__name__} has no `.model.layers` / `.model.rotary_emb`; pass a *ForCausalLM model "
+                "or its base model."
+            )
+        self.model = model
+        self.decoder = decoder
+        self.rotary = rotary
+        self.layers = list(layers)
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.shape = ModelShape(
+            model_type=model_type,
+            num_layers=config.num_hidden_layers,
+            num_kv_heads=config.num_key_value_heads,
+            head_dim=head_dim,
+        )
+
+    def attention(self, layer_idx: int) -> nn.Module:
+        return self.layers[layer_idx].self_attn
+
+    @torch.no_grad()
+    def rotary_cos_sin(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """This model's own (cos, sin) for the given positions, shape (batch, seq, head_dim)."""
+        probe = torch.empty(0, dtype=dtype, device=position_ids.device)
+        return self.rotary(probe, position_ids=position_ids)
+
+
+@torch.no_grad()
+def model_fingerprint(model: nn.Module, samples_per_tensor: int = 4096) -> str:
+    """A short hash of the weights, the same for a model in bf16, fp16 or fp32, different after fine-tuning.
+
+    Strided samples of every parameter are rounded to bf16 before hashing, so the fingerprint does not depend on
+    the dtype a checkpoint was loaded in, yet any change to the weights that survives bf16 rounding alters it.
+    """
+    digest = hashlib.sha256()
+    for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
+        flat = param.detach().reshape(-1)
+        stride = max(1, flat.numel() // samples_per_tensor)
+        sample = flat[::stride][:samples_per_tensor].to(device="cpu", dtype=torch.bfloat16)
+        digest.update(name.encode())
+        digest.update(str(tuple(param.shape)).encode())
+        digest.update(sample.view(torch.int16).numpy().tobytes())
+    return digest.hexdigest()[:16]

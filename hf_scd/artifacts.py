@@ -1,0 +1,200 @@
+"""SCDArtifacts: the calibration a model needs for SCD, stored as a Hub repo (config + safetensors + card).
+
+``config.json`` says which model (architecture, KV shape, weight fingerprint) the artifacts were fitted on and
+lists the operating points of the plan; ``codec.safetensors`` holds per layer the K and V bases, means, component
+scales and quantizer steps, and per operating point the bit allocation of every component; ``README.md`` is the
+model card. Loading checks the tensors against the hash the config records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from huggingface_hub import ModelHubMixin, snapshot_download
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from .arch import ModelHandle, ModelShape, model_fingerprint
+from .codec import TransformCode
+from .errors import ArtifactError, ArtifactMismatchError, OperatingPointError
+
+ARTIFACTS_FORMAT_VERSION = 1
+TENSORS_FILE = "codec.safetensors"
+KINDS = ("k", "v")
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """One point of the plan: a bit allocation with its measured size and fidelity on validation text."""
+
+    name: str
+    bytes_per_token: float  # K/V codes and scales, all layers
+    ratio_vs_bf16: float
+    val_kl: float
+    val_top1: float
+
+
+class SCDArtifacts(
+    ModelHubMixin,
+    library_name="hf-scd",
+    tags=["hf-scd", "kv-cache", "kv-cache-compression"],
+    repo_url="https://github.com/hf-scd/hf-scd",
+):
+    """Calibration artifacts for one model: bases, quantizer steps and the bit-allocation plan."""
+
+    def __init__(self, config: dict, tensors: dict[str, torch.Tensor], card: str | None = None):
+        if config.get("format_version") != ARTIFACTS_FORMAT_VERSION:
+            raise ArtifactError(
+                f"artifacts format version {config.get('format_version')!r}; this hf-scd reads "
+                f"{ARTIFACTS_FORMAT_VERSION}. Upgrade hf-scd or re-run `hf-scd calibrate`."
+            )
+        self.config = config
+        self.tensors = tensors
+        self.card = card
+        self.shape = ModelShape(**config["model"]["shape"])
+        self.points = [OperatingPoint(**point) for point in config["operating_points"]]
+        self._codes: dict[str, list[tuple[TransformCode, TransformCode]]] = {}
+
+    # ---- identity ---------------------------------------------------------------------------------------------
+
+    @property
+    def artifacts_id(self) -> str:
+        """Content hash of the tensors: payloads name the artifacts they were made with by it."""
+        return self.config["tensors_sha256"][:16]
+
+    @property
+    def model_fingerprint(self) -> str:
+        return self.config["model"]["fingerprint"]
+
+    def check_model(self, model: torch.nn.Module) -> ModelHandle:
+        """The model's handle, if these artifacts were fitted on exactly this model; a clear error otherwise."""
+        handle = ModelHandle(model)
+        if handle.shape != self.shape:
+            raise ArtifactMismatchError(
+                f"artifacts were fitted on a {self.shape} model ({self.config['model']['name']}); this model is "
+                f"{handle.shape}. Load the artifacts published for this model."
+            )
+        fingerprint = model_fingerprint(model)
+        if fingerprint != self.model_fingerprint:
+            raise ArtifactMismatchError(
+                f"artifacts were fitted on {self.config['model']['name']} (weights fingerprint "
+                f"{self.model_fingerprint}); this model's weights differ (fingerprint {fingerprint}), e.g. a "
+                "fine-tuned variant. Use artifacts calibrated for these weights (`hf-scd calibrate`)."
+            )
+        return handle
+
+    # ---- operating points -------------------------------------------------------------------------------------
+
+    def select_point(self, ratio: float | None = None, max_kl: float | None = None) -> OperatingPoint:
+        """Resolve a target to a point: at least `ratio` x smaller than BF16 and/or validation KL <= `max_kl`.
+
+        With a ratio, the most faithful point that reaches it; with only a KL bound, the smallest point within it;
+        with neither, the plan's default point.
+        """
+        if ratio is None and max_kl is None:
+            return self.point(self.config["default_point"])
+        candidates = [
+            p
+            for p in self.points
+            if (ratio is None or p.ratio_vs_bf16 >= ratio) and (max_kl is None or p.val_kl <= max_kl)
+        ]
+        if not candidates:
+            available = ", ".join(f"{p.name} ({p.ratio_vs_bf16:.1f}x, KL {p.val_kl:.4f})" for p in self.points)
+            raise OperatingPointError(f"no operating point meets ratio>={ratio}, KL<={max_kl}; available: {available}")
+        if ratio is not None:
+            return min(candidates, key=lambda p: (p.val_kl, -p.ratio_vs_bf16))
+        return max(candidates, key=lambda p: p.ratio_vs_bf16)
+
+    def point(self, name: str) -> OperatingPoint:
+        for point in self.points:
+            if point.name == name:
+                return point
+        raise OperatingPointError(
+            f"operating point {name!r} is not in these artifacts: {[p.name for p in self.points]}"
+        )
+
+    def layer_codes(self, point: str) -> list[tuple[TransformCode, TransformCode]]:
+        """Per layer, the (key, value) coders at an operating point."""
+        if point not in self._codes:
+            self.point(point)
+            bits = self.tensors[f"points.{point}.bits"]
+            self._codes[point] = [
+                tuple(
+                    TransformCode(
+                        mean=self.tensors[f"layers.{layer}.{kind}.mean"],
+                        basis=self.tensors[f"layers.{layer}.{kind}.basis"],
+                        scale=self.tensors[f"layers.{layer}.{kind}.scale"],
+                        steps=self.tensors[f"layers.{layer}.{kind}.steps"],
+                        bits=bits[layer, index],
+                    )
+                    for index, kind in enumerate(KINDS)
+                )
+                for layer in range(self.shape.num_layers)
+            ]
+        return self._codes[point]
+
+    # ---- persistence ------------------------------------------------------------------------------------------
+
+    @classmethod
+    def build(cls, config: dict, tensors: dict[str, torch.Tensor], card: str | None = None) -> SCDArtifacts:
+        """Artifacts from freshly fitted parts; stamps the format version and the tensors' hash into the config."""
+        blob = st_save({k: v.contiguous() for k, v in tensors.items()})
+        config = {**config, "format_version": ARTIFACTS_FORMAT_VERSION, "tensors_sha256": _sha256(blob)}
+        return cls(config, st_load(blob), card)
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        save_directory = Path(save_directory)
+        (save_directory / TENSORS_FILE).write_bytes(st_save({k: v.contiguous() for k, v in self.tensors.items()}))
+        (save_directory / "config.json").write_text(json.dumps(self.config, indent=2) + "\n")
+        if self.card is not None:
+            (save_directory / "README.md").write_text(self.card)
+
+    @classmethod
+    def _from_pretrained(
+        cls,
+        *,
+        model_id: str,
+        revision: str | None,
+        cache_dir: str | Path | None,
+        force_download: bool,
+        local_files_only: bool,
+        token: str | bool | None,
+        config: dict | None = None,
+        **kwargs,
+    ) -> SCDArtifacts:
+        folder = Path(model_id)
+        if not folder.is_dir():
+            folder = Path(
+                snapshot_download(
+                    repo_id=model_id,
+                    revision=revision,
+                    cache_dir=cache_dir,
+                    force_download=force_download,
+                    local_files_only=local_files_only,
+                    token=token,
+                )
+            )
+        if config is None:
+            config_path = folder / "config.json"
+            if not config_path.exists():
+                raise ArtifactError(f"{folder} has no config.json: not an hf-scd artifact folder")
+            config = json.loads(config_path.read_text())
+        tensors_path = folder / TENSORS_FILE
+        if not tensors_path.exists():
+            raise ArtifactError(f"{folder} has no {TENSORS_FILE}: not an hf-scd artifact folder")
+        blob = tensors_path.read_bytes()
+        if _sha256(blob) != config.get("tensors_sha256"):
+            raise ArtifactError(f"{tensors_path} does not match the hash in config.json: the download is corrupted")
+        card = (folder / "README.md").read_text() if (folder / "README.md").exists() else None
+        return cls(config, st_load(blob), card)
+
+    def summary(self) -> dict:
+        return {"model": self.config["model"], "operating_points": [asdict(p) for p in self.points]}
+
+
+def _sha256(blob: bytes) -> str:
+    return hashlib.sha256(blob).hexdigest()

@@ -1,0 +1,242 @@
+"""SCDCache: a `transformers.Cache` whose contents can leave the machine as compact codes.
+
+On the producer it behaves like a `DynamicCache` and also records, per cached token, the token id, the rotary
+(cos, sin) and position the model really used, and the attention mask, so `encode()` can de-rotate keys exactly
+and ship what the consumer needs. On the consumer `from_payload()` rebuilds the layers from codes, re-rotating keys
+with the consumer's own rotary embedding; generation then continues as with any cache. The math lives in
+`codec.py`; this file only wires it into `generate()`.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from .artifacts import SCDArtifacts
+from .codec import LayerCodes, TransformCode, decode_layer, encode_layer
+from .errors import ArtifactMismatchError, CacheStateError
+from .payload import SCDPayload
+
+
+class SCDLayer(DynamicLayer):
+    """One layer's cache: post-RoPE keys and values, as attention reads them, that can be coded and rebuilt."""
+
+    def encode(self, rotary: TokenRecord, codes: tuple[TransformCode, TransformCode]) -> LayerCodes:
+        if self.get_seq_length() != rotary.length:
+            raise CacheStateError(f"layer holds {self.get_seq_length()} tokens but {rotary.length} were recorded")
+        return encode_layer(self.keys, self.values, rotary.cos, rotary.sin, rotary.attention_mask, *codes)
+
+    @classmethod
+    def from_codes(
+        cls, layer_codes: LayerCodes, rotary: TokenRecord, codes: tuple[TransformCode, TransformCode], dtype
+    ) -> SCDLayer:
+        layer = cls()
+        keys, values = decode_layer(layer_codes, rotary.cos, rotary.sin, rotary.attention_mask, *codes, dtype)
+        layer.update(keys, values)
+        return layer
+
+
+@dataclass
+class TokenRecord:
+    """What the model used for each cached token: ids, positions, rotary (cos, sin) and the padding mask."""
+
+    input_ids: torch.Tensor  # (batch, seq) int64; -1 where the forward got embeddings, not ids
+    position_ids: torch.Tensor  # (batch, seq) int64
+    cos: torch.Tensor  # (batch, seq, head_dim)
+    sin: torch.Tensor
+    attention_mask: torch.Tensor  # (batch, seq) bool
+
+    @property
+    def length(self) -> int:
+        return self.input_ids.shape[1]
+
+    def extend(self, other: TokenRecord) -> TokenRecord:
+        return TokenRecord(*(torch.cat([a, b], dim=1) for a, b in zip(self._fields(), other._fields(), strict=False)))
+
+    def select(self, index) -> TokenRecord:
+        """Apply an index along (batch, seq) to every field, e.g. `[rows]` or `[:, :length]`."""
+        return TokenRecord(*(field[index] for field in self._fields()))
+
+    def _fields(self) -> tuple[torch.Tensor, ...]:
+        return (self.input_ids, self.position_ids, self.cos, self.sin, self.attention_mask)
+
+
+class SCDCache(Cache):
+    """A KV cache bound to a model and to its SCD artifacts.
+
+    Args:
+        artifacts: calibration artifacts fitted on `model` (`SCDArtifacts.from_pretrained(...)`).
+        model: the model this cache serves; its attention modules are observed to record rotary positions.
+        ratio: compress at least this many times below BF16 (most faithful point that does).
+        max_kl: or: the smallest point whose validation KL is within this bound.
+        point: or: an operating point by name. With none of these, the artifacts' default point.
+    """
+
+    def __init__(
+        self,
+        artifacts: SCDArtifacts,
+        model: torch.nn.Module,
+        *,
+        ratio: float | None = None,
+        max_kl: float | None = None,
+        point: str | None = None,
+    ):
+        handle = artifacts.check_model(model)
+        super().__init__(layers=[SCDLayer() for _ in range(handle.shape.num_layers)])
+        self.artifacts = artifacts
+        self.handle = handle
+        self.operating_point = artifacts.point(point) if point else artifacts.select_point(ratio, max_kl)
+        self.record: TokenRecord | None = None
+        self._pending: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+        self._observe(model)
+
+    # ---- recording what the model did --------------------------------------------------------------------------
+
+    def _observe(self, model: torch.nn.Module) -> None:
+        """Pre-hooks on the decoder (ids, mask) and on its first attention module (positions, cos/sin).
+
+        The hooks hold the cache weakly and are removed when it is garbage-collected.
+        """
+        ref = weakref.ref(self)
+
+        def on_decoder(_module, args, kwargs):
+            cache = ref()
+            if cache is not None and kwargs.get("past_key_values") is cache:
+                ids = kwargs.get("input_ids", args[0] if args else None)
+                cache._pending = (ids, kwargs.get("attention_mask"))
+
+        def on_attention(_module, _args, kwargs):
+            cache = ref()
+            if cache is not None and kwargs.get("past_key_values") is cache:
+                cache._record_forward(kwargs.get("position_ids"), kwargs["position_embeddings"])
+
+        hooks = [
+            self.handle.decoder.register_forward_pre_hook(on_decoder, with_kwargs=True),
+            self.handle.attention(0).register_forward_pre_hook(on_attention, with_kwargs=True),
+        ]
+        weakref.finalize(self, lambda: [hook.remove() for hook in hooks])
+
+    def _record_forward(self, position_ids: torch.Tensor | None, rotary: tuple[torch.Tensor, torch.Tensor]) -> None:
+        cos, sin = rotary
+        batch, seq = cos.shape[0], cos.shape[1]
+        if position_ids is None:
+            raise CacheStateError("the model's attention got no position_ids; SCDCache needs them to ship positions")
+        position_ids = position_ids.expand(batch, seq)
+        ids, mask = self._pending
+        self._pending = (None, None)
+        if ids is None or ids.shape[-1] != seq:
+            ids = torch.full((batch, seq), -1, dtype=torch.long, device=position_ids.device)
+        if mask is None or mask.ndim != 2:
+            mask = torch.ones(batch, seq, dtype=torch.bool, device=position_ids.device)
+        new = TokenRecord(ids.long(), position_ids.long(), cos, sin, mask[:, -seq:].bool())
+        if self.record is None:
+            self.record = new
+            return
+        last = self.record.position_ids[:, -1]
+        if bool((position_ids[:, 0] <= last).any()):
+            raise CacheStateError(
+                f"this forward starts at position {int(position_ids[0, 0])} but the cache already holds positions up "
+                f"to {int(last[0])}: the input repeats tokens the cache holds. When continuing from a cache, pass "
+                "the cached prefix plus at least one new token to generate()."
+            )
+        self.record = self.record.extend(new)
+
+    # ---- shipping -----------------------------------------------------------------------------------------------
+
+    def encode(self, point: str | None = None) -> SCDPayload:
+        """The cache as compact codes, with everything the consumer needs to continue.
+
+        `point` names another operating point of the artifacts to encode at, instead of the cache's own.
+        """
+        if self.record is None or self.get_seq_length() == 0:
+            raise CacheStateError("the cache is empty: run the model on a prompt with past_key_values=cache first")
+        if bool((self.record.input_ids < 0).any()):
+            raise CacheStateError(
+                "the cache was filled from inputs_embeds, so its token ids are unknown; use input_ids"
+            )
+        point = self.artifacts.point(point).name if point else self.operating_point.name
+        codes = self.artifacts.layer_codes(point)
+        return SCDPayload(
+            artifacts_id=self.artifacts.artifacts_id,
+            model_fingerprint=self.artifacts.model_fingerprint,
+            operating_point=point,
+            input_ids=self.record.input_ids.cpu(),
+            position_ids=self.record.position_ids.cpu(),
+            attention_mask=self.record.attention_mask.cpu(),
+            layers=[
+                layer.encode(self.record, layer_codes) for layer, layer_codes in zip(self.layers, codes, strict=False)
+            ],
+        )
+
+    @classmethod
+    def from_payload(cls, payload: SCDPayload, artifacts: SCDArtifacts, model: torch.nn.Module) -> SCDCache:
+        """Rebuild a cache on the consumer, ready for `model.generate(..., past_key_values=cache)`."""
+        if payload.artifacts_id != artifacts.artifacts_id:
+            raise ArtifactMismatchError(
+                f"payload was made with artifacts {payload.artifacts_id}, these are {artifacts.artifacts_id}: "
+                "load the same artifacts on both sides"
+            )
+        if len(payload.layers) != artifacts.shape.num_layers:
+            raise ArtifactMismatchError(
+                f"payload has {len(payload.layers)} layers, the artifacts' model {artifacts.shape.num_layers}"
+            )
+        cache = cls(artifacts, model, point=payload.operating_point)
+        device = next(model.parameters()).device
+        dtype = next(model.parameters()).dtype
+        position_ids = payload.position_ids.to(device)
+        cos, sin = cache.handle.rotary_cos_sin(position_ids, dtype)
+        cache.record = TokenRecord(
+            payload.input_ids.to(device), position_ids, cos, sin, payload.attention_mask.to(device)
+        )
+        codes = artifacts.layer_codes(payload.operating_point)
+        for index, (layer_codes, coders) in enumerate(zip(payload.layers, codes, strict=False)):
+            expected = coders[0].layout.bytes_per_token, coders[1].layout.bytes_per_token
+            if (layer_codes.key_codes.shape[-1], layer_codes.value_codes.shape[-1]) != expected:
+                raise ArtifactMismatchError(f"layer {index} codes do not match the artifacts' bit allocation")
+            moved = LayerCodes(*(t.to(device) for t in vars(layer_codes).values()))
+            cache.layers[index] = SCDLayer.from_codes(moved, cache.record, coders, dtype)
+        return cache
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        """The cached prefix token ids: pass them, plus new tokens, to `generate()`."""
+        if self.record is None:
+            raise CacheStateError("the cache is empty")
+        return self.record.input_ids
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """The cached prefix's attention mask (0 at left padding): extend it with ones for new tokens."""
+        if self.record is None:
+            raise CacheStateError("the cache is empty")
+        return self.record.attention_mask.long()
+
+    # ---- keeping the record in step with the layers ------------------------------------------------------------
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.record is not None:
+            self.record = self.record.select(beam_idx.to(self.record.input_ids.device))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        if self.record is not None:
+            rows = torch.arange(self.record.input_ids.shape[0], device=self.record.input_ids.device)
+            self.record = self.record.select(rows.repeat_interleave(repeats))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        if self.record is not None:
+            self.record = self.record.select(indices)
+
+    def crop(self, max_length: int) -> None:
+        super().crop(max_length)
+        if self.record is not None:
+            self.record = self.record.select((slice(None), slice(0, self.layers[0].get_seq_length())))
+
+    def reset(self) -> None:
+        super().reset()
+        self.record = None

@@ -1,0 +1,41 @@
+"""Typed errors: every way a payload, an artifact or a model can be wrong has its own class."""
+
+
+class SCDError(Exception):
+    """Base class of every error hf-scd raises on purpose."""
+
+
+class UnsupportedModelError(SCDError):
+    """The model's architecture is not one SCD knows how to de-rotate and rebuild."""
+
+
+class ArtifactError(SCDError):
+    """An artifact folder is missing, malformed or of an unknown format version."""
+
+
+class ArtifactMismatchError(SCDError):
+    """Artifacts used with a model (or a payload) they were not fitted for."""
+
+
+class PayloadError(SCDError):
+    """A payload cannot be read."""
+
+
+class TruncatedPayloadError(PayloadError):
+    """The payload is shorter than its header says: it was cut in transit or on disk."""
+
+
+class CorruptPayloadError(PayloadError):
+    """The payload's checksum or structure does not hold: its bytes were altered."""
+
+
+class PayloadVersionError(PayloadError):
+    """The payload was written in a wire-format version this library cannot read."""
+
+
+class OperatingPointError(SCDError):
+    """No operating point in the artifacts satisfies the requested target."""
+
+
+class CacheStateError(SCDError):
+    """The cache was used in a way that would silently give wrong results."""

@@ -1,0 +1,29 @@
+"""Fidelity evaluation (DESIGN.md §4): held-out corpus, QA set, metrics, KV-transfer baselines, runner."""
+
+from .baselines import KIVI, Int8KV, KVTransfer, RawKV
+from .corpus import calibration_texts, evaluation_texts, token_documents
+from .fidelity import Row, format_table, qa_scores, run_fidelity, teacher_forced_scores
+from .metrics import mean_nll, next_token_kl, top1_agreement
+from .qa import QAItem, qa_items, qa_prompt_split, token_f1
+
+__all__ = [
+    "KIVI",
+    "Int8KV",
+    "KVTransfer",
+    "QAItem",
+    "RawKV",
+    "Row",
+    "calibration_texts",
+    "evaluation_texts",
+    "format_table",
+    "mean_nll",
+    "next_token_kl",
+    "qa_items",
+    "qa_prompt_split",
+    "qa_scores",
+    "run_fidelity",
+    "teacher_forced_scores",
+    "token_documents",
+    "token_f1",
+    "top1_agreement",
+]

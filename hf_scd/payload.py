@@ -1,0 +1,156 @@
+"""SCDPayload: the versioned, self-describing wire format of a shipped cache.
+
+Layout: an 18-byte header (magic ``HFSCD\\0``, u16 format version, u32 CRC-32 of the body, u64 body length, all
+little-endian) followed by a safetensors body. The body's metadata names the artifacts and producer model the codes
+were made with; its tensors are the prefix token ids, position ids, attention mask, and per layer the packed K/V
+codes and per-token scales. No pickle anywhere: reading a payload never runs code.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from .codec import LayerCodes
+from .errors import CorruptPayloadError, PayloadVersionError, TruncatedPayloadError
+
+MAGIC = b"HFSCD\0"
+FORMAT_VERSION = 1
+_HEADER = struct.Struct("<6sHIQ")
+_CODE_FIELDS = ("key_codes", "key_scales", "value_codes", "value_scales")
+_CODE_DTYPES = {
+    "key_codes": torch.uint8,
+    "key_scales": torch.float16,
+    "value_codes": torch.uint8,
+    "value_scales": torch.float16,
+}
+
+
+@dataclass
+class SCDPayload:
+    """Everything a consumer needs to rebuild the cache, and the identity of what made it."""
+
+    artifacts_id: str
+    model_fingerprint: str
+    operating_point: str
+    input_ids: torch.Tensor  # (batch, seq) int64, the cached prefix
+    position_ids: torch.Tensor  # (batch, seq) int64, the rotary positions the producer used
+    attention_mask: torch.Tensor  # (batch, seq) bool, False for padding (which carries no codes)
+    layers: list[LayerCodes]
+
+    @property
+    def num_tokens(self) -> int:
+        """Real (non-padding) tokens whose K/V the payload carries."""
+        return int(self.attention_mask.sum())
+
+    def kv_nbytes(self) -> int:
+        """Bytes of K/V codes and scales alone, without ids, positions and format overhead."""
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def to_bytes(self) -> bytes:
+        tensors = {
+            "input_ids": self.input_ids.to(torch.int32).contiguous(),
+            "position_ids": self.position_ids.to(torch.int32).contiguous(),
+            "attention_mask": self.attention_mask.to(torch.uint8).contiguous(),
+        }
+        for index, layer in enumerate(self.layers):
+            for name in _CODE_FIELDS:
+                tensors[f"layers.{index}.{name}"] = getattr(layer, name).cpu().contiguous()
+        metadata = {
+            "format": "hf-scd-payload",
+            "artifacts_id": self.artifacts_id,
+            "model_fingerprint": self.model_fingerprint,
+            "operating_point": self.operating_point,
+            "num_layers": str(len(self.layers)),
+        }
+        body = st_save(tensors, metadata=metadata)
+        return _HEADER.pack(MAGIC, FORMAT_VERSION, zlib.crc32(body), len(body)) + body
+
+    @classmethod
+    def from_bytes(cls, blob: bytes | bytearray | memoryview) -> SCDPayload:
+        blob = bytes(blob)
+        if len(blob) < _HEADER.size:
+            raise TruncatedPayloadError(f"payload is {len(blob)} bytes, shorter than the {_HEADER.size}-byte header")
+        magic, version, crc, length = _HEADER.unpack_from(blob)
+        if magic != MAGIC:
+            raise CorruptPayloadError("not an hf-scd payload (bad magic bytes)")
+        if version != FORMAT_VERSION:
+            raise PayloadVersionError(
+                f"payload format version {version}; this hf-scd reads version {FORMAT_VERSION}. "
+                "Upgrade hf-scd on the consumer (or downgrade the producer) so both speak the same version."
+            )
+        body = blob[_HEADER.size :]
+        if len(body) < length:
+            raise TruncatedPayloadError(f"payload body has {len(body)} of {length} bytes: it was cut short")
+        if len(body) > length:
+            raise CorruptPayloadError(f"payload has {len(body) - length} unexpected trailing bytes")
+        if zlib.crc32(body) != crc:
+            raise CorruptPayloadError("payload checksum mismatch: its bytes were altered in transit or on disk")
+        try:
+            tensors = st_load(body)
+            metadata = _read_metadata(body)
+        except (SafetensorError, ValueError) as exc:
+            raise CorruptPayloadError(f"payload body is not valid safetensors: {exc}") from exc
+        return cls._from_parts(tensors, metadata)
+
+    @classmethod
+    def _from_parts(cls, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> SCDPayload:
+        try:
+            if metadata.get("format") != "hf-scd-payload":
+                raise CorruptPayloadError("payload metadata does not declare the hf-scd payload format")
+            num_layers = int(metadata["num_layers"])
+            input_ids = tensors["input_ids"].long()
+            position_ids = tensors["position_ids"].long()
+            attention_mask = tensors["attention_mask"].bool()
+            layers = []
+            for index in range(num_layers):
+                fields = {name: tensors[f"layers.{index}.{name}"] for name in _CODE_FIELDS}
+                for name, tensor in fields.items():
+                    if tensor.dtype != _CODE_DTYPES[name]:
+                        raise CorruptPayloadError(f"layer {index} {name} has dtype {tensor.dtype}")
+                layers.append(LayerCodes(**fields))
+            payload = cls(
+                artifacts_id=metadata["artifacts_id"],
+                model_fingerprint=metadata["model_fingerprint"],
+                operating_point=metadata["operating_point"],
+                input_ids=input_ids,
+                position_ids=position_ids,
+                attention_mask=attention_mask,
+                layers=layers,
+            )
+        except KeyError as exc:
+            raise CorruptPayloadError(f"payload is missing the field {exc}") from exc
+        payload._check_shapes()
+        return payload
+
+    def _check_shapes(self) -> None:
+        shape = self.input_ids.shape
+        if self.input_ids.ndim != 2 or self.position_ids.shape != shape or self.attention_mask.shape != shape:
+            raise CorruptPayloadError("payload ids, positions and mask do not share one (batch, seq) shape")
+        tokens = self.num_tokens
+        for index, layer in enumerate(self.layers):
+            for name in _CODE_FIELDS:
+                if getattr(layer, name).shape[0] != tokens:
+                    raise CorruptPayloadError(f"layer {index} {name} has codes for a different number of tokens")
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_bytes(self.to_bytes())
+
+    @classmethod
+    def load(cls, path: str | Path) -> SCDPayload:
+        return cls.from_bytes(Path(path).read_bytes())
+
+
+def _read_metadata(body: bytes) -> dict[str, str]:
+    import json
+
+    (header_len,) = struct.unpack_from("<Q", body)
+    header = json.loads(body[8 : 8 + header_len])
+    return header.get("__metadata__", {})

@@ -44,7 +44,8 @@ class ModelHandle:
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise UnsupportedModelError(
                 f"hf-scd supports the Llama family ({', '.join(SUPPORTED_MODEL_TYPES)}); "
-                f"got model_type={model_type!r}. Other architectures place RoPE or the KV cache differently and would be rebuilt wrongly."
+                f"got model_type={model_type!r}. Other architectures place RoPE or the KV cache differently "
+                "and would be rebuilt wrongly."
             )
         decoder = getattr(model, "model", model)
         layers = getattr(decoder, "layers", None)

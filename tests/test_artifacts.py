@@ -1,0 +1,51 @@
+"""SCDArtifacts as a Hub repo: save/load, integrity, version, operating-point resolution."""
+
+import json
+import shutil
+
+import pytest
+
+from hf_scd import ArtifactError, OperatingPointError, SCDArtifacts
+
+
+def test_save_and_reload_keeps_identity(artifacts, tmp_path):
+    artifacts.save_pretrained(tmp_path / "copy")
+    files = sorted(p.name for p in (tmp_path / "copy").iterdir())
+    assert files == ["README.md", "codec.safetensors", "config.json"]
+    again = SCDArtifacts.from_pretrained(tmp_path / "copy")
+    assert again.artifacts_id == artifacts.artifacts_id and again.points == artifacts.points
+
+
+def test_model_card_has_hub_metadata(artifacts):
+    card = artifacts.card
+    assert card.startswith("---\nlibrary_name: hf-scd\nbase_model: HuggingFaceTB/SmolLM2-135M-Instruct\n")
+    assert "license: apache-2.0" in card and "| `4x` |" in card
+
+
+def test_corrupted_tensors_and_unknown_version(artifacts, tmp_path):
+    folder = tmp_path / "bad"
+    artifacts.save_pretrained(folder)
+    blob = bytearray((folder / "codec.safetensors").read_bytes())
+    blob[-10] ^= 1
+    (folder / "codec.safetensors").write_bytes(bytes(blob))
+    with pytest.raises(ArtifactError, match="corrupted"):
+        SCDArtifacts.from_pretrained(folder)
+    shutil.rmtree(folder)
+    artifacts.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["format_version"] = 99
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ArtifactError, match="format version 99"):
+        SCDArtifacts.from_pretrained(folder)
+    with pytest.raises(ArtifactError, match="no config.json"):
+        SCDArtifacts.from_pretrained(tmp_path)
+
+
+def test_operating_point_resolution(artifacts):
+    by_ratio = artifacts.select_point(ratio=4)
+    assert by_ratio.ratio_vs_bf16 >= 4
+    assert all(p.val_kl >= by_ratio.val_kl for p in artifacts.points if p.ratio_vs_bf16 >= 4)
+    loosest = max(p.val_kl for p in artifacts.points)
+    assert artifacts.select_point(max_kl=loosest) == max(artifacts.points, key=lambda p: p.ratio_vs_bf16)
+    with pytest.raises(OperatingPointError, match="available"):
+        artifacts.select_point(ratio=1000)

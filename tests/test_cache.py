@@ -1,0 +1,174 @@
+"""SCDCache on the real default model: exact de-rotation, transfer + generate(), batches, turns, errors."""
+
+import copy
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from hf_scd import (
+    ArtifactMismatchError,
+    CacheStateError,
+    SCDArtifacts,
+    SCDCache,
+    SCDPayload,
+    UnsupportedModelError,
+)
+from hf_scd.codec import remove_rotary
+from hf_scd.eval.metrics import next_token_kl, top1_agreement
+
+NEAR_LOSSLESS = "2.5x"
+
+
+def ship(cache: SCDCache, artifacts: SCDArtifacts, model) -> SCDCache:
+    return SCDCache.from_payload(SCDPayload.from_bytes(cache.encode().to_bytes()), artifacts, model)
+
+
+@torch.inference_mode()
+def test_keys_are_derotated_with_the_positions_the_model_used(smollm2, artifacts):
+    """De-rotating the cached keys with the recorded (cos, sin) gives back k_proj's output, also with offsets."""
+    model, _ = smollm2
+    captured = []
+    hook = model.model.layers[3].self_attn.k_proj.register_forward_hook(lambda m, i, o: captured.append(o))
+    cache = SCDCache(artifacts, model)
+    ids = torch.randint(100, 1000, (1, 12))
+    model(ids, past_key_values=cache, position_ids=torch.arange(40, 52)[None])  # not arange from 0
+    hook.remove()
+    keys = cache.layers[3].keys.float()
+    content = remove_rotary(keys, cache.record.cos.unsqueeze(1).float(), cache.record.sin.unsqueeze(1).float())
+    expected = captured[0].reshape(1, 12, 3, 64).transpose(1, 2).float()
+    assert torch.allclose(content, expected, atol=1e-4)
+    assert cache.record.position_ids.tolist() == [list(range(40, 52))]
+    assert cache.input_ids.tolist() == ids.tolist()
+
+
+@torch.inference_mode()
+def test_near_lossless_transfer_continues_like_the_oracle(smollm2, artifacts, chat_ids):
+    model, tokenizer = smollm2
+    prefix = chat_ids[:, :-1]
+    producer = SCDCache(artifacts, model, point=NEAR_LOSSLESS)
+    model(prefix, past_key_values=producer)
+    consumer = ship(producer, artifacts, model)
+    assert torch.equal(consumer.input_ids, prefix)
+    out = model.generate(chat_ids, past_key_values=consumer, max_new_tokens=24, do_sample=False)
+    oracle = model.generate(chat_ids, max_new_tokens=24, do_sample=False)
+    assert tokenizer.decode(out[0]) == tokenizer.decode(oracle[0])
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("point,max_kl,min_top1", [("4x", 0.05, 0.93), ("8x", 0.5, 0.75)])
+def test_compressed_points_meet_fidelity_floors(smollm2, artifacts, point, max_kl, min_top1):
+    """Teacher-forced on real held-out text (the language reference), against the oracle."""
+    from hf_scd.eval.corpus import evaluation_texts, token_documents
+
+    model, tokenizer = smollm2
+    doc = token_documents(tokenizer, evaluation_texts(), 448)[0][:448]
+    ids = torch.tensor([doc])
+    oracle = model(ids).logits[:, 320:-1]
+    producer = SCDCache(artifacts, model, point=point)
+    model(ids[:, :320], past_key_values=producer)
+    logits = model(ids[:, 320:], past_key_values=ship(producer, artifacts, model)).logits[:, :-1]
+    assert next_token_kl(oracle, logits) <= max_kl
+    assert top1_agreement(oracle, logits) >= min_top1
+
+
+@torch.inference_mode()
+def test_batch_with_left_padding(smollm2, artifacts):
+    model, tokenizer = smollm2
+    tokenizer.padding_side = "left"
+    texts = ["The capital of France is", "A long time ago, in a small village by the sea, there lived a"]
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    positions = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    producer = SCDCache(artifacts, model, point=NEAR_LOSSLESS)
+    model(**batch, position_ids=positions, past_key_values=producer)
+    consumer = ship(producer, artifacts, model)
+    assert torch.equal(consumer.attention_mask, batch.attention_mask)
+    new = tokenizer([" Paris", " fisherman"], return_tensors="pt", add_special_tokens=False, padding=True)
+    assert new.input_ids.shape[1] == 1
+    full = torch.cat([consumer.input_ids, new.input_ids], 1)
+    mask = torch.cat([consumer.attention_mask, new.attention_mask], 1)
+    out = model.generate(full, attention_mask=mask, past_key_values=consumer, max_new_tokens=12, do_sample=False)
+    oracle = model.generate(full, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    assert out.tolist() == oracle.tolist()
+
+
+@torch.inference_mode()
+def test_multi_turn_continuation_and_reencoding(smollm2, artifacts):
+    """Producer answers turn 1, ships everything; consumer answers turn 2, re-ships; a third party continues."""
+    model, tokenizer = smollm2
+    turn1 = [{"role": "user", "content": "Name a fruit that is yellow."}]
+    ids1 = tokenizer.apply_chat_template(turn1, add_generation_prompt=True, return_tensors="pt")["input_ids"]
+    producer = SCDCache(artifacts, model, point=NEAR_LOSSLESS)
+    answer1 = model.generate(ids1, past_key_values=producer, max_new_tokens=10, do_sample=False)
+    consumer = ship(producer, artifacts, model)
+    assert consumer.get_seq_length() == answer1.shape[1] - 1  # the last sampled token is not cached yet
+    turn2 = tokenizer(
+        "<|im_end|>\n<|im_start|>user\nAnd a red one?<|im_end|>\n<|im_start|>assistant\n",
+        return_tensors="pt",
+        add_special_tokens=False,
+    ).input_ids
+    ids2 = torch.cat([answer1, turn2], 1)
+    answer2 = model.generate(ids2, past_key_values=consumer, max_new_tokens=10, do_sample=False)
+    assert answer2.tolist() == model.generate(ids2, max_new_tokens=10, do_sample=False).tolist()
+    third = ship(consumer, artifacts, model)
+    assert torch.equal(third.input_ids, answer2[:, :-1])
+    sampled = model.generate(answer2, past_key_values=third, max_new_tokens=5, do_sample=True, top_k=20)
+    assert sampled.shape[1] == answer2.shape[1] + 5
+
+
+@torch.inference_mode()
+def test_beam_search_runs_on_a_shipped_cache(smollm2, artifacts, chat_ids):
+    model, _ = smollm2
+    producer = SCDCache(artifacts, model, point=NEAR_LOSSLESS)
+    model(chat_ids[:, :-1], past_key_values=producer)
+    consumer = ship(producer, artifacts, model)
+    out = model.generate(chat_ids, past_key_values=consumer, max_new_tokens=8, num_beams=2, do_sample=False)
+    oracle = model.generate(chat_ids, max_new_tokens=8, num_beams=2, do_sample=False)
+    assert out.tolist() == oracle.tolist()
+
+
+@torch.inference_mode()
+def test_repeating_the_cached_prefix_is_a_clear_error(smollm2, artifacts, chat_ids):
+    model, _ = smollm2
+    cache = SCDCache(artifacts, model)
+    model(chat_ids, past_key_values=cache)
+    with pytest.raises(CacheStateError, match="at least one new token"):
+        model(chat_ids, past_key_values=cache)
+
+
+def test_unsupported_architecture_is_refused(artifacts):
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100))
+    with pytest.raises(UnsupportedModelError, match="Llama family"):
+        SCDCache(artifacts, gpt2)
+
+
+def test_artifacts_refuse_other_models(smollm2, artifacts):
+    model, _ = smollm2
+    tiny = LlamaForCausalLM(
+        LlamaConfig(
+            num_hidden_layers=2,
+            hidden_size=64,
+            intermediate_size=128,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            vocab_size=100,
+        )
+    )
+    with pytest.raises(ArtifactMismatchError, match="fitted on"):
+        SCDCache(artifacts, tiny)
+    tuned = copy.deepcopy(model)
+    with torch.no_grad():
+        tuned.model.layers[5].mlp.down_proj.weight.mul_(1.05)
+    with pytest.raises(ArtifactMismatchError, match="fine-tuned"):
+        SCDCache(artifacts, tuned)
+
+
+@torch.inference_mode()
+def test_payload_from_other_artifacts_is_refused(smollm2, artifacts, chat_ids):
+    model, _ = smollm2
+    cache = SCDCache(artifacts, model)
+    model(chat_ids, past_key_values=cache)
+    payload = cache.encode()
+    payload.artifacts_id = "0" * 16
+    with pytest.raises(ArtifactMismatchError, match="load the same artifacts"):
+        SCDCache.from_payload(payload, artifacts, model)

@@ -135,6 +135,12 @@ class SCDCache(Cache):
         if self.record is None:
             self.record = new
             return
+        if batch != self.record.input_ids.shape[0]:
+            raise CacheStateError(
+                f"this forward has batch size {batch} but the cache holds {self.record.input_ids.shape[0]} rows. "
+                "generate() does not expand a pre-filled cache for beam search or num_return_sequences; call "
+                "cache.batch_repeat_interleave(n) first."
+            )
         last = self.record.position_ids[:, -1]
         if bool((position_ids[:, 0] <= last).any()):
             raise CacheStateError(

@@ -83,12 +83,11 @@ def test_batch_with_left_padding(smollm2, artifacts):
     model(**batch, position_ids=positions, past_key_values=producer)
     consumer = ship(producer, artifacts, model)
     assert torch.equal(consumer.attention_mask, batch.attention_mask)
-    new = tokenizer([" Paris", " fisherman"], return_tensors="pt", add_special_tokens=False, padding=True)
-    assert new.input_ids.shape[1] == 1
-    full = torch.cat([consumer.input_ids, new.input_ids], 1)
-    mask = torch.cat([consumer.attention_mask, new.attention_mask], 1)
-    out = model.generate(full, attention_mask=mask, past_key_values=consumer, max_new_tokens=12, do_sample=False)
-    oracle = model.generate(full, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    new_ids = torch.tensor([tokenizer.encode(" Paris")[:1], tokenizer.encode(" young")[:1]])
+    full = torch.cat([consumer.input_ids, new_ids], 1)
+    mask = torch.cat([consumer.attention_mask, torch.ones_like(new_ids)], 1)
+    out = model.generate(full, attention_mask=mask, past_key_values=consumer, max_new_tokens=6, do_sample=False)
+    oracle = model.generate(full, attention_mask=mask, max_new_tokens=6, do_sample=False)
     assert out.tolist() == oracle.tolist()
 
 
@@ -122,8 +121,12 @@ def test_beam_search_runs_on_a_shipped_cache(smollm2, artifacts, chat_ids):
     producer = SCDCache(artifacts, model, point=NEAR_LOSSLESS)
     model(chat_ids[:, :-1], past_key_values=producer)
     consumer = ship(producer, artifacts, model)
-    out = model.generate(chat_ids, past_key_values=consumer, max_new_tokens=8, num_beams=2, do_sample=False)
-    oracle = model.generate(chat_ids, max_new_tokens=8, num_beams=2, do_sample=False)
+    with pytest.raises(CacheStateError, match="batch_repeat_interleave"):
+        model.generate(chat_ids, past_key_values=consumer, max_new_tokens=4, num_beams=2, do_sample=False)
+    consumer = ship(producer, artifacts, model)
+    consumer.batch_repeat_interleave(2)
+    out = model.generate(chat_ids, past_key_values=consumer, max_new_tokens=4, num_beams=2, do_sample=False)
+    oracle = model.generate(chat_ids, max_new_tokens=4, num_beams=2, do_sample=False)
     assert out.tolist() == oracle.tolist()
 
 
@@ -133,7 +136,7 @@ def test_repeating_the_cached_prefix_is_a_clear_error(smollm2, artifacts, chat_i
     cache = SCDCache(artifacts, model)
     model(chat_ids, past_key_values=cache)
     with pytest.raises(CacheStateError, match="at least one new token"):
-        model(chat_ids, past_key_values=cache)
+        model.generate(chat_ids, past_key_values=cache, max_new_tokens=2)
 
 
 def test_unsupported_architecture_is_refused(artifacts):

@@ -201,16 +201,17 @@ def test_reconstruction_error_orders_int8_kivi4_kivi2(real):
                     num += (a.float() - b.float()).pow(2).sum().item()
                     den += a.float().pow(2).sum().item()
             errors[method.name] = math.sqrt(num / den)
-    assert errors["bf16"] == 0.0
-    assert 0 < errors["int8"] < errors["kivi-int4"] < errors["kivi-int2"] < 1.0
+    # The model runs in fp32 on CPU, so shipping bf16 costs bf16 rounding (relative error <= 2**-8) and no more.
+    assert 0 < errors["bf16"] < 2**-8 < errors["int8"] < errors["kivi-int4"] < errors["kivi-int2"] < 1.0
 
 
-def test_teacher_forced_raw_bf16_is_exact(real):
+def test_teacher_forced_raw_bf16_is_near_exact(real):
     model, tokenizer = real
     docs = token_documents(tokenizer, evaluation_texts(), 48)[:2]
     raw = teacher_forced_scores(model, RawKV(), docs, prefix_len=32, cont_len=16, batch_size=2)
-    assert raw["kl"] == pytest.approx(0.0, abs=1e-6) and raw["top1"] == 1.0
-    assert raw["dnll"] == pytest.approx(0.0, abs=1e-6) and 1.0 < raw["nll_oracle"] < 8.0
+    # fp32 model, bf16 on the wire: only rounding separates it from the oracle.
+    assert raw["kl"] < 1e-4 and raw["top1"] >= 0.95
+    assert raw["dnll"] == pytest.approx(0.0, abs=5e-3) and 1.0 < raw["nll_oracle"] < 8.0
     assert raw["bytes_per_token"] == 2 * 30 * 3 * 64 * 2
 
 

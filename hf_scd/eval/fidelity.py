@@ -242,6 +242,8 @@ def _cell(value: object) -> str:
     if isinstance(value, float):
         if math.isnan(value):
             return "–"
+        if 0 < abs(value) < 1e-3:  # near-lossless methods: keep their KL/ΔNLL visible
+            return f"{value:.1e}"
         return f"{value:.1f}" if abs(value) >= 100 else f"{value:.4f}"
     return str(value)
 

@@ -35,9 +35,9 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return positions.masked_fill(attention_mask == 0, 1)
 
 
-def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> DynamicCache:
-    """The producer's cache after one forward over ``input_ids`` (left padding allowed)."""
-    cache = DynamicCache(config=model.config)
+def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: Cache | None = None) -> Cache:
+    """The producer's cache (a fresh ``DynamicCache`` unless given) after one forward over ``input_ids``."""
+    cache = DynamicCache(config=model.config) if cache is None else cache
     position_ids = None if attention_mask is None else position_ids_from_mask(attention_mask)
     model(
         input_ids=input_ids,

@@ -7,7 +7,7 @@ import torch
 from ..artifacts import SCDArtifacts
 from ..cache import SCDCache
 from ..payload import SCDPayload
-from .baselines import position_ids_from_mask
+from .baselines import prefill
 
 
 class SCDTransfer:
@@ -20,14 +20,6 @@ class SCDTransfer:
 
     @torch.inference_mode()
     def transfer(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[SCDCache, int]:
-        producer = SCDCache(self.artifacts, model, point=self.point)
-        position_ids = None if attention_mask is None else position_ids_from_mask(attention_mask)
-        model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=producer,
-            logits_to_keep=1,
-        )
+        producer = prefill(model, input_ids, attention_mask, SCDCache(self.artifacts, model, point=self.point))
         blob = producer.encode().to_bytes()
         return SCDCache.from_payload(SCDPayload.from_bytes(blob), self.artifacts, model), len(blob)

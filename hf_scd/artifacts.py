@@ -1,9 +1,10 @@
 """SCDArtifacts: the calibration a model needs for SCD, stored as a Hub repo (config + safetensors + card).
 
-``config.json`` says which model (architecture, KV shape, weight fingerprint) the artifacts were fitted on and
-lists the operating points of the plan; ``codec.safetensors`` holds per layer the K and V bases, means, component
-scales and quantizer steps, and per operating point the bit allocation of every component; ``README.md`` is the
-model card. Loading checks the tensors against the hash the config records.
+``config.json`` says which model (architecture, KV shape, weight fingerprint) the artifacts were fitted on, how
+many leading tokens ship exactly, and lists the operating points of the plan; ``codec.safetensors`` holds, stacked
+over (layer, K/V), the means, encoder and decoder matrices and quantizer steps, and per operating point the bit
+allocation of every component; ``README.md`` is the model card. Loading checks the tensors against the hash the
+config records.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from .arch import ModelHandle, ModelShape, model_fingerprint
 from .codec import TransformCode
 from .errors import ArtifactError, ArtifactMismatchError, OperatingPointError
 
-ARTIFACTS_FORMAT_VERSION = 1
+ARTIFACTS_FORMAT_VERSION = 2
 TENSORS_FILE = "codec.safetensors"
 KINDS = ("k", "v")
 
@@ -57,7 +58,7 @@ class SCDArtifacts(
         self.card = card
         self.shape = ModelShape(**config["model"]["shape"])
         self.points = [OperatingPoint(**point) for point in config["operating_points"]]
-        self._codes: dict[str, list[tuple[TransformCode, TransformCode]]] = {}
+        self._codes: dict[tuple[str, str], list[tuple[TransformCode, TransformCode]]] = {}
 
     # ---- identity ---------------------------------------------------------------------------------------------
 
@@ -69,6 +70,11 @@ class SCDArtifacts(
     @property
     def model_fingerprint(self) -> str:
         return self.config["model"]["fingerprint"]
+
+    @property
+    def exact_tokens(self) -> int:
+        """Leading real tokens of each row shipped exactly (bf16) instead of coded: the attention sink."""
+        return int(self.config["codec"]["exact_tokens"])
 
     def check_model(self, model: torch.nn.Module) -> ModelHandle:
         """The model's handle, if these artifacts were fitted on exactly this model; a clear error otherwise."""
@@ -117,25 +123,26 @@ class SCDArtifacts(
             f"operating point {name!r} is not in these artifacts: {[p.name for p in self.points]}"
         )
 
-    def layer_codes(self, point: str) -> list[tuple[TransformCode, TransformCode]]:
-        """Per layer, the (key, value) coders at an operating point."""
-        if point not in self._codes:
+    def layer_codes(self, point: str, device: torch.device | str = "cpu") -> list[tuple[TransformCode, TransformCode]]:
+        """Per layer, the (key, value) coders at an operating point, on `device` (kept for reuse)."""
+        cache_key = (point, str(device))
+        if cache_key not in self._codes:
             self.point(point)
             bits = self.tensors[f"points.{point}.bits"]
-            self._codes[point] = [
+            self._codes[cache_key] = [
                 tuple(
                     TransformCode(
-                        mean=self.tensors[f"layers.{layer}.{kind}.mean"],
-                        basis=self.tensors[f"layers.{layer}.{kind}.basis"],
-                        scale=self.tensors[f"layers.{layer}.{kind}.scale"],
-                        steps=self.tensors[f"layers.{layer}.{kind}.steps"],
+                        mean=self.tensors["mean"][layer, index],
+                        encoder=self.tensors["encoder"][layer, index],
+                        decoder=self.tensors["decoder"][layer, index],
+                        steps=self.tensors["steps"][layer, index],
                         bits=bits[layer, index],
-                    )
-                    for index, kind in enumerate(KINDS)
+                    ).to(device)
+                    for index in range(len(KINDS))
                 )
                 for layer in range(self.shape.num_layers)
             ]
-        return self._codes[point]
+        return self._codes[cache_key]
 
     # ---- persistence ------------------------------------------------------------------------------------------
 

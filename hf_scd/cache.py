@@ -24,17 +24,25 @@ from .payload import SCDPayload
 class SCDLayer(DynamicLayer):
     """One layer's cache: post-RoPE keys and values, as attention reads them, that can be coded and rebuilt."""
 
-    def encode(self, rotary: TokenRecord, codes: tuple[TransformCode, TransformCode]) -> LayerCodes:
-        if self.get_seq_length() != rotary.length:
-            raise CacheStateError(f"layer holds {self.get_seq_length()} tokens but {rotary.length} were recorded")
-        return encode_layer(self.keys, self.values, rotary.cos, rotary.sin, rotary.attention_mask, *codes)
+    def encode(self, record: TokenRecord, exact_tokens: int, codes: tuple[TransformCode, TransformCode]) -> LayerCodes:
+        if self.get_seq_length() != record.length:
+            raise CacheStateError(f"layer holds {self.get_seq_length()} tokens but {record.length} were recorded")
+        return encode_layer(self.keys, self.values, *record.flat_rotary(), *record.rows(exact_tokens), *codes)
 
     @classmethod
     def from_codes(
-        cls, layer_codes: LayerCodes, rotary: TokenRecord, codes: tuple[TransformCode, TransformCode], dtype
+        cls,
+        layer_codes: LayerCodes,
+        record: TokenRecord,
+        exact_tokens: int,
+        codes: tuple[TransformCode, TransformCode],
+        dtype: torch.dtype,
     ) -> SCDLayer:
         layer = cls()
-        keys, values = decode_layer(layer_codes, rotary.cos, rotary.sin, rotary.attention_mask, *codes, dtype)
+        shape = tuple(record.attention_mask.shape)
+        keys, values = decode_layer(
+            layer_codes, *record.flat_rotary(), *record.rows(exact_tokens), *codes, shape, dtype
+        )
         layer.update(keys, values)
         return layer
 
@@ -52,6 +60,17 @@ class TokenRecord:
     @property
     def length(self) -> int:
         return self.input_ids.shape[1]
+
+    def rows(self, exact_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat (batch*seq) indices of the coded tokens and of the first `exact_tokens` real tokens of each row."""
+        rank = self.attention_mask.long().cumsum(-1) - 1
+        exact = self.attention_mask & (rank < exact_tokens)
+        coded = self.attention_mask & ~exact
+        return coded.reshape(-1).nonzero().squeeze(-1), exact.reshape(-1).nonzero().squeeze(-1)
+
+    def flat_rotary(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) as (batch*seq, head_dim)."""
+        return self.cos.reshape(-1, self.cos.shape[-1]), self.sin.reshape(-1, self.sin.shape[-1])
 
     def extend(self, other: TokenRecord) -> TokenRecord:
         return TokenRecord(*(torch.cat([a, b], dim=1) for a, b in zip(self._fields(), other._fields(), strict=False)))
@@ -108,10 +127,11 @@ class SCDCache(Cache):
                 ids = kwargs.get("input_ids", args[0] if args else None)
                 cache._pending = (ids, kwargs.get("attention_mask"))
 
-        def on_attention(_module, _args, kwargs):
+        def on_attention(_module, args, kwargs):
             cache = ref()
             if cache is not None and kwargs.get("past_key_values") is cache:
-                cache._record_forward(kwargs.get("position_ids"), kwargs["position_embeddings"])
+                hidden = kwargs.get("hidden_states", args[0] if args else None)
+                cache._record_forward(hidden.shape[0], kwargs.get("position_ids"), kwargs["position_embeddings"])
 
         hooks = [
             self.handle.decoder.register_forward_pre_hook(on_decoder, with_kwargs=True),
@@ -119,9 +139,12 @@ class SCDCache(Cache):
         ]
         weakref.finalize(self, lambda: [hook.remove() for hook in hooks])
 
-    def _record_forward(self, position_ids: torch.Tensor | None, rotary: tuple[torch.Tensor, torch.Tensor]) -> None:
-        cos, sin = rotary
-        batch, seq = cos.shape[0], cos.shape[1]
+    def _record_forward(
+        self, batch: int, position_ids: torch.Tensor | None, rotary: tuple[torch.Tensor, torch.Tensor]
+    ) -> None:
+        # Without explicit position_ids the model computes one row of positions and (cos, sin) for the whole batch.
+        cos, sin = (t.expand(batch, *t.shape[1:]) for t in rotary)
+        seq = cos.shape[1]
         if position_ids is None:
             raise CacheStateError("the model's attention got no position_ids; SCDCache needs them to ship positions")
         position_ids = position_ids.expand(batch, seq)
@@ -164,7 +187,7 @@ class SCDCache(Cache):
                 "the cache was filled from inputs_embeds, so its token ids are unknown; use input_ids"
             )
         point = self.artifacts.point(point).name if point else self.operating_point.name
-        codes = self.artifacts.layer_codes(point)
+        codes = self.artifacts.layer_codes(point, self.layers[0].keys.device)
         return SCDPayload(
             artifacts_id=self.artifacts.artifacts_id,
             model_fingerprint=self.artifacts.model_fingerprint,
@@ -173,7 +196,8 @@ class SCDCache(Cache):
             position_ids=self.record.position_ids.cpu(),
             attention_mask=self.record.attention_mask.cpu(),
             layers=[
-                layer.encode(self.record, layer_codes) for layer, layer_codes in zip(self.layers, codes, strict=False)
+                layer.encode(self.record, self.artifacts.exact_tokens, layer_codes)
+                for layer, layer_codes in zip(self.layers, codes, strict=True)
             ],
         )
 
@@ -197,13 +221,19 @@ class SCDCache(Cache):
         cache.record = TokenRecord(
             payload.input_ids.to(device), position_ids, cos, sin, payload.attention_mask.to(device)
         )
-        codes = artifacts.layer_codes(payload.operating_point)
-        for index, (layer_codes, coders) in enumerate(zip(payload.layers, codes, strict=False)):
+        codes = artifacts.layer_codes(payload.operating_point, device)
+        exact_tokens = artifacts.exact_tokens
+        coded_rows, exact_rows = cache.record.rows(exact_tokens)
+        for index, (layer_codes, coders) in enumerate(zip(payload.layers, codes, strict=True)):
             expected = coders[0].layout.bytes_per_token, coders[1].layout.bytes_per_token
             if (layer_codes.key_codes.shape[-1], layer_codes.value_codes.shape[-1]) != expected:
                 raise ArtifactMismatchError(f"layer {index} codes do not match the artifacts' bit allocation")
-            moved = LayerCodes(*(t.to(device) for t in vars(layer_codes).values()))
-            cache.layers[index] = SCDLayer.from_codes(moved, cache.record, coders, dtype)
+            if layer_codes.key_codes.shape[0] != coded_rows.numel() or layer_codes.exact_keys.shape[1:] != (
+                artifacts.shape.num_kv_heads,
+                artifacts.shape.head_dim,
+            ):
+                raise ArtifactMismatchError(f"layer {index} of the payload does not match the artifacts' layout")
+            cache.layers[index] = SCDLayer.from_codes(layer_codes.to(device), cache.record, exact_tokens, coders, dtype)
         return cache
 
     @property

@@ -81,7 +81,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     )
     print(format_table(rows))
     if args.json:
-        Path(args.json).write_text(json.dumps([row.to_dict() for row in rows], indent=2) + "\n")
+        Path(args.json).write_text(json.dumps([row.to_json() for row in rows], indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:

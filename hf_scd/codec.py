@@ -1,20 +1,30 @@
 """The SCD math in plain torch: the reference implementation and the CPU path.
 
 A layer's keys (de-rotated: RoPE removed, so they live in a position-free content space) and values are coded per
-KV head by transform coding: centre, project on a calibrated orthonormal basis whose components are ordered by
-variance, normalise each component by its calibrated spread and each token by its own RMS, then quantize every
-component with the number of bits the plan gives it (0 bits drops it) and pack the bits. Decoding inverts each step.
-Kernels in `kernels/` implement the same functions for CUDA tensors; this file is their reference.
+KV head by transform coding. Each head's vector is centred and multiplied by a calibrated encoder matrix whose
+columns give unit-spread coefficients in order of importance; each token's coefficients are normalised by their RMS
+(shipped as an 8-bit log code), quantized with the number of bits the plan gives each component (0 bits drops it),
+and packed. Decoding multiplies the dequantized coefficients by the decoder matrix. Encoder and decoder are
+separate inputs, not one orthonormal basis, so a weighted metric (keys weighted by query energy, values by the
+output projection) and a decoder fitted for another model both fit the same code path.
+
+The first few tokens of every row (the attention sink) are not coded: they carry most of the attention mass and
+ship exactly, in bf16.
+
+Kernels in `kernels/` implement `encode_rows` / `decode_rows` for CUDA tensors; this file is their reference.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import cached_property
 
 import torch
 
 MAX_BITS = 8
+# Per-token scales are shipped as uint8 codes of log2(rms) in steps of 1/SCALE_CODE_STEPS octave.
+SCALE_CODE_STEPS = 16
+SCALE_CODE_ZERO = 128
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -32,63 +42,78 @@ def remove_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
     return (x * cos - rotate_half(x) * sin) / (cos * cos + sin * sin)
 
 
+def scale_to_code(rms: torch.Tensor) -> torch.Tensor:
+    """Per-token RMS -> uint8 log code (1/16-octave steps, 2^-8 .. 2^8)."""
+    code = torch.floor(torch.log2(rms.clamp(min=2.0**-8)) * SCALE_CODE_STEPS + 0.5) + SCALE_CODE_ZERO
+    return code.clamp(0, 255).to(torch.uint8)
+
+
+def code_to_scale(code: torch.Tensor) -> torch.Tensor:
+    return torch.exp2((code.float() - SCALE_CODE_ZERO) / SCALE_CODE_STEPS)
+
+
 @dataclass(frozen=True)
 class BitLayout:
-    """Where each component's bits sit in a token's packed bit stream, for one bit allocation (heads, dim)."""
+    """Where each component's bits sit in a token's packed codes, for one bit allocation (heads, dim).
+
+    Each head's components are laid out in order, least significant bit first, and each head's run is padded to
+    a whole byte, so a component's code (at most 8 bits) spans at most two bytes and heads never share a byte.
+    """
 
     bits: torch.Tensor  # (heads, dim) uint8
 
     @cached_property
-    def stream(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(flat component index, bit index) of every bit of a token's stream, heads then components in order."""
-        flat = self.bits.reshape(-1).long()
-        component = torch.repeat_interleave(torch.arange(flat.numel()), flat)
-        first = torch.cumsum(flat, 0) - flat
-        bit = torch.arange(component.numel()) - first[component]
-        return component, bit
+    def offsets(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(byte, shift) of every component's first bit within a token's packed codes, each (heads, dim) int32.
 
-    @property
-    def bits_per_token(self) -> int:
-        return int(self.bits.sum())
+        Components with 0 bits point at their head's first byte with shift 0, so every offset stays in range.
+        """
+        bits = self.bits.long()
+        start_in_head = torch.where(bits > 0, torch.cumsum(bits, -1) - bits, 0)
+        head_bytes = (bits.sum(-1) + 7) // 8
+        head_start = torch.cumsum(head_bytes, 0) - head_bytes
+        byte = head_start.unsqueeze(-1) + start_in_head // 8
+        return byte.to(torch.int32), (start_in_head % 8).to(torch.int32)
 
     @property
     def bytes_per_token(self) -> int:
-        return (self.bits_per_token + 7) // 8
+        return int(((self.bits.long().sum(-1) + 7) // 8).sum())
 
 
 def pack_codes(codes: torch.Tensor, layout: BitLayout) -> torch.Tensor:
-    """(tokens, heads, dim) integer codes -> (tokens, bytes_per_token) uint8, little-endian bit order."""
-    component, bit = (t.to(codes.device) for t in layout.stream)
-    stream = (codes.reshape(codes.shape[0], -1)[:, component].to(torch.int32) >> bit.to(torch.int32)) & 1
-    pad = layout.bytes_per_token * 8 - stream.shape[1]
-    stream = torch.nn.functional.pad(stream, (0, pad)).reshape(codes.shape[0], -1, 8)
-    weights = 1 << torch.arange(8, device=codes.device, dtype=torch.int32)
-    return (stream * weights).sum(-1).to(torch.uint8)
+    """(tokens, heads, dim) integer codes (0 where 0 bits) -> (tokens, bytes_per_token) uint8."""
+    byte, shift = (t.to(codes.device).reshape(-1).long() for t in layout.offsets)
+    shifted = codes.reshape(codes.shape[0], -1).to(torch.int32) << shift.to(torch.int32)
+    # Two spare columns: a dropped component of a trailing empty head points one past the end, and its next byte two.
+    packed = torch.zeros(codes.shape[0], layout.bytes_per_token + 2, dtype=torch.int32, device=codes.device)
+    # Bits of different components never overlap, so adding them is OR-ing them.
+    packed.index_add_(1, byte, shifted & 0xFF)
+    packed.index_add_(1, byte + 1, shifted >> 8)
+    return packed[:, : layout.bytes_per_token].to(torch.uint8)
 
 
 def unpack_codes(packed: torch.Tensor, layout: BitLayout) -> torch.Tensor:
     """Inverse of `pack_codes`: (tokens, bytes) uint8 -> (tokens, heads, dim) int32 codes (0 where 0 bits)."""
-    component, bit = (t.to(packed.device) for t in layout.stream)
-    shifts = torch.arange(8, device=packed.device, dtype=torch.int32)
-    stream = ((packed.to(torch.int32).unsqueeze(-1) >> shifts) & 1).reshape(packed.shape[0], -1)
-    stream = stream[:, : component.numel()]
-    heads, dim = layout.bits.shape
-    codes = torch.zeros(packed.shape[0], heads * dim, dtype=torch.int32, device=packed.device)
-    codes.index_add_(1, component, stream << bit.to(torch.int32))
-    return codes.reshape(-1, heads, dim)
+    byte, shift = (t.to(packed.device) for t in layout.offsets)
+    bits = layout.bits.to(packed.device).int()
+    padded = torch.nn.functional.pad(packed.to(torch.int32), (0, 2))
+    flat = byte.reshape(-1).long()
+    word = padded[:, flat] | (padded[:, flat + 1] << 8)
+    return (word.reshape(-1, *bits.shape) >> shift) & ((1 << bits) - 1)
 
 
 @dataclass
 class TransformCode:
     """Calibrated transform coder of one layer's keys or values (all KV heads), at one bit allocation.
 
-    mean (H, d), basis (H, d, d) with components as columns in variance order, scale (H, d) the spread of each
-    component, steps (MAX_BITS + 1,) the quantizer step per bit width for a unit-spread coefficient, bits (H, d).
+    mean (H, d); encoder (H, d, C) maps a centred vector to C unit-spread coefficients, most important first;
+    decoder (H, C, d) maps coefficients back; steps (MAX_BITS + 1,) the quantizer step per bit width for a unit
+    coefficient of a unit-RMS token; bits (H, C) the plan's bits per component.
     """
 
     mean: torch.Tensor
-    basis: torch.Tensor
-    scale: torch.Tensor
+    encoder: torch.Tensor
+    decoder: torch.Tensor
     steps: torch.Tensor
     bits: torch.Tensor
 
@@ -96,52 +121,111 @@ class TransformCode:
     def layout(self) -> BitLayout:
         return BitLayout(self.bits.to(torch.uint8).cpu())
 
-    def _step(self, device: torch.device) -> torch.Tensor:
-        """Per-component step (H, d) in coefficient units; 0 bits gets step 0 (unused)."""
-        return (self.steps.to(device)[self.bits.long().to(device)] * self.scale.to(device)).float()
+    def to(self, device: torch.device) -> TransformCode:
+        return TransformCode(*(getattr(self, f.name).to(device) for f in fields(self)))
+
+    def component_steps(self) -> torch.Tensor:
+        """Quantizer step (H, C) of every component for a unit-RMS token; 0 where the component gets 0 bits."""
+        return self.steps.float()[self.bits.long()]
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(tokens, H, d) -> packed codes (tokens, bytes) uint8 and per-token scales (tokens, H) fp16."""
-        device = x.device
-        bits = self.bits.to(device).float()
+        """(tokens, H, d) -> packed codes (tokens, bytes) uint8 and per-token scale codes (tokens, H) uint8."""
+        bits = self.bits.float()
         kept = bits > 0
-        z = torch.einsum("nhd,hdc->nhc", x.float() - self.mean.to(device), self.basis.to(device))
-        unit = z / self.scale.to(device)
-        kept_count = kept.sum(-1).clamp(min=1)
-        rms = ((unit * unit * kept).sum(-1) / kept_count).sqrt().clamp(min=1e-6)
-        token_scale = rms.to(torch.float16)
+        unit = torch.einsum("nhd,hdc->nhc", x.float() - self.mean, self.encoder)
+        rms = ((unit * unit * kept).sum(-1) / kept.sum(-1).clamp(min=1)).sqrt()
+        scale_codes = scale_to_code(rms)
         levels = torch.exp2(bits)
-        step = self._step(device) * token_scale.float().unsqueeze(-1)
-        ratio = torch.where(kept, z / torch.where(kept, step, 1.0), 0.0)
+        step = self.component_steps() * code_to_scale(scale_codes).unsqueeze(-1)
+        ratio = unit / torch.where(kept, step, 1.0)
         codes = torch.minimum(torch.clamp(torch.floor(ratio) + levels / 2, min=0), levels - 1)
         codes = torch.where(kept, codes, 0.0).to(torch.int32)
-        return pack_codes(codes, self.layout), token_scale
+        return pack_codes(codes, self.layout), scale_codes
 
-    def decode(self, packed: torch.Tensor, token_scale: torch.Tensor) -> torch.Tensor:
-        """Packed codes and per-token scales -> (tokens, H, d) float32 reconstruction."""
-        device = packed.device
-        bits = self.bits.to(device).float()
+    def decode(self, packed: torch.Tensor, scale_codes: torch.Tensor) -> torch.Tensor:
+        """Packed codes and per-token scale codes -> (tokens, H, d) float32 reconstruction."""
+        bits = self.bits.float()
         codes = unpack_codes(packed, self.layout).float()
-        step = self._step(device) * token_scale.float().unsqueeze(-1)
-        z = torch.where(bits > 0, (codes - torch.exp2(bits) / 2 + 0.5) * step, 0.0)
-        return torch.einsum("nhc,hdc->nhd", z, self.basis.to(device)) + self.mean.to(device)
+        step = self.component_steps() * code_to_scale(scale_codes).unsqueeze(-1)
+        unit = torch.where(bits > 0, (codes - torch.exp2(bits) / 2 + 0.5) * step, 0.0)
+        return torch.einsum("nhc,hcd->nhd", unit, self.decoder) + self.mean
 
-    def bytes_for(self, tokens: int) -> int:
-        """Bytes of codes and scales this coder emits for `tokens` tokens."""
-        return tokens * (self.layout.bytes_per_token + 2 * self.bits.shape[0])
+    def bytes_per_token(self) -> int:
+        """Bytes of packed codes and scale codes this coder emits per token."""
+        return self.layout.bytes_per_token + self.bits.shape[0]
 
 
 @dataclass
 class LayerCodes:
-    """What one layer puts on the wire: packed codes and per-token scales for K and for V (real tokens only)."""
+    """What one layer puts on the wire: codes and scale codes for K and V, and the exact (sink) tokens in bf16."""
 
-    key_codes: torch.Tensor
-    key_scales: torch.Tensor
+    key_codes: torch.Tensor  # (coded tokens, key bytes) uint8
+    key_scales: torch.Tensor  # (coded tokens, H) uint8
     value_codes: torch.Tensor
     value_scales: torch.Tensor
+    exact_keys: torch.Tensor  # (exact tokens, H, d) bf16, de-rotated
+    exact_values: torch.Tensor
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in vars(self).values())
+
+    def to(self, device: torch.device) -> LayerCodes:
+        return LayerCodes(*(t.to(device) for t in vars(self).values()))
+
+
+def _flat_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Tokens `rows` (flat indices into batch*seq) of a (batch, heads, seq, dim) tensor, as (rows, heads, dim)."""
+    batch, heads, seq, dim = x.shape
+    return x.transpose(1, 2).reshape(batch * seq, heads, dim)[rows]
+
+
+def encode_rows(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    rows: torch.Tensor,
+    key_code: TransformCode,
+    value_code: TransformCode,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Code tokens `rows` (flat indices into batch*seq) of a layer's post-RoPE keys and values (batch, H, seq, d).
+
+    Keys are de-rotated with the exact (cos, sin) (batch*seq, d) they were rotated with. Returns key codes, key
+    scale codes, value codes, value scale codes.
+    """
+    content = remove_rotary(_flat_rows(keys, rows).float(), cos[rows, None].float(), sin[rows, None].float())
+    return (*key_code.encode(content), *value_code.encode(_flat_rows(values, rows)))
+
+
+def _scatter_rows(out: torch.Tensor, rows: torch.Tensor, x: torch.Tensor) -> None:
+    """Write (rows, H, d) into tokens `rows` (flat into batch*seq) of `out` (batch, H, seq, d), in place."""
+    seq = out.shape[2]
+    out.transpose(1, 2)[rows // seq, rows % seq] = x.to(out.dtype)
+
+
+def decode_rows(
+    codes: LayerCodes,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    rows: torch.Tensor,
+    key_code: TransformCode,
+    value_code: TransformCode,
+    out_keys: torch.Tensor,
+    out_values: torch.Tensor,
+) -> None:
+    """Decode coded tokens into rows `rows` of `out_keys`/`out_values` (batch, H, seq, d); keys re-rotated with
+    the consumer's (cos, sin) (batch*seq, d)."""
+    keys = key_code.decode(codes.key_codes, codes.key_scales)
+    _scatter_rows(out_keys, rows, apply_rotary(keys, cos[rows, None].float(), sin[rows, None].float()))
+    _scatter_rows(out_values, rows, value_code.decode(codes.value_codes, codes.value_scales))
+
+
+def _on_gpu(x: torch.Tensor) -> bool:
+    if not x.is_cuda:
+        return False
+    from kernels import available
+
+    return available()
 
 
 def encode_layer(
@@ -149,42 +233,52 @@ def encode_layer(
     values: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
-    token_mask: torch.Tensor,
+    coded_rows: torch.Tensor,
+    exact_rows: torch.Tensor,
     key_code: TransformCode,
     value_code: TransformCode,
 ) -> LayerCodes:
-    """Cached post-RoPE keys and values (batch, heads, seq, dim) -> codes of the tokens where `token_mask` is set.
+    """One layer's cache (batch, H, seq, d), rotary (batch*seq, d) -> codes of `coded_rows`, bf16 `exact_rows`.
 
-    Keys are de-rotated with the exact (cos, sin) (batch, seq, dim) they were rotated with.
+    Row indices are flat into batch*seq; padding is in neither. CUDA tensors go through the Triton kernels.
     """
-    content_keys = remove_rotary(keys.float(), cos.unsqueeze(1).float(), sin.unsqueeze(1).float())
-    key_codes, key_scales = key_code.encode(content_keys.transpose(1, 2)[token_mask])
-    value_codes, value_scales = value_code.encode(values.float().transpose(1, 2)[token_mask])
-    return LayerCodes(key_codes, key_scales, value_codes, value_scales)
+    if _on_gpu(keys):
+        from kernels import encode_rows as encode
+    else:
+        encode = encode_rows
+    coded = encode(keys, values, cos, sin, coded_rows, key_code, value_code)
+    exact_cos, exact_sin = cos[exact_rows, None].float(), sin[exact_rows, None].float()
+    exact_keys = remove_rotary(_flat_rows(keys, exact_rows).float(), exact_cos, exact_sin)
+    return LayerCodes(*coded, exact_keys.to(torch.bfloat16), _flat_rows(values, exact_rows).to(torch.bfloat16))
 
 
 def decode_layer(
     codes: LayerCodes,
     cos: torch.Tensor,
     sin: torch.Tensor,
-    token_mask: torch.Tensor,
+    coded_rows: torch.Tensor,
+    exact_rows: torch.Tensor,
     key_code: TransformCode,
     value_code: TransformCode,
+    shape: tuple[int, int],
     dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes -> keys and values (batch, heads, seq, dim) in `dtype`; keys re-rotated with the given (cos, sin).
+    """Codes -> keys and values (batch, H, seq, d) in `dtype`, keys re-rotated with the given (cos, sin).
 
-    Tokens outside `token_mask` (padding) come back as zeros: attention masks them anyway.
+    `shape` is (batch, seq). Padding rows come back as zeros: attention masks them anyway. CUDA tensors go through
+    the Triton kernels.
     """
-    batch, seq = token_mask.shape
+    batch, seq = shape
     heads, dim = key_code.bits.shape
-
-    def scatter(rows: torch.Tensor) -> torch.Tensor:
-        full = torch.zeros(batch, seq, heads, dim, dtype=rows.dtype, device=rows.device)
-        full[token_mask] = rows
-        return full.transpose(1, 2)
-
-    keys = scatter(key_code.decode(codes.key_codes, codes.key_scales))
-    keys = apply_rotary(keys, cos.unsqueeze(1).float(), sin.unsqueeze(1).float())
-    values = scatter(value_code.decode(codes.value_codes, codes.value_scales))
-    return keys.to(dtype), values.to(dtype)
+    device = codes.key_codes.device
+    keys = torch.zeros(batch, heads, seq, dim, dtype=dtype, device=device)
+    values = torch.zeros_like(keys)
+    if _on_gpu(keys):
+        from kernels import decode_rows as decode
+    else:
+        decode = decode_rows
+    decode(codes, cos, sin, coded_rows, key_code, value_code, keys, values)
+    exact_cos, exact_sin = cos[exact_rows, None].float(), sin[exact_rows, None].float()
+    _scatter_rows(keys, exact_rows, apply_rotary(codes.exact_keys.float(), exact_cos, exact_sin))
+    _scatter_rows(values, exact_rows, codes.exact_values)
+    return keys, values

@@ -2,8 +2,9 @@
 
 Layout: an 18-byte header (magic ``HFSCD\\0``, u16 format version, u32 CRC-32 of the body, u64 body length, all
 little-endian) followed by a safetensors body. The body's metadata names the artifacts and producer model the codes
-were made with; its tensors are the prefix token ids, position ids, attention mask, and per layer the packed K/V
-codes and per-token scales. No pickle anywhere: reading a payload never runs code.
+were made with; its tensors are the prefix token ids, position ids, attention mask, the packed K/V codes of all
+layers side by side (one tensor per kind, layer widths in the metadata), their per-token scale codes, and the exact
+bf16 K/V of the attention-sink tokens. No pickle anywhere: reading a payload never runs code.
 """
 
 from __future__ import annotations
@@ -22,14 +23,15 @@ from .codec import LayerCodes
 from .errors import CorruptPayloadError, PayloadVersionError, TruncatedPayloadError
 
 MAGIC = b"HFSCD\0"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _HEADER = struct.Struct("<6sHIQ")
-_CODE_FIELDS = ("key_codes", "key_scales", "value_codes", "value_scales")
 _CODE_DTYPES = {
     "key_codes": torch.uint8,
-    "key_scales": torch.float16,
+    "key_scales": torch.uint8,
     "value_codes": torch.uint8,
-    "value_scales": torch.float16,
+    "value_scales": torch.uint8,
+    "exact_keys": torch.bfloat16,
+    "exact_values": torch.bfloat16,
 }
 
 
@@ -47,7 +49,7 @@ class SCDPayload:
 
     @property
     def num_tokens(self) -> int:
-        """Real (non-padding) tokens whose K/V the payload carries."""
+        """Real (non-padding) tokens whose K/V the payload carries, coded or exact."""
         return int(self.attention_mask.sum())
 
     def kv_nbytes(self) -> int:
@@ -60,15 +62,18 @@ class SCDPayload:
             "position_ids": self.position_ids.to(torch.int32).contiguous(),
             "attention_mask": self.attention_mask.to(torch.uint8).contiguous(),
         }
-        for index, layer in enumerate(self.layers):
-            for name in _CODE_FIELDS:
-                tensors[f"layers.{index}.{name}"] = getattr(layer, name).cpu().contiguous()
+        for kind in ("key", "value"):
+            layers = [layer.to("cpu") for layer in self.layers]
+            tensors[f"{kind}_codes"] = torch.cat([getattr(layer, f"{kind}_codes") for layer in layers], 1)
+            tensors[f"{kind}_scales"] = torch.stack([getattr(layer, f"{kind}_scales") for layer in layers], 1)
+            tensors[f"exact_{kind}s"] = torch.stack([getattr(layer, f"exact_{kind}s") for layer in layers])
         metadata = {
             "format": "hf-scd-payload",
             "artifacts_id": self.artifacts_id,
             "model_fingerprint": self.model_fingerprint,
             "operating_point": self.operating_point,
-            "num_layers": str(len(self.layers)),
+            "key_bytes": ",".join(str(layer.key_codes.shape[1]) for layer in self.layers),
+            "value_bytes": ",".join(str(layer.value_codes.shape[1]) for layer in self.layers),
         }
         body = st_save(tensors, metadata=metadata)
         return _HEADER.pack(MAGIC, FORMAT_VERSION, zlib.crc32(body), len(body)) + body
@@ -105,17 +110,35 @@ class SCDPayload:
         try:
             if metadata.get("format") != "hf-scd-payload":
                 raise CorruptPayloadError("payload metadata does not declare the hf-scd payload format")
-            num_layers = int(metadata["num_layers"])
             input_ids = tensors["input_ids"].long()
             position_ids = tensors["position_ids"].long()
             attention_mask = tensors["attention_mask"].bool()
-            layers = []
-            for index in range(num_layers):
-                fields = {name: tensors[f"layers.{index}.{name}"] for name in _CODE_FIELDS}
-                for name, tensor in fields.items():
-                    if tensor.dtype != _CODE_DTYPES[name]:
-                        raise CorruptPayloadError(f"layer {index} {name} has dtype {tensor.dtype}")
-                layers.append(LayerCodes(**fields))
+            for name, dtype in _CODE_DTYPES.items():
+                if tensors[name].dtype != dtype:
+                    raise CorruptPayloadError(f"payload {name} has dtype {tensors[name].dtype}, expected {dtype}")
+            widths = {kind: [int(w) for w in metadata[f"{kind}_bytes"].split(",")] for kind in ("key", "value")}
+            num_layers = len(widths["key"])
+            for kind in ("key", "value"):
+                codes, scales, exact = (tensors[f"{kind}_codes"], tensors[f"{kind}_scales"], tensors[f"exact_{kind}s"])
+                if len(widths[kind]) != num_layers or codes.ndim != 2 or sum(widths[kind]) != codes.shape[1]:
+                    raise CorruptPayloadError(f"payload {kind} codes do not match the layer widths it declares")
+                if scales.ndim != 3 or scales.shape[:2] != (codes.shape[0], num_layers):
+                    raise CorruptPayloadError(f"payload {kind} scales do not match its codes")
+                if exact.ndim != 4 or exact.shape[0] != num_layers:
+                    raise CorruptPayloadError(f"payload exact {kind}s do not cover every layer")
+            key_codes = tensors["key_codes"].split(widths["key"], 1)
+            value_codes = tensors["value_codes"].split(widths["value"], 1)
+            layers = [
+                LayerCodes(
+                    key_codes=key_codes[index],
+                    key_scales=tensors["key_scales"][:, index],
+                    value_codes=value_codes[index],
+                    value_scales=tensors["value_scales"][:, index],
+                    exact_keys=tensors["exact_keys"][index],
+                    exact_values=tensors["exact_values"][index],
+                )
+                for index in range(num_layers)
+            ]
             payload = cls(
                 artifacts_id=metadata["artifacts_id"],
                 model_fingerprint=metadata["model_fingerprint"],
@@ -127,6 +150,8 @@ class SCDPayload:
             )
         except KeyError as exc:
             raise CorruptPayloadError(f"payload is missing the field {exc}") from exc
+        except ValueError as exc:
+            raise CorruptPayloadError(f"payload metadata is malformed: {exc}") from exc
         payload._check_shapes()
         return payload
 
@@ -136,9 +161,11 @@ class SCDPayload:
             raise CorruptPayloadError("payload ids, positions and mask do not share one (batch, seq) shape")
         tokens = self.num_tokens
         for index, layer in enumerate(self.layers):
-            for name in _CODE_FIELDS:
-                if getattr(layer, name).shape[0] != tokens:
-                    raise CorruptPayloadError(f"layer {index} {name} has codes for a different number of tokens")
+            coded = layer.key_codes.shape[0]
+            same_coded = all(t.shape[0] == coded for t in (layer.key_scales, layer.value_codes, layer.value_scales))
+            same_exact = layer.exact_values.shape == layer.exact_keys.shape
+            if coded + layer.exact_keys.shape[0] != tokens or not (same_coded and same_exact):
+                raise CorruptPayloadError(f"layer {index} carries K/V for a different number of tokens than the mask")
 
     def save(self, path: str | Path) -> None:
         Path(path).write_bytes(self.to_bytes())

@@ -56,7 +56,8 @@ def test_near_lossless_transfer_continues_like_the_oracle(smollm2, artifacts, ch
 
 
 @torch.inference_mode()
-@pytest.mark.parametrize("point,max_kl,min_top1", [("4x", 0.05, 0.93), ("8x", 0.5, 0.75)])
+# Floors set from measurements on this document: 4x KL 0.0034 top-1 0.976; 8x KL 0.046 top-1 0.913.
+@pytest.mark.parametrize("point,max_kl,min_top1", [("4x", 0.01, 0.95), ("8x", 0.1, 0.88)])
 def test_compressed_points_meet_fidelity_floors(smollm2, artifacts, point, max_kl, min_top1):
     """Teacher-forced on real held-out text (the language reference), against the oracle."""
     from hf_scd.eval.corpus import evaluation_texts, token_documents
@@ -175,3 +176,17 @@ def test_payload_from_other_artifacts_is_refused(smollm2, artifacts, chat_ids):
     payload.artifacts_id = "0" * 16
     with pytest.raises(ArtifactMismatchError, match="load the same artifacts"):
         SCDCache.from_payload(payload, artifacts, model)
+
+
+@torch.inference_mode()
+def test_batch_without_attention_mask_ships_every_row(smollm2, artifacts):
+    """Without position_ids the model rotates with one shared row of (cos, sin); the record still covers the batch."""
+    model, _ = smollm2
+    ids = torch.randint(100, 1000, (2, 9))
+    producer = SCDCache(artifacts, model, point=NEAR_LOSSLESS)
+    model(ids, past_key_values=producer)
+    consumer = ship(producer, artifacts, model)
+    assert torch.equal(consumer.input_ids, ids)
+    oracle = model(torch.cat([ids, ids[:, :1]], 1)).logits[:, -1]
+    logits = model(ids[:, :1], past_key_values=consumer).logits[:, -1]
+    assert top1_agreement(oracle, logits) == 1.0

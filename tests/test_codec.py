@@ -3,7 +3,16 @@
 import pytest
 import torch
 
-from hf_scd.codec import BitLayout, TransformCode, apply_rotary, pack_codes, remove_rotary, unpack_codes
+from hf_scd.codec import (
+    BitLayout,
+    TransformCode,
+    apply_rotary,
+    code_to_scale,
+    pack_codes,
+    remove_rotary,
+    scale_to_code,
+    unpack_codes,
+)
 
 
 def test_remove_rotary_inverts_apply_rotary_with_attention_scaling():
@@ -20,31 +29,56 @@ def test_remove_rotary_inverts_apply_rotary_with_attention_scaling():
 def test_pack_unpack_round_trip_on_random_allocations(seed):
     generator = torch.Generator().manual_seed(seed)
     bits = torch.randint(0, 9, (3, 64), generator=generator).to(torch.uint8)
+    bits[1] = 0  # a head with nothing kept
+    bits[2, -5:] = 0  # trailing dropped components
     layout = BitLayout(bits)
     codes = (torch.rand(11, 3, 64, generator=generator) * torch.exp2(bits.float())).floor().to(torch.int32)
     packed = pack_codes(codes, layout)
-    assert packed.shape == (11, (int(bits.sum()) + 7) // 8)
+    per_head_bytes = (bits.long().sum(-1) + 7) // 8
+    assert packed.shape == (11, int(per_head_bytes.sum()))
     assert torch.equal(unpack_codes(packed, layout), codes * (bits > 0))
+    # Heads never share a byte: changing head 2's codes leaves head 0's bytes alone.
+    other = codes.clone()
+    other[:, 2] = 0
+    assert torch.equal(pack_codes(other, layout)[:, : per_head_bytes[0]], packed[:, : per_head_bytes[0]])
+
+
+def test_scale_codes_round_trip_within_half_a_step():
+    rms = torch.exp2(torch.linspace(-7.9, 7.9, 1000))
+    ratio = code_to_scale(scale_to_code(rms)) / rms
+    assert float((ratio.log2().abs() * 16).max()) <= 0.5 + 1e-4
 
 
 def _coder(bits_per_component: int, dim: int = 16) -> TransformCode:
+    """A coder for vectors whose principal axes are a random rotation with spreads 3 .. 0.1."""
     torch.manual_seed(0)
     basis = torch.linalg.qr(torch.randn(2, dim, dim))[0]
-    scale = torch.linspace(3, 0.1, dim).expand(2, dim).clone()
+    spread = torch.linspace(3, 0.1, dim)
     steps = torch.tensor([0.0] + [8.0 / 2**b for b in range(1, 9)])  # covers +-4 token RMS
     bits = torch.full((2, dim), bits_per_component, dtype=torch.uint8)
-    return TransformCode(torch.zeros(2, dim), basis, scale, steps, bits)
+    encoder = basis / spread
+    decoder = spread[:, None] * basis.transpose(-1, -2)
+    return TransformCode(torch.full((2, dim), 0.5), encoder, decoder, steps, bits)
 
 
 def test_transform_code_error_falls_with_bits():
     torch.manual_seed(1)
     coder8 = _coder(8)
-    x = torch.einsum("nhc,hdc->nhd", torch.randn(256, 2, 16) * coder8.scale, coder8.basis)
+    x = torch.einsum("nhc,hcd->nhd", torch.randn(256, 2, 16), coder8.decoder) + coder8.mean
     errors = []
     for bits in (2, 4, 8):
         coder = _coder(bits)
         packed, scales = coder.encode(x)
-        assert packed.shape == (256, 2 * 16 * bits // 8) and scales.dtype == torch.float16
+        assert packed.shape == (256, 2 * 16 * bits // 8) and scales.dtype == torch.uint8
         errors.append(float((coder.decode(packed, scales) - x).pow(2).mean() / x.pow(2).mean()))
     assert errors[0] > errors[1] > errors[2]
     assert errors[2] < 1e-3
+
+
+def test_a_coder_with_no_bits_emits_no_code_bytes():
+    layout = BitLayout(torch.tensor([[3, 0], [0, 0]], dtype=torch.uint8))  # the last head keeps nothing
+    codes = torch.tensor([[[5, 0], [0, 0]]], dtype=torch.int32)
+    assert torch.equal(unpack_codes(pack_codes(codes, layout), layout), codes)
+    empty = BitLayout(torch.zeros(2, 4, dtype=torch.uint8))
+    packed = pack_codes(torch.zeros(3, 2, 4, dtype=torch.int32), empty)
+    assert packed.shape == (3, 0) and not unpack_codes(packed, empty).any()

@@ -9,12 +9,19 @@ from hf_scd import CorruptPayloadError, PayloadVersionError, SCDPayload, Truncat
 from hf_scd.codec import LayerCodes
 
 
-def _payload(layers: int = 2, tokens: int = 5) -> SCDPayload:
+def _payload(layers: int = 2, tokens: int = 5, exact: int = 1) -> SCDPayload:
     generator = torch.Generator().manual_seed(0)
     mask = torch.ones(1, tokens, dtype=torch.bool)
+    coded = tokens - exact
 
-    def codes():
-        return torch.randint(0, 256, (tokens, 7), generator=generator, dtype=torch.uint8)
+    def codes(width: int):
+        return torch.randint(0, 256, (coded, width), generator=generator, dtype=torch.uint8)
+
+    def scales():
+        return codes(3)
+
+    def exact_kv():
+        return torch.randn(exact, 3, 8, generator=generator).to(torch.bfloat16)
 
     return SCDPayload(
         artifacts_id="abc",
@@ -24,8 +31,8 @@ def _payload(layers: int = 2, tokens: int = 5) -> SCDPayload:
         position_ids=torch.arange(tokens)[None],
         attention_mask=mask,
         layers=[
-            LayerCodes(codes(), torch.rand(tokens, 3).half(), codes(), torch.rand(tokens, 3).half())
-            for _ in range(layers)
+            LayerCodes(codes(7 + layer), scales(), codes(5), scales(), exact_kv(), exact_kv())
+            for layer in range(layers)
         ],
     )
 
@@ -35,8 +42,8 @@ def test_round_trip_is_exact(tmp_path):
     again = SCDPayload.from_bytes(payload.to_bytes())
     assert again.operating_point == "4x" and again.artifacts_id == "abc"
     assert torch.equal(again.input_ids, payload.input_ids)
-    for a, b in zip(again.layers, payload.layers, strict=False):
-        assert all(torch.equal(x, y) for x, y in zip(vars(a).values(), vars(b).values(), strict=False))
+    for a, b in zip(again.layers, payload.layers, strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(vars(a).values(), vars(b).values(), strict=True))
     payload.save(tmp_path / "p.scd")
     assert SCDPayload.load(tmp_path / "p.scd").num_tokens == 5
 
@@ -71,6 +78,26 @@ def test_unknown_version():
 
 def test_structurally_inconsistent_body_is_corruption():
     payload = _payload()
-    payload.layers[1].value_scales = payload.layers[1].value_scales[:2]
-    with pytest.raises(CorruptPayloadError, match="layer 1 value_scales"):
+    payload.attention_mask[0, 0] = False  # the mask now says 4 tokens, the codes carry 5
+    with pytest.raises(CorruptPayloadError, match="different number of tokens"):
         SCDPayload.from_bytes(payload.to_bytes())
+    payload = _payload()
+    payload.layers[1].value_scales = payload.layers[1].value_scales[:2]
+    with pytest.raises(RuntimeError):  # tensors of different lengths cannot even be stacked into one body
+        payload.to_bytes()
+
+
+def test_declared_layer_widths_must_match_the_codes():
+    from safetensors.torch import load, save
+
+    from hf_scd.payload import _HEADER, FORMAT_VERSION, MAGIC, _read_metadata
+
+    body = _payload().to_bytes()[_HEADER.size :]
+    metadata = _read_metadata(body)
+    metadata["key_bytes"] = "7,9"  # the codes are 7 + 8 bytes wide
+    forged = save(load(body), metadata=metadata)
+    import zlib
+
+    blob = _HEADER.pack(MAGIC, FORMAT_VERSION, zlib.crc32(forged), len(forged)) + forged
+    with pytest.raises(CorruptPayloadError, match="layer widths"):
+        SCDPayload.from_bytes(blob)

@@ -31,7 +31,8 @@ tags:
 # SCD artifacts for {model["name"]}
 
 Calibration for [hf-scd](https://github.com/hf-scd/hf-scd) (Semantic Cache Distillation): per layer and KV head, a
-principal basis of the de-rotated keys and of the values, quantizer steps, and a bit-allocation plan, so that a
+principal basis of the de-rotated keys (weighted by query energy) and of the values (weighted by the output
+projection), quantizer steps, and a bit-allocation plan, so that a
 `{shape.model_type}` KV cache ({shape.num_layers} layers x {shape.num_kv_heads} KV heads x {shape.head_dim} dims,
 {shape.bf16_bytes_per_token()} bytes/token in BF16) ships as compact codes.
 
@@ -46,7 +47,8 @@ validated on {calibration["validation_documents"]} held-out documents that share
 ## Operating points
 
 KL(oracle || SCD) and top-1 agreement of next-token predictions on held-out text, the consumer continuing from the
-shipped cache; bytes are K/V codes and scales per token.
+shipped cache; bytes are K/V codes and scales per token. The first {config["codec"]["exact_tokens"]} token(s) of each
+sequence (the attention sink) ship exactly in BF16 on top of that.
 
 | point | bytes/token | vs BF16 | val KL | val top-1 | |
 |---|---|---|---|---|---|

@@ -181,6 +181,10 @@ class Row:
     f1_gold: float
     f1_agree: float
 
+    def to_json(self) -> dict:
+        """The row as a JSON object; parts of the protocol that were not run are null (JSON has no NaN)."""
+        return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in asdict(self).items()}
+
 
 def run_fidelity(
     model,

@@ -269,6 +269,7 @@ class SCDCache(Cache):
             self.record = self.record.select(indices)
 
     def crop(self, max_length: int) -> None:
+        """Drop cached tokens as `Cache.crop` does (a negative value removes that many), and their records."""
         super().crop(max_length)
         if self.record is not None:
             self.record = self.record.select((slice(None), slice(0, self.layers[0].get_seq_length())))

@@ -190,3 +190,18 @@ def test_batch_without_attention_mask_ships_every_row(smollm2, artifacts):
     oracle = model(torch.cat([ids, ids[:, :1]], 1)).logits[:, -1]
     logits = model(ids[:, :1], past_key_values=consumer).logits[:, -1]
     assert top1_agreement(oracle, logits) == 1.0
+
+
+@torch.inference_mode()
+def test_crop_drops_tokens_and_generation_continues_from_the_rest(smollm2, artifacts, chat_ids):
+    model, _ = smollm2
+    prefix = chat_ids[:, :-1]
+    producer = SCDCache(artifacts, model, point=NEAR_LOSSLESS)
+    model(prefix, past_key_values=producer)
+    consumer = ship(producer, artifacts, model)
+    keep = prefix.shape[1] - 4
+    consumer.crop(-4)  # negative: tokens to remove, in every transformers 5.x
+    assert consumer.get_seq_length() == keep and torch.equal(consumer.input_ids, prefix[:, :keep])
+    prompt = chat_ids[:, : keep + 1]
+    out = model.generate(prompt, past_key_values=consumer, max_new_tokens=8, do_sample=False)
+    assert out.tolist() == model.generate(prompt, max_new_tokens=8, do_sample=False).tolist()

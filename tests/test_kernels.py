@@ -1,7 +1,7 @@
 """The Triton kernels against the torch reference in hf_scd.codec, on random coders and caches of odd sizes.
 
-Without a GPU the kernels run under Triton's interpreter on CPU tensors (TRITON_INTERPRET=1 must be set before the
-kernels are imported); on a CUDA machine the same tests run the compiled kernels on the GPU.
+Without a GPU the kernels run under Triton's interpreter on CPU tensors (TRITON_INTERPRET=1, set by conftest.py before
+anything imports triton); on a CUDA machine the same tests run the compiled kernels on the GPU.
 
 Tolerances, and why: the kernels' dot products sum in another order than torch's einsum, so a token-head's RMS can
 land on the other side of a scale-code boundary (scale code off by 1), and a coefficient exactly at a quantizer
@@ -11,17 +11,13 @@ the data's magnitude, and in bf16/fp16 up to one rounding step of the output dty
 """
 
 import os
-import sys
 
 import pytest
 import torch
 
 ON_GPU = torch.cuda.is_available()
-if not ON_GPU:
-    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set", allow_module_level=True)
-    # Must precede the first `import triton`: triton.language's own jit helpers are built at import time.
-    os.environ["TRITON_INTERPRET"] = "1"
+if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("without a GPU these tests need TRITON_INTERPRET=1 (conftest.py sets it)", allow_module_level=True)
 pytest.importorskip("triton")
 
 from hf_scd import codec  # noqa: E402

@@ -66,10 +66,15 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .eval.fidelity import format_table, run_fidelity
     from .eval.scd_method import SCDTransfer
 
+    baselines = {method.name: method for method in (RawKV(), Int8KV(), KIVI(bits=4), KIVI(bits=2))}
+    chosen = baselines if args.baselines is None else args.baselines
+    unknown = sorted(set(chosen) - set(baselines))
+    if unknown:
+        raise SystemExit(f"unknown baselines {unknown}; choose from {sorted(baselines)}")
     model, tokenizer = _load(args.model)
     artifacts = SCDArtifacts.from_pretrained(args.artifacts)
     points = args.points or [p.name for p in artifacts.points]
-    methods = [RawKV(), Int8KV(), KIVI(bits=4), KIVI(bits=2)] + [SCDTransfer(artifacts, p) for p in points]
+    methods = [baselines[name] for name in chosen] + [SCDTransfer(artifacts, p) for p in points]
     rows = run_fidelity(
         model,
         tokenizer,
@@ -104,6 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     ev.add_argument("--model", default="default")
     ev.add_argument("--artifacts", required=True)
     ev.add_argument("--points", nargs="*", help="operating points to evaluate (default: all)")
+    ev.add_argument("--baselines", nargs="*", help="baselines to run: bf16 int8 kivi-int4 kivi-int2 (default: all)")
     ev.add_argument("--docs", type=int, default=8)
     ev.add_argument("--prefix", type=int, default=512)
     ev.add_argument("--continuation", type=int, default=256)

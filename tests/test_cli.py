@@ -4,6 +4,7 @@ import json
 import math
 from pathlib import Path
 
+import pytest
 import torch
 
 from hf_scd.cli import main
@@ -29,3 +30,8 @@ def test_eval_prints_the_table_and_writes_json_rows(tmp_path, capsys):
     assert 1.5 < scd["ratio_vs_bf16"] < 4 and math.isfinite(scd["kl"]) and 0 <= scd["f1_agree"] <= 1
     assert rows[0]["bytes_per_token"] is None  # the oracle ships nothing
     assert "| scd-4x |" in capsys.readouterr().out
+
+
+def test_eval_refuses_an_unknown_baseline_before_loading_anything():
+    with pytest.raises(SystemExit, match="unknown baselines"):
+        main(["eval", "--artifacts", str(SMOLLM2_ARTIFACTS), "--baselines", "kivi-int3"])

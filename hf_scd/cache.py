@@ -24,27 +24,37 @@ from .payload import SCDPayload
 class SCDLayer(DynamicLayer):
     """One layer's cache: post-RoPE keys and values, as attention reads them, that can be coded and rebuilt."""
 
-    def encode(self, record: TokenRecord, exact_tokens: int, codes: tuple[TransformCode, TransformCode]) -> LayerCodes:
-        if self.get_seq_length() != record.length:
-            raise CacheStateError(f"layer holds {self.get_seq_length()} tokens but {record.length} were recorded")
-        return encode_layer(self.keys, self.values, *record.flat_rotary(), *record.rows(exact_tokens), *codes)
+    def encode(self, tokens: TokenLayout, codes: tuple[TransformCode, TransformCode]) -> LayerCodes:
+        if self.get_seq_length() != tokens.shape[1]:
+            raise CacheStateError(f"layer holds {self.get_seq_length()} tokens but {tokens.shape[1]} were recorded")
+        return encode_layer(self.keys, self.values, tokens.cos, tokens.sin, tokens.coded, tokens.exact, *codes)
 
     @classmethod
     def from_codes(
         cls,
         layer_codes: LayerCodes,
-        record: TokenRecord,
-        exact_tokens: int,
+        tokens: TokenLayout,
         codes: tuple[TransformCode, TransformCode],
         dtype: torch.dtype,
     ) -> SCDLayer:
         layer = cls()
-        shape = tuple(record.attention_mask.shape)
         keys, values = decode_layer(
-            layer_codes, *record.flat_rotary(), *record.rows(exact_tokens), *codes, shape, dtype
+            layer_codes, tokens.cos, tokens.sin, tokens.coded, tokens.exact, *codes, tokens.shape, dtype
         )
         layer.update(keys, values)
         return layer
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Where a cache's tokens go on the wire, worked out once for all layers: flat (batch*seq) indices of the coded
+    and of the exact (sink) tokens, and the rotary (cos, sin) as (batch*seq, head_dim)."""
+
+    shape: tuple[int, int]  # (batch, seq)
+    coded: torch.Tensor
+    exact: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
 
 
 @dataclass
@@ -57,20 +67,18 @@ class TokenRecord:
     sin: torch.Tensor
     attention_mask: torch.Tensor  # (batch, seq) bool
 
-    @property
-    def length(self) -> int:
-        return self.input_ids.shape[1]
-
-    def rows(self, exact_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Flat (batch*seq) indices of the coded tokens and of the first `exact_tokens` real tokens of each row."""
+    def layout(self, exact_tokens: int) -> TokenLayout:
+        """Coded and exact tokens: the first `exact_tokens` real tokens of each row ship exactly, padding not at all."""
         rank = self.attention_mask.long().cumsum(-1) - 1
         exact = self.attention_mask & (rank < exact_tokens)
         coded = self.attention_mask & ~exact
-        return coded.reshape(-1).nonzero().squeeze(-1), exact.reshape(-1).nonzero().squeeze(-1)
-
-    def flat_rotary(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin) as (batch*seq, head_dim)."""
-        return self.cos.reshape(-1, self.cos.shape[-1]), self.sin.reshape(-1, self.sin.shape[-1])
+        return TokenLayout(
+            shape=tuple(self.attention_mask.shape),
+            coded=coded.reshape(-1).nonzero().squeeze(-1),
+            exact=exact.reshape(-1).nonzero().squeeze(-1),
+            cos=self.cos.reshape(-1, self.cos.shape[-1]),
+            sin=self.sin.reshape(-1, self.sin.shape[-1]),
+        )
 
     def extend(self, other: TokenRecord) -> TokenRecord:
         return TokenRecord(*(torch.cat([a, b], dim=1) for a, b in zip(self._fields(), other._fields(), strict=False)))
@@ -188,6 +196,7 @@ class SCDCache(Cache):
             )
         point = self.artifacts.point(point).name if point else self.operating_point.name
         codes = self.artifacts.layer_codes(point, self.layers[0].keys.device)
+        tokens = self.record.layout(self.artifacts.exact_tokens)
         return SCDPayload(
             artifacts_id=self.artifacts.artifacts_id,
             model_fingerprint=self.artifacts.model_fingerprint,
@@ -195,10 +204,7 @@ class SCDCache(Cache):
             input_ids=self.record.input_ids.cpu(),
             position_ids=self.record.position_ids.cpu(),
             attention_mask=self.record.attention_mask.cpu(),
-            layers=[
-                layer.encode(self.record, self.artifacts.exact_tokens, layer_codes)
-                for layer, layer_codes in zip(self.layers, codes, strict=True)
-            ],
+            layers=[layer.encode(tokens, layer_codes) for layer, layer_codes in zip(self.layers, codes, strict=True)],
         )
 
     @classmethod
@@ -222,18 +228,17 @@ class SCDCache(Cache):
             payload.input_ids.to(device), position_ids, cos, sin, payload.attention_mask.to(device)
         )
         codes = artifacts.layer_codes(payload.operating_point, device)
-        exact_tokens = artifacts.exact_tokens
-        coded_rows, exact_rows = cache.record.rows(exact_tokens)
+        tokens = cache.record.layout(artifacts.exact_tokens)
         for index, (layer_codes, coders) in enumerate(zip(payload.layers, codes, strict=True)):
             expected = coders[0].layout.bytes_per_token, coders[1].layout.bytes_per_token
             if (layer_codes.key_codes.shape[-1], layer_codes.value_codes.shape[-1]) != expected:
                 raise ArtifactMismatchError(f"layer {index} codes do not match the artifacts' bit allocation")
-            if layer_codes.key_codes.shape[0] != coded_rows.numel() or layer_codes.exact_keys.shape[1:] != (
+            if layer_codes.key_codes.shape[0] != tokens.coded.numel() or layer_codes.exact_keys.shape[1:] != (
                 artifacts.shape.num_kv_heads,
                 artifacts.shape.head_dim,
             ):
                 raise ArtifactMismatchError(f"layer {index} of the payload does not match the artifacts' layout")
-            cache.layers[index] = SCDLayer.from_codes(layer_codes.to(device), cache.record, exact_tokens, coders, dtype)
+            cache.layers[index] = SCDLayer.from_codes(layer_codes.to(device), tokens, coders, dtype)
         return cache
 
     @property

@@ -179,6 +179,16 @@ def _flat_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(batch * seq, heads, dim)[rows]
 
 
+def _content_keys(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Tokens `rows` of post-RoPE keys (batch, H, seq, d), de-rotated with their (cos, sin) (batch*seq, d): float32."""
+    return remove_rotary(_flat_rows(keys, rows).float(), cos[rows, None].float(), sin[rows, None].float())
+
+
+def _rotated_keys(content: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Content keys (rows, H, d) rotated with the (cos, sin) (batch*seq, d) of tokens `rows`: float32."""
+    return apply_rotary(content.float(), cos[rows, None].float(), sin[rows, None].float())
+
+
 def encode_rows(
     keys: torch.Tensor,
     values: torch.Tensor,
@@ -193,7 +203,7 @@ def encode_rows(
     Keys are de-rotated with the exact (cos, sin) (batch*seq, d) they were rotated with. Returns key codes, key
     scale codes, value codes, value scale codes.
     """
-    content = remove_rotary(_flat_rows(keys, rows).float(), cos[rows, None].float(), sin[rows, None].float())
+    content = _content_keys(keys, cos, sin, rows)
     return (*key_code.encode(content), *value_code.encode(_flat_rows(values, rows)))
 
 
@@ -216,16 +226,18 @@ def decode_rows(
     """Decode coded tokens into rows `rows` of `out_keys`/`out_values` (batch, H, seq, d); keys re-rotated with
     the consumer's (cos, sin) (batch*seq, d)."""
     keys = key_code.decode(codes.key_codes, codes.key_scales)
-    _scatter_rows(out_keys, rows, apply_rotary(keys, cos[rows, None].float(), sin[rows, None].float()))
+    _scatter_rows(out_keys, rows, _rotated_keys(keys, cos, sin, rows))
     _scatter_rows(out_values, rows, value_code.decode(codes.value_codes, codes.value_scales))
 
 
-def _on_gpu(x: torch.Tensor) -> bool:
-    if not x.is_cuda:
-        return False
-    from kernels import available
+def _row_coder(reference, x: torch.Tensor):
+    """The Triton kernel standing in for `reference` (`encode_rows` / `decode_rows`) on CUDA tensors, else itself."""
+    if x.is_cuda:
+        import kernels
 
-    return available()
+        if kernels.available():
+            return getattr(kernels, reference.__name__)
+    return reference
 
 
 def encode_layer(
@@ -242,14 +254,9 @@ def encode_layer(
 
     Row indices are flat into batch*seq; padding is in neither. CUDA tensors go through the Triton kernels.
     """
-    if _on_gpu(keys):
-        from kernels import encode_rows as encode
-    else:
-        encode = encode_rows
-    coded = encode(keys, values, cos, sin, coded_rows, key_code, value_code)
-    exact_cos, exact_sin = cos[exact_rows, None].float(), sin[exact_rows, None].float()
-    exact_keys = remove_rotary(_flat_rows(keys, exact_rows).float(), exact_cos, exact_sin)
-    return LayerCodes(*coded, exact_keys.to(torch.bfloat16), _flat_rows(values, exact_rows).to(torch.bfloat16))
+    coded = _row_coder(encode_rows, keys)(keys, values, cos, sin, coded_rows, key_code, value_code)
+    exact_keys = _content_keys(keys, cos, sin, exact_rows).to(torch.bfloat16)
+    return LayerCodes(*coded, exact_keys, _flat_rows(values, exact_rows).to(torch.bfloat16))
 
 
 def decode_layer(
@@ -273,12 +280,7 @@ def decode_layer(
     device = codes.key_codes.device
     keys = torch.zeros(batch, heads, seq, dim, dtype=dtype, device=device)
     values = torch.zeros_like(keys)
-    if _on_gpu(keys):
-        from kernels import decode_rows as decode
-    else:
-        decode = decode_rows
-    decode(codes, cos, sin, coded_rows, key_code, value_code, keys, values)
-    exact_cos, exact_sin = cos[exact_rows, None].float(), sin[exact_rows, None].float()
-    _scatter_rows(keys, exact_rows, apply_rotary(codes.exact_keys.float(), exact_cos, exact_sin))
+    _row_coder(decode_rows, keys)(codes, cos, sin, coded_rows, key_code, value_code, keys, values)
+    _scatter_rows(keys, exact_rows, _rotated_keys(codes.exact_keys, cos, sin, exact_rows))
     _scatter_rows(values, exact_rows, codes.exact_values)
     return keys, values

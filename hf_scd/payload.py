@@ -62,8 +62,8 @@ class SCDPayload:
             "position_ids": self.position_ids.to(torch.int32).contiguous(),
             "attention_mask": self.attention_mask.to(torch.uint8).contiguous(),
         }
+        layers = [layer.to("cpu") for layer in self.layers]
         for kind in ("key", "value"):
-            layers = [layer.to("cpu") for layer in self.layers]
             tensors[f"{kind}_codes"] = torch.cat([getattr(layer, f"{kind}_codes") for layer in layers], 1)
             tensors[f"{kind}_scales"] = torch.stack([getattr(layer, f"{kind}_scales") for layer in layers], 1)
             tensors[f"exact_{kind}s"] = torch.stack([getattr(layer, f"exact_{kind}s") for layer in layers])

@@ -71,6 +71,15 @@ class ModelHandle:
         return self.layers[layer_idx].self_attn
 
     @torch.no_grad()
+    def prefix_cache(self, input_ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This model's own post-RoPE (keys, values) per layer, (batch, H, n, d), for unpadded prefixes (batch, n)."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        self.decoder(input_ids=input_ids, past_key_values=cache, use_cache=True)
+        return [(layer.keys, layer.values) for layer in cache.layers]
+
+    @torch.no_grad()
     def rotary_cos_sin(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """This model's own (cos, sin) for the given positions, shape (batch, seq, head_dim)."""
         probe = torch.empty(0, dtype=dtype, device=position_ids.device)

@@ -22,6 +22,7 @@ from safetensors.torch import save as st_save
 from .arch import ModelHandle, ModelShape, model_fingerprint
 from .codec import TransformCode
 from .errors import ArtifactError, ArtifactMismatchError, OperatingPointError
+from .patch import Aligner
 
 ARTIFACTS_FORMAT_VERSION = 2
 TENSORS_FILE = "codec.safetensors"
@@ -37,6 +38,7 @@ class OperatingPoint:
     ratio_vs_bf16: float
     val_kl: float
     val_top1: float
+    patch_layers: tuple[int, ...] = ()  # cross-variant: layers whose K/V the consumer recomputes
 
 
 class SCDArtifacts(
@@ -57,8 +59,12 @@ class SCDArtifacts(
         self.tensors = tensors
         self.card = card
         self.shape = ModelShape(**config["model"]["shape"])
-        self.points = [OperatingPoint(**point) for point in config["operating_points"]]
+        self.points = [
+            OperatingPoint(**{**point, "patch_layers": tuple(point.get("patch_layers", ()))})
+            for point in config["operating_points"]
+        ]
         self._codes: dict[tuple[str, str], list[tuple[TransformCode, TransformCode]]] = {}
+        self._patches: dict[tuple[str, str], dict[int, tuple[TransformCode, Aligner]]] = {}
 
     # ---- identity ---------------------------------------------------------------------------------------------
 
@@ -76,20 +82,39 @@ class SCDArtifacts(
         """Leading real tokens of each row shipped exactly (bf16) instead of coded: the attention sink."""
         return int(self.config["codec"]["exact_tokens"])
 
-    def check_model(self, model: torch.nn.Module) -> ModelHandle:
-        """The model's handle, if these artifacts were fitted on exactly this model; a clear error otherwise."""
+    @property
+    def recomputed_tokens(self) -> int:
+        """Leading real tokens of each row whose K/V the consumer computes itself (cross-variant: its own sink)."""
+        return int(self.config["codec"].get("recomputed_tokens", 0))
+
+    @property
+    def is_pair(self) -> bool:
+        """Whether these artifacts ship a producer's cache to a different consumer model."""
+        return "consumer" in self.config
+
+    def describe(self) -> str:
+        """ "model" or "producer -> consumer": what these artifacts were fitted for."""
+        name = self.config["model"]["name"]
+        return f"{name} -> {self.config['consumer']['name']}" if self.is_pair else name
+
+    def check_model(self, model: torch.nn.Module, role: str = "producer") -> ModelHandle:
+        """The model's handle, if these artifacts were fitted for exactly this model in this role ("producer"
+        encodes, "consumer" rebuilds; the same model for same-model artifacts); a clear error otherwise."""
+        entry = self.config["consumer"] if role == "consumer" and self.is_pair else self.config["model"]
         handle = ModelHandle(model)
         if handle.shape != self.shape:
             raise ArtifactMismatchError(
-                f"artifacts were fitted on a {self.shape} model ({self.config['model']['name']}); this model is "
+                f"artifacts were fitted on a {self.shape} model ({entry['name']}); this model is "
                 f"{handle.shape}. Load the artifacts published for this model."
             )
         fingerprint = model_fingerprint(model)
-        if fingerprint != self.model_fingerprint:
+        if fingerprint != entry["fingerprint"]:
+            pair = f" as the {role} of a pair ({self.describe()})" if self.is_pair else ""
             raise ArtifactMismatchError(
-                f"artifacts were fitted on {self.config['model']['name']} (weights fingerprint "
-                f"{self.model_fingerprint}); this model's weights differ (fingerprint {fingerprint}), e.g. a "
-                "fine-tuned variant. Use artifacts calibrated for these weights (`hf-scd calibrate`)."
+                f"artifacts were fitted on {entry['name']}{pair} (weights fingerprint "
+                f"{entry['fingerprint']}); this model's weights differ (fingerprint {fingerprint}), e.g. a "
+                "fine-tuned variant or the other model of a pair. Use artifacts calibrated for these weights "
+                "(`hf-scd calibrate`)."
             )
         return handle
 
@@ -137,12 +162,33 @@ class SCDArtifacts(
                         decoder=self.tensors["decoder"][layer, index],
                         steps=self.tensors["steps"][layer, index],
                         bits=bits[layer, index],
+                        out_mean=self.tensors["out_mean"][layer, index] if "out_mean" in self.tensors else None,
                     ).to(device)
                     for index in range(len(KINDS))
                 )
                 for layer in range(self.shape.num_layers)
             ]
         return self._codes[cache_key]
+
+    def patch_codes(self, point: str, device: torch.device | str = "cpu") -> dict[int, tuple[TransformCode, Aligner]]:
+        """Per Patch layer of an operating point, the coder of its attention input and the consumer's aligner."""
+        cache_key = (point, str(device))
+        if cache_key not in self._patches:
+            layers = self.point(point).patch_layers
+            candidates = self.tensors["patch.layers"].tolist() if layers else []
+            patches = {}
+            for layer in layers:
+                slot = candidates.index(layer)
+                code = TransformCode(
+                    **{
+                        f: self.tensors[f"patch.{f}"][slot] for f in ("mean", "out_mean", "encoder", "decoder", "steps")
+                    },
+                    bits=self.tensors[f"points.{point}.hidden_bits"][slot],
+                )
+                aligner = Aligner(*(self.tensors[f"aligner.{f}"][slot] for f in ("w_in", "b_in", "w_out", "b_out")))
+                patches[layer] = (code.to(device), aligner.to(device))
+            self._patches[cache_key] = patches
+        return self._patches[cache_key]
 
     # ---- persistence ------------------------------------------------------------------------------------------
 
@@ -200,7 +246,8 @@ class SCDArtifacts(
         return cls(config, st_load(blob), card)
 
     def summary(self) -> dict:
-        return {"model": self.config["model"], "operating_points": [asdict(p) for p in self.points]}
+        models = {"model": self.config["model"]} | ({"consumer": self.config["consumer"]} if self.is_pair else {})
+        return models | {"operating_points": [asdict(p) for p in self.points]}
 
 
 def _sha256(blob: bytes) -> str:

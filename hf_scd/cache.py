@@ -16,8 +16,9 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from .artifacts import SCDArtifacts
-from .codec import LayerCodes, TransformCode, decode_layer, encode_layer
+from .codec import LayerCodes, TransformCode, decode_layer, encode_layer, flat_rows, scatter_rows
 from .errors import ArtifactMismatchError, CacheStateError
+from .patch import Aligner, decode_patch_layer, encode_patch_layer
 from .payload import SCDPayload
 
 
@@ -44,6 +45,29 @@ class SCDLayer(DynamicLayer):
         layer.update(keys, values)
         return layer
 
+    @classmethod
+    def from_patch(
+        cls,
+        layer_codes: LayerCodes,
+        tokens: TokenLayout,
+        patch: tuple[TransformCode, Aligner],
+        attention: torch.nn.Module,
+        kv_shape: tuple[int, int],
+        dtype: torch.dtype,
+    ) -> SCDLayer:
+        """A Patch layer: K/V recomputed by the consumer's own attention projections from the aligned input."""
+        layer = cls()
+        keys, values = decode_patch_layer(
+            layer_codes, tokens.cos, tokens.sin, tokens.coded, *patch, attention, tokens.shape, kv_shape, dtype
+        )
+        layer.update(keys, values)
+        return layer
+
+    def overwrite(self, rows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Replace tokens `rows` (flat in batch*seq) with the given post-RoPE (batch, H, n, d) keys and values."""
+        scatter_rows(self.keys, rows, flat_rows(keys, torch.arange(rows.numel(), device=rows.device)))
+        scatter_rows(self.values, rows, flat_rows(values, torch.arange(rows.numel(), device=rows.device)))
+
 
 @dataclass(frozen=True)
 class TokenLayout:
@@ -66,6 +90,7 @@ class TokenRecord:
     cos: torch.Tensor  # (batch, seq, head_dim)
     sin: torch.Tensor
     attention_mask: torch.Tensor  # (batch, seq) bool
+    hidden: torch.Tensor  # (batch, seq, patch candidates, hidden size): producer's attention input at Patch layers
 
     def layout(self, exact_tokens: int) -> TokenLayout:
         """Coded and exact tokens: the first `exact_tokens` real tokens of each row ship exactly, padding not at all."""
@@ -88,7 +113,7 @@ class TokenRecord:
         return TokenRecord(*(field[index] for field in self._fields()))
 
     def _fields(self) -> tuple[torch.Tensor, ...]:
-        return (self.input_ids, self.position_ids, self.cos, self.sin, self.attention_mask)
+        return (self.input_ids, self.position_ids, self.cos, self.sin, self.attention_mask, self.hidden)
 
 
 class SCDCache(Cache):
@@ -111,12 +136,20 @@ class SCDCache(Cache):
         max_kl: float | None = None,
         point: str | None = None,
     ):
-        handle = artifacts.check_model(model)
+        try:
+            handle, self.role = artifacts.check_model(model, "producer"), "producer"
+        except ArtifactMismatchError:
+            if not artifacts.is_pair:
+                raise
+            handle, self.role = artifacts.check_model(model, "consumer"), "consumer"
         super().__init__(layers=[SCDLayer() for _ in range(handle.shape.num_layers)])
         self.artifacts = artifacts
         self.handle = handle
         self.operating_point = artifacts.point(point) if point else artifacts.select_point(ratio, max_kl)
         self.record: TokenRecord | None = None
+        # Layers whose attention input the producer records, so any operating point can make them Patch layers.
+        has_patches = self.role == "producer" and "patch.layers" in artifacts.tensors
+        self.patch_candidates: list[int] = artifacts.tensors["patch.layers"].tolist() if has_patches else []
         self._pending: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
         self._observe(model)
 
@@ -139,17 +172,30 @@ class SCDCache(Cache):
             cache = ref()
             if cache is not None and kwargs.get("past_key_values") is cache:
                 hidden = kwargs.get("hidden_states", args[0] if args else None)
-                cache._record_forward(hidden.shape[0], kwargs.get("position_ids"), kwargs["position_embeddings"])
+                cache._record_forward(hidden, kwargs.get("position_ids"), kwargs["position_embeddings"])
+
+        def on_patch_input(slot):
+            def hook(_module, args, kwargs):
+                cache = ref()
+                if cache is not None and kwargs.get("past_key_values") is cache:
+                    hidden = kwargs.get("hidden_states", args[0] if args else None)
+                    cache.record.hidden[:, -hidden.shape[1] :, slot] = hidden
+
+            return hook
 
         hooks = [
             self.handle.decoder.register_forward_pre_hook(on_decoder, with_kwargs=True),
             self.handle.attention(0).register_forward_pre_hook(on_attention, with_kwargs=True),
         ]
+        for slot, layer in enumerate(self.patch_candidates):
+            attention = self.handle.attention(layer)
+            hooks.append(attention.register_forward_pre_hook(on_patch_input(slot), with_kwargs=True))
         weakref.finalize(self, lambda: [hook.remove() for hook in hooks])
 
     def _record_forward(
-        self, batch: int, position_ids: torch.Tensor | None, rotary: tuple[torch.Tensor, torch.Tensor]
+        self, hidden: torch.Tensor, position_ids: torch.Tensor | None, rotary: tuple[torch.Tensor, torch.Tensor]
     ) -> None:
+        batch = hidden.shape[0]
         # Without explicit position_ids the model computes one row of positions and (cos, sin) for the whole batch.
         cos, sin = (t.expand(batch, *t.shape[1:]) for t in rotary)
         seq = cos.shape[1]
@@ -162,7 +208,9 @@ class SCDCache(Cache):
             ids = torch.full((batch, seq), -1, dtype=torch.long, device=position_ids.device)
         if mask is None or mask.ndim != 2:
             mask = torch.ones(batch, seq, dtype=torch.bool, device=position_ids.device)
-        new = TokenRecord(ids.long(), position_ids.long(), cos, sin, mask[:, -seq:].bool())
+        width = hidden.shape[-1] if self.patch_candidates else 0
+        patch_inputs = hidden.new_zeros(batch, seq, len(self.patch_candidates), width)
+        new = TokenRecord(ids.long(), position_ids.long(), cos, sin, mask[:, -seq:].bool(), patch_inputs)
         if self.record is None:
             self.record = new
             return
@@ -194,9 +242,24 @@ class SCDCache(Cache):
             raise CacheStateError(
                 "the cache was filled from inputs_embeds, so its token ids are unknown; use input_ids"
             )
+        if self.role != "producer":
+            raise CacheStateError(
+                f"this cache runs on {self.artifacts.config['consumer']['name']}, the consumer of these pair "
+                "artifacts; only their producer can encode with them"
+            )
         point = self.artifacts.point(point).name if point else self.operating_point.name
-        codes = self.artifacts.layer_codes(point, self.layers[0].keys.device)
+        device = self.layers[0].keys.device
+        codes = self.artifacts.layer_codes(point, device)
+        patches = self.artifacts.patch_codes(point, device)
         tokens = self.record.layout(self.artifacts.exact_tokens)
+        kv_shape = (self.handle.shape.num_kv_heads, self.handle.shape.head_dim)
+        layers = []
+        for index, (layer, layer_codes) in enumerate(zip(self.layers, codes, strict=True)):
+            if index in patches:
+                hidden = self.record.hidden[:, :, self.patch_candidates.index(index)]
+                layers.append(encode_patch_layer(hidden, tokens.coded, patches[index][0], kv_shape))
+            else:
+                layers.append(layer.encode(tokens, layer_codes))
         return SCDPayload(
             artifacts_id=self.artifacts.artifacts_id,
             model_fingerprint=self.artifacts.model_fingerprint,
@@ -204,7 +267,7 @@ class SCDCache(Cache):
             input_ids=self.record.input_ids.cpu(),
             position_ids=self.record.position_ids.cpu(),
             attention_mask=self.record.attention_mask.cpu(),
-            layers=[layer.encode(tokens, layer_codes) for layer, layer_codes in zip(self.layers, codes, strict=True)],
+            layers=layers,
         )
 
     @classmethod
@@ -219,26 +282,44 @@ class SCDCache(Cache):
             raise ArtifactMismatchError(
                 f"payload has {len(payload.layers)} layers, the artifacts' model {artifacts.shape.num_layers}"
             )
+        artifacts.check_model(model, "consumer")
         cache = cls(artifacts, model, point=payload.operating_point)
         device = next(model.parameters()).device
         dtype = next(model.parameters()).dtype
         position_ids = payload.position_ids.to(device)
         cos, sin = cache.handle.rotary_cos_sin(position_ids, dtype)
+        batch, seq = position_ids.shape
+        no_inputs = torch.empty(batch, seq, 0, 0, dtype=dtype, device=device)
         cache.record = TokenRecord(
-            payload.input_ids.to(device), position_ids, cos, sin, payload.attention_mask.to(device)
+            payload.input_ids.to(device), position_ids, cos, sin, payload.attention_mask.to(device), no_inputs
         )
         codes = artifacts.layer_codes(payload.operating_point, device)
+        patches = artifacts.patch_codes(payload.operating_point, device)
         tokens = cache.record.layout(artifacts.exact_tokens)
+        kv_shape = (artifacts.shape.num_kv_heads, artifacts.shape.head_dim)
         for index, (layer_codes, coders) in enumerate(zip(payload.layers, codes, strict=True)):
-            expected = coders[0].layout.bytes_per_token, coders[1].layout.bytes_per_token
-            if (layer_codes.key_codes.shape[-1], layer_codes.value_codes.shape[-1]) != expected:
+            hidden_bytes = patches[index][0].layout.bytes_per_token if index in patches else 0
+            expected = (coders[0].layout.bytes_per_token, coders[1].layout.bytes_per_token, hidden_bytes)
+            widths = tuple(getattr(layer_codes, f"{kind}_codes").shape[-1] for kind in ("key", "value", "hidden"))
+            if widths != expected:
                 raise ArtifactMismatchError(f"layer {index} codes do not match the artifacts' bit allocation")
-            if layer_codes.key_codes.shape[0] != tokens.coded.numel() or layer_codes.exact_keys.shape[1:] != (
-                artifacts.shape.num_kv_heads,
-                artifacts.shape.head_dim,
-            ):
+            if layer_codes.key_codes.shape[0] != tokens.coded.numel() or layer_codes.exact_keys.shape[1:] != kv_shape:
                 raise ArtifactMismatchError(f"layer {index} of the payload does not match the artifacts' layout")
-            cache.layers[index] = SCDLayer.from_codes(layer_codes.to(device), tokens, coders, dtype)
+            layer_codes = layer_codes.to(device)
+            if index in patches:
+                attention = cache.handle.attention(index)
+                cache.layers[index] = SCDLayer.from_patch(
+                    layer_codes, tokens, patches[index], attention, kv_shape, dtype
+                )
+            else:
+                cache.layers[index] = SCDLayer.from_codes(layer_codes, tokens, coders, dtype)
+        if artifacts.recomputed_tokens:
+            rows = cache.record.layout(artifacts.recomputed_tokens).exact
+            if rows.numel() != batch * artifacts.recomputed_tokens:
+                raise CacheStateError(f"every row needs at least {artifacts.recomputed_tokens} real tokens")
+            own = cache.handle.prefix_cache(cache.record.input_ids.reshape(-1)[rows].reshape(batch, -1))
+            for layer, (keys, values) in zip(cache.layers, own, strict=True):
+                layer.overwrite(rows, keys, values)
         return cache
 
     @property

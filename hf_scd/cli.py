@@ -20,11 +20,10 @@ def _model_name(model: str) -> str:
     return DEFAULT_MODEL if model == "default" else Path(model).name if Path(model).is_dir() else model
 
 
-def cmd_calibrate(args: argparse.Namespace) -> None:
-    from .calibrate import calibrate
+def _calibration_split(tokenizer, args: argparse.Namespace) -> tuple[list[list[int]], list[list[int]], str]:
+    """(calibration docs within --tokens, validation docs, data description) as the calibrate flags ask."""
     from .eval.corpus import calibration_texts, evaluation_texts, token_documents
 
-    model, tokenizer = _load(args.model)
     if args.data:
         texts = [Path(path).read_text() for path in args.data]
         description = "Text files: " + ", ".join(Path(path).name for path in args.data)
@@ -41,23 +40,61 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     validation_len = args.validation_prefix + 256
     validation = [d[:validation_len] for d in token_documents(tokenizer, evaluation_texts(), validation_len)]
     # Validate on the *last* evaluation documents; `hf-scd eval` reads from the first ones.
-    validation = validation[-args.validation_docs :]
-    name = _model_name(args.model)
+    return calibration_docs, validation[-args.validation_docs :], description
+
+
+def _hub_id(name: str) -> str | None:
     spec = PACKAGED_MODELS.get(name)
-    artifacts = calibrate(
-        model,
-        calibration_docs,
-        validation,
-        model_name=name,
-        base_model=spec.hub_id if spec else None,
-        data_description=description,
-        ratios=tuple(args.ratios),
-        validation_prefix=args.validation_prefix,
-        weigh_layers=not args.no_layer_weights,
-    )
+    return spec.hub_id if spec else None
+
+
+def cmd_calibrate(args: argparse.Namespace) -> None:
+    if (args.producer is None) != (args.consumer is None):
+        raise SystemExit("--producer and --consumer go together")
+    ratios = {"ratios": tuple(args.ratios)} if args.ratios else {}
+    if args.producer is None:
+        from .calibrate import calibrate
+
+        model, tokenizer = _load(args.model)
+        calibration_docs, validation, description = _calibration_split(tokenizer, args)
+        name = _model_name(args.model)
+        artifacts = calibrate(
+            model,
+            calibration_docs,
+            validation,
+            model_name=name,
+            base_model=_hub_id(name),
+            data_description=description,
+            **ratios,
+            validation_prefix=args.validation_prefix,
+            weigh_layers=not args.no_layer_weights,
+        )
+    else:
+        from .calibrate import calibrate_pair
+
+        producer, tokenizer = _load(args.producer)
+        consumer, _ = _load(args.consumer)
+        calibration_docs, validation, description = _calibration_split(tokenizer, args)
+        producer_name = _model_name(args.producer)
+        artifacts = calibrate_pair(
+            producer,
+            consumer,
+            calibration_docs,
+            validation,
+            producer_name=producer_name,
+            consumer_name=_model_name(args.consumer),
+            base_model=_hub_id(producer_name),
+            data_description=description,
+            **ratios,
+            patch_counts=tuple(args.patch_counts),
+            reuse=args.reuse,
+            target_kl=args.target_kl,
+            target_ratio=args.target_ratio,
+            validation_prefix=args.validation_prefix,
+        )
     artifacts.save_pretrained(args.out)
     print(json.dumps(artifacts.summary()["operating_points"], indent=2))
-    print(f"artifacts written to {args.out}")
+    print(f"artifacts written to {args.out}; default point {artifacts.config['default_point']}")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -95,11 +132,18 @@ def main(argv: list[str] | None = None) -> None:
 
     cal = sub.add_parser("calibrate", help="fit artifacts (bases, quantizers, plan) for a model")
     cal.add_argument("--model", default="default", help="packaged model name, 'default', or a local folder")
+    cal.add_argument("--producer", help="cross-variant: the model that prefills and encodes")
+    cal.add_argument("--consumer", help="cross-variant: the fine-tuned variant that rebuilds and decodes")
+    cal.add_argument("--reuse", choices=("rrr", "joint-svd"), default="rrr", help="cross-variant Reuse coder")
+    cal.add_argument("--patch-counts", type=int, nargs="+", default=[0, 2, 4, 6], help="Patch layers to try")
+    target = cal.add_mutually_exclusive_group()
+    target.add_argument("--target-kl", type=float, help="default point: the smallest with validation KL <= this")
+    target.add_argument("--target-ratio", type=float, help="default point: the most faithful this much below BF16")
     cal.add_argument("--data", nargs="*", help="text files to fit on (default: stdlib docstrings)")
     cal.add_argument("--out", required=True, help="artifact folder to write (a Hub repo layout)")
     cal.add_argument("--tokens", type=int, default=16384, help="calibration tokens")
     cal.add_argument("--doc-tokens", type=int, default=1024, help="longest calibration document, in tokens")
-    cal.add_argument("--ratios", type=float, nargs="+", default=[2.5, 3, 4, 5, 6, 8, 10, 12])
+    cal.add_argument("--ratios", type=float, nargs="+", help="one operating point per ratio vs BF16")
     cal.add_argument("--validation-docs", type=int, default=4)
     cal.add_argument("--validation-prefix", type=int, default=384)
     cal.add_argument("--no-layer-weights", action="store_true", help="skip the per-layer sensitivity measurement")

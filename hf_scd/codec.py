@@ -108,7 +108,9 @@ class TransformCode:
 
     mean (H, d); encoder (H, d, C) maps a centred vector to C unit-spread coefficients, most important first;
     decoder (H, C, d) maps coefficients back; steps (MAX_BITS + 1,) the quantizer step per bit width for a unit
-    coefficient of a unit-RMS token; bits (H, C) the plan's bits per component.
+    coefficient of a unit-RMS token; bits (H, C) the plan's bits per component. out_mean (H, d) is added back after
+    decoding: the same as `mean` when a model codes its own cache, the consumer's mean when the decoder predicts
+    another model's vectors (cross-variant Reuse).
     """
 
     mean: torch.Tensor
@@ -116,6 +118,11 @@ class TransformCode:
     decoder: torch.Tensor
     steps: torch.Tensor
     bits: torch.Tensor
+    out_mean: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.out_mean is None:
+            self.out_mean = self.mean
 
     @cached_property
     def layout(self) -> BitLayout:
@@ -148,7 +155,7 @@ class TransformCode:
         codes = unpack_codes(packed, self.layout).float()
         step = self.component_steps() * code_to_scale(scale_codes).unsqueeze(-1)
         unit = torch.where(bits > 0, (codes - torch.exp2(bits) / 2 + 0.5) * step, 0.0)
-        return torch.einsum("nhc,hcd->nhd", unit, self.decoder) + self.mean
+        return torch.einsum("nhc,hcd->nhd", unit, self.decoder) + self.out_mean
 
     def bytes_per_token(self) -> int:
         """Bytes of packed codes and scale codes this coder emits per token."""
@@ -157,7 +164,11 @@ class TransformCode:
 
 @dataclass
 class LayerCodes:
-    """What one layer puts on the wire: codes and scale codes for K and V, and the exact (sink) tokens in bf16."""
+    """What one layer puts on the wire: codes and scale codes for K and V, and the exact (sink) tokens in bf16.
+
+    A Patch layer of a cross-variant plan ships, instead of K/V codes, codes of the producer's normalised attention
+    input (`hidden_*`); its K/V codes are then zero-width. Other layers' hidden codes are zero-width.
+    """
 
     key_codes: torch.Tensor  # (coded tokens, key bytes) uint8
     key_scales: torch.Tensor  # (coded tokens, H) uint8
@@ -165,6 +176,8 @@ class LayerCodes:
     value_scales: torch.Tensor
     exact_keys: torch.Tensor  # (exact tokens, H, d) bf16, de-rotated
     exact_values: torch.Tensor
+    hidden_codes: torch.Tensor  # (coded tokens, hidden bytes) uint8
+    hidden_scales: torch.Tensor  # (coded tokens, 1 or 0) uint8
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in vars(self).values())
@@ -173,7 +186,7 @@ class LayerCodes:
         return LayerCodes(*(t.to(device) for t in vars(self).values()))
 
 
-def _flat_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+def flat_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """Tokens `rows` (flat indices into batch*seq) of a (batch, heads, seq, dim) tensor, as (rows, heads, dim)."""
     batch, heads, seq, dim = x.shape
     return x.transpose(1, 2).reshape(batch * seq, heads, dim)[rows]
@@ -181,10 +194,10 @@ def _flat_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 def _content_keys(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """Tokens `rows` of post-RoPE keys (batch, H, seq, d), de-rotated with their (cos, sin) (batch*seq, d): float32."""
-    return remove_rotary(_flat_rows(keys, rows).float(), cos[rows, None].float(), sin[rows, None].float())
+    return remove_rotary(flat_rows(keys, rows).float(), cos[rows, None].float(), sin[rows, None].float())
 
 
-def _rotated_keys(content: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+def rotated_keys(content: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """Content keys (rows, H, d) rotated with the (cos, sin) (batch*seq, d) of tokens `rows`: float32."""
     return apply_rotary(content.float(), cos[rows, None].float(), sin[rows, None].float())
 
@@ -204,10 +217,10 @@ def encode_rows(
     scale codes, value codes, value scale codes.
     """
     content = _content_keys(keys, cos, sin, rows)
-    return (*key_code.encode(content), *value_code.encode(_flat_rows(values, rows)))
+    return (*key_code.encode(content), *value_code.encode(flat_rows(values, rows)))
 
 
-def _scatter_rows(out: torch.Tensor, rows: torch.Tensor, x: torch.Tensor) -> None:
+def scatter_rows(out: torch.Tensor, rows: torch.Tensor, x: torch.Tensor) -> None:
     """Write (rows, H, d) into tokens `rows` (flat into batch*seq) of `out` (batch, H, seq, d), in place."""
     seq = out.shape[2]
     out.transpose(1, 2)[rows // seq, rows % seq] = x.to(out.dtype)
@@ -226,8 +239,8 @@ def decode_rows(
     """Decode coded tokens into rows `rows` of `out_keys`/`out_values` (batch, H, seq, d); keys re-rotated with
     the consumer's (cos, sin) (batch*seq, d)."""
     keys = key_code.decode(codes.key_codes, codes.key_scales)
-    _scatter_rows(out_keys, rows, _rotated_keys(keys, cos, sin, rows))
-    _scatter_rows(out_values, rows, value_code.decode(codes.value_codes, codes.value_scales))
+    scatter_rows(out_keys, rows, rotated_keys(keys, cos, sin, rows))
+    scatter_rows(out_values, rows, value_code.decode(codes.value_codes, codes.value_scales))
 
 
 def _row_coder(reference, x: torch.Tensor):
@@ -256,7 +269,8 @@ def encode_layer(
     """
     coded = _row_coder(encode_rows, keys)(keys, values, cos, sin, coded_rows, key_code, value_code)
     exact_keys = _content_keys(keys, cos, sin, exact_rows).to(torch.bfloat16)
-    return LayerCodes(*coded, exact_keys, _flat_rows(values, exact_rows).to(torch.bfloat16))
+    no_hidden = torch.empty(coded_rows.numel(), 0, dtype=torch.uint8, device=keys.device)
+    return LayerCodes(*coded, exact_keys, flat_rows(values, exact_rows).to(torch.bfloat16), no_hidden, no_hidden)
 
 
 def decode_layer(
@@ -281,6 +295,6 @@ def decode_layer(
     keys = torch.zeros(batch, heads, seq, dim, dtype=dtype, device=device)
     values = torch.zeros_like(keys)
     _row_coder(decode_rows, keys)(codes, cos, sin, coded_rows, key_code, value_code, keys, values)
-    _scatter_rows(keys, exact_rows, _rotated_keys(codes.exact_keys, cos, sin, exact_rows))
-    _scatter_rows(values, exact_rows, codes.exact_values)
+    scatter_rows(keys, exact_rows, rotated_keys(codes.exact_keys, cos, sin, exact_rows))
+    scatter_rows(values, exact_rows, codes.exact_values)
     return keys, values

@@ -4,6 +4,10 @@ No Hub is reachable on our machines, so the weights come from GGUF files that Py
 ship. The first load dequantizes the GGUF and writes a plain safetensors folder under
 ``$HF_SCD_HOME`` (default ``~/.cache/hf_scd``); later loads read that folder in well under a
 second.
+
+Fine-tuned *variants* of those models (``VARIANTS``) ship in this repository as small LoRA adapters under
+``hub_artifacts/``; loading one applies its adapter to the packaged base, so a producer/consumer pair with different
+weights (where reusing the producer's KV cache is not free) is available offline too.
 """
 
 from __future__ import annotations
@@ -50,6 +54,36 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
         gguf_name="Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf",
         hub_id="Qwen/Qwen2.5-Coder-0.5B-Instruct",
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    ),
+}
+
+
+# The repo's artifact folder; variants are not part of the installed package, so this needs a source checkout.
+HUB_ARTIFACTS = Path(__file__).resolve().parents[1] / "hub_artifacts"
+
+
+@dataclass(frozen=True)
+class PackagedVariant:
+    """A fine-tune of a packaged model, shipped as a LoRA adapter folder under the repo's ``hub_artifacts/``."""
+
+    name: str
+    base: str
+    adapter: str
+
+    def adapter_dir(self) -> Path:
+        return HUB_ARTIFACTS / self.adapter
+
+
+VARIANTS: dict[str, PackagedVariant] = {
+    "smollm2-135m-instruct-stdlib": PackagedVariant(
+        name="smollm2-135m-instruct-stdlib",
+        base="smollm2-135m-instruct",
+        adapter="smollm2-135m-instruct-stdlib-lora",
+    ),
+    "qwen2.5-coder-0.5b-instruct-stdlib": PackagedVariant(
+        name="qwen2.5-coder-0.5b-instruct-stdlib",
+        base="qwen2.5-coder-0.5b-instruct",
+        adapter="qwen2.5-coder-0.5b-instruct-stdlib-lora",
     ),
 }
 
@@ -120,13 +154,36 @@ def default_dtype() -> torch.dtype:
 
 
 def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype | None = None):
-    """(model, tokenizer) for a packaged model name, or for any local transformers folder."""
+    """(model, tokenizer) for a packaged model or variant name, or for any local transformers folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = dtype or default_dtype()
+    if name in VARIANTS:
+        return _load_variant(VARIANTS[name], dtype)
 
     folder = Path(name) if Path(name).is_dir() else model_dir(name)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    model.eval()
+    return model, tokenizer
+
+
+def _load_variant(variant: PackagedVariant, dtype: torch.dtype):
+    """The base with the variant's LoRA merged in fp32, then cast: the same weights whatever ``dtype`` is asked for.
+
+    Merging in the requested dtype would round base and delta separately (bf16 adds differ from fp32 adds rounded
+    once), so a bf16 load would get other weights, and another weight fingerprint, than an fp32 load.
+    """
+    folder = variant.adapter_dir()
+    if not (folder / "adapter_config.json").exists():
+        raise FileNotFoundError(
+            f"variant {variant.name!r} needs its LoRA adapter in {folder} (make it with scripts/make_variant.py "
+            f"--model {variant.base} --out {folder})"
+        )
+    from peft import PeftModel  # lazy: only variants need peft (the `pair` extra)
+
+    model, tokenizer = load_model(variant.base, dtype=torch.float32)
+    model = PeftModel.from_pretrained(model, folder).merge_and_unload()
+    model = model.to(dtype)
     model.eval()
     return model, tokenizer

@@ -3,8 +3,9 @@
 Layout: an 18-byte header (magic ``HFSCD\\0``, u16 format version, u32 CRC-32 of the body, u64 body length, all
 little-endian) followed by a safetensors body. The body's metadata names the artifacts and producer model the codes
 were made with; its tensors are the prefix token ids, position ids, attention mask, the packed K/V codes of all
-layers side by side (one tensor per kind, layer widths in the metadata), their per-token scale codes, and the exact
-bf16 K/V of the attention-sink tokens. No pickle anywhere: reading a payload never runs code.
+layers side by side (one tensor per kind, layer widths in the metadata), their per-token scale codes, the codes of
+the attention input of cross-variant Patch layers (same layout), and the exact bf16 K/V of the attention-sink
+tokens. No pickle anywhere: reading a payload never runs code.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from .codec import LayerCodes
 from .errors import CorruptPayloadError, PayloadVersionError, TruncatedPayloadError
 
 MAGIC = b"HFSCD\0"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+# Coded parts of a layer: K and V codes, or (Patch layers of a cross-variant plan) codes of the attention input.
+CODED_KINDS = ("key", "value", "hidden")
 _HEADER = struct.Struct("<6sHIQ")
 _CODE_DTYPES = {
     "key_codes": torch.uint8,
@@ -32,6 +35,8 @@ _CODE_DTYPES = {
     "value_scales": torch.uint8,
     "exact_keys": torch.bfloat16,
     "exact_values": torch.bfloat16,
+    "hidden_codes": torch.uint8,
+    "hidden_scales": torch.uint8,
 }
 
 
@@ -62,19 +67,20 @@ class SCDPayload:
             "position_ids": self.position_ids.to(torch.int32).contiguous(),
             "attention_mask": self.attention_mask.to(torch.uint8).contiguous(),
         }
-        layers = [layer.to("cpu") for layer in self.layers]
-        for kind in ("key", "value"):
-            tensors[f"{kind}_codes"] = torch.cat([getattr(layer, f"{kind}_codes") for layer in layers], 1)
-            tensors[f"{kind}_scales"] = torch.stack([getattr(layer, f"{kind}_scales") for layer in layers], 1)
-            tensors[f"exact_{kind}s"] = torch.stack([getattr(layer, f"exact_{kind}s") for layer in layers])
         metadata = {
             "format": "hf-scd-payload",
             "artifacts_id": self.artifacts_id,
             "model_fingerprint": self.model_fingerprint,
             "operating_point": self.operating_point,
-            "key_bytes": ",".join(str(layer.key_codes.shape[1]) for layer in self.layers),
-            "value_bytes": ",".join(str(layer.value_codes.shape[1]) for layer in self.layers),
         }
+        layers = [layer.to("cpu") for layer in self.layers]
+        for kind in CODED_KINDS:
+            for part in ("codes", "scales"):
+                per_layer = [getattr(layer, f"{kind}_{part}") for layer in layers]
+                tensors[f"{kind}_{part}"] = torch.cat(per_layer, 1)
+                metadata[f"{kind}_{part}_widths"] = ",".join(str(t.shape[1]) for t in per_layer)
+        for kind in ("key", "value"):
+            tensors[f"exact_{kind}s"] = torch.stack([getattr(layer, f"exact_{kind}s") for layer in layers])
         body = st_save(tensors, metadata=metadata)
         return _HEADER.pack(MAGIC, FORMAT_VERSION, zlib.crc32(body), len(body)) + body
 
@@ -116,24 +122,23 @@ class SCDPayload:
             for name, dtype in _CODE_DTYPES.items():
                 if tensors[name].dtype != dtype:
                     raise CorruptPayloadError(f"payload {name} has dtype {tensors[name].dtype}, expected {dtype}")
-            widths = {kind: [int(w) for w in metadata[f"{kind}_bytes"].split(",")] for kind in ("key", "value")}
-            num_layers = len(widths["key"])
+            split = {}
+            for name in (f"{kind}_{part}" for kind in CODED_KINDS for part in ("codes", "scales")):
+                widths = [int(w) for w in metadata[f"{name}_widths"].split(",")]
+                tensor = tensors[name]
+                if tensor.ndim != 2 or sum(widths) != tensor.shape[1]:
+                    raise CorruptPayloadError(f"payload {name} do not match the layer widths it declares")
+                split[name] = tensor.split(widths, 1)
+            num_layers = len(split["key_codes"])
+            if any(len(parts) != num_layers for parts in split.values()):
+                raise CorruptPayloadError("payload declares a different number of layers for different parts")
             for kind in ("key", "value"):
-                codes, scales, exact = (tensors[f"{kind}_codes"], tensors[f"{kind}_scales"], tensors[f"exact_{kind}s"])
-                if len(widths[kind]) != num_layers or codes.ndim != 2 or sum(widths[kind]) != codes.shape[1]:
-                    raise CorruptPayloadError(f"payload {kind} codes do not match the layer widths it declares")
-                if scales.ndim != 3 or scales.shape[:2] != (codes.shape[0], num_layers):
-                    raise CorruptPayloadError(f"payload {kind} scales do not match its codes")
+                exact = tensors[f"exact_{kind}s"]
                 if exact.ndim != 4 or exact.shape[0] != num_layers:
                     raise CorruptPayloadError(f"payload exact {kind}s do not cover every layer")
-            key_codes = tensors["key_codes"].split(widths["key"], 1)
-            value_codes = tensors["value_codes"].split(widths["value"], 1)
             layers = [
                 LayerCodes(
-                    key_codes=key_codes[index],
-                    key_scales=tensors["key_scales"][:, index],
-                    value_codes=value_codes[index],
-                    value_scales=tensors["value_scales"][:, index],
+                    **{name: parts[index] for name, parts in split.items()},
                     exact_keys=tensors["exact_keys"][index],
                     exact_values=tensors["exact_values"][index],
                 )
@@ -162,7 +167,8 @@ class SCDPayload:
         tokens = self.num_tokens
         for index, layer in enumerate(self.layers):
             coded = layer.key_codes.shape[0]
-            same_coded = all(t.shape[0] == coded for t in (layer.key_scales, layer.value_codes, layer.value_scales))
+            parts = (getattr(layer, f"{kind}_{part}") for kind in CODED_KINDS for part in ("codes", "scales"))
+            same_coded = all(t.shape[0] == coded for t in parts)
             same_exact = layer.exact_values.shape == layer.exact_keys.shape
             if coded + layer.exact_keys.shape[0] != tokens or not (same_coded and same_exact):
                 raise CorruptPayloadError(f"layer {index} carries K/V for a different number of tokens than the mask")

@@ -35,7 +35,8 @@ class CodeTables:
     encoder: torch.Tensor  # (H, d, C) fp32
     decoder: torch.Tensor  # (H, C, d) fp32
     decoder_rot: torch.Tensor  # rotate_half of the decoder's output columns, so decode re-rotates with a 2nd dot
-    mean_rot: torch.Tensor  # rotate_half(mean)
+    out_mean: torch.Tensor  # (H, d) fp32, added after decoding
+    out_mean_rot: torch.Tensor  # rotate_half(out_mean)
     byte_rel: torch.Tensor  # (H, C) int32 byte of a component's first bit, from its head's first byte
     byte_abs: torch.Tensor  # (H, C) int32 same, from the token's first byte
     shift: torch.Tensor  # (H, C) int32
@@ -84,7 +85,8 @@ def _build(code: TransformCode, device: torch.device) -> CodeTables:
         encoder=encoder,
         decoder=decoder,
         decoder_rot=rotate_half(decoder).contiguous(),
-        mean_rot=rotate_half(mean).contiguous(),
+        out_mean=code.out_mean.to(device=device, dtype=torch.float32).contiguous(),
+        out_mean_rot=rotate_half(code.out_mean.to(device=device, dtype=torch.float32)).contiguous(),
         byte_rel=dev(byte - head_start[:, None], torch.int32),
         byte_abs=dev(byte, torch.int32),
         shift=dev(shift, torch.int32),

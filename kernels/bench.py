@@ -80,7 +80,7 @@ def _model_rows(name: str, tokens: int, device: torch.device, copy_gbps: float) 
     cos, sin = _rope(tokens, dim, device)
     rows = torch.arange(tokens, device=device)
     encoded = [kernels.encode_rows(x.keys, x.values, cos, sin, rows, x.key_code, x.value_code) for x in layers]
-    codes = [codec.LayerCodes(*e, None, None) for e in encoded]
+    codes = [codec.LayerCodes(*e, None, None, None, None) for e in encoded]
     out = [(torch.empty_like(x.keys), torch.empty_like(x.values)) for x in layers]
 
     def run_encode(impl):

@@ -93,7 +93,7 @@ def decode_tensor(
         return
     args = (
         codes, scales, rows, cos, sin,
-        tab.decoder, tab.decoder_rot, tab.mean, tab.mean_rot,
+        tab.decoder, tab.decoder_rot, tab.out_mean, tab.out_mean_rot,
         tab.byte_abs, tab.shift, tab.bits, tab.step, tab.scale_table,
         out,
         n, seq, heads, tab.n_bytes,

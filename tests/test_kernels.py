@@ -111,7 +111,7 @@ def test_encode_matches_reference(batch, seq, heads, dim, n_rows, dtype):
 @pytest.mark.parametrize(("batch", "seq", "heads", "dim", "n_rows", "dtype"), CASES)
 def test_decode_matches_reference_and_writes_only_rows(batch, seq, heads, dim, n_rows, dtype):
     keys, values, cos, sin, rows, key_code, value_code = _setup(batch, seq, heads, dim, n_rows, dtype, seed=dim + 1)
-    codes = codec.LayerCodes(*codec.encode_rows(keys, values, cos, sin, rows, key_code, value_code), None, None)
+    codes = codec.LayerCodes(*codec.encode_rows(keys, values, cos, sin, rows, key_code, value_code), None, None, None, None)
     poison = torch.full((batch, heads, seq, dim), float("nan"), dtype=dtype, device=DEVICE)
     got_keys, got_values, ref_keys, ref_values = (poison.clone() for _ in range(4))
     decode_rows(codes, cos, sin, rows, key_code, value_code, got_keys, got_values)
@@ -135,7 +135,7 @@ def test_empty_rows_and_available():
     key_codes, key_scales, value_codes, value_scales = encode_rows(keys, values, cos, sin, rows, key_code, value_code)
     assert key_codes.shape == (0, key_code.layout.bytes_per_token) and value_scales.shape == (0, 2)
     out = torch.zeros_like(keys)
-    codes = codec.LayerCodes(key_codes, key_scales, value_codes, value_scales, None, None)
+    codes = codec.LayerCodes(key_codes, key_scales, value_codes, value_scales, None, None, None, None)
     decode_rows(codes, cos, sin, rows, key_code, value_code, out, out.clone())
     assert (out == 0).all()
     assert available() == ON_GPU
@@ -148,7 +148,7 @@ def test_round_trip_through_kernels_alone_matches_reference_round_trip():
         code.bits = torch.full_like(code.bits, 8)
     outputs = []
     for encode, decode in ((encode_rows, decode_rows), (codec.encode_rows, codec.decode_rows)):
-        codes = codec.LayerCodes(*encode(keys, values, cos, sin, rows, key_code, value_code), None, None)
+        codes = codec.LayerCodes(*encode(keys, values, cos, sin, rows, key_code, value_code), None, None, None, None)
         out_keys, out_values = torch.empty_like(keys), torch.empty_like(values)
         decode(codes, cos, sin, rows, key_code, value_code, out_keys, out_values)
         outputs.append(

@@ -30,10 +30,12 @@ def _payload(layers: int = 2, tokens: int = 5, exact: int = 1) -> SCDPayload:
         input_ids=torch.arange(tokens)[None],
         position_ids=torch.arange(tokens)[None],
         attention_mask=mask,
+        # The last layer is a cross-variant Patch layer: zero-width K/V codes, codes of its attention input.
         layers=[
-            LayerCodes(codes(7 + layer), scales(), codes(5), scales(), exact_kv(), exact_kv())
-            for layer in range(layers)
-        ],
+            LayerCodes(codes(7 + layer), scales(), codes(5), scales(), exact_kv(), exact_kv(), codes(0), codes(0))
+            for layer in range(layers - 1)
+        ]
+        + [LayerCodes(codes(0), codes(0), codes(0), codes(0), exact_kv(), exact_kv(), codes(11), codes(1))],
     )
 
 
@@ -94,7 +96,7 @@ def test_declared_layer_widths_must_match_the_codes():
 
     body = _payload().to_bytes()[_HEADER.size :]
     metadata = _read_metadata(body)
-    metadata["key_bytes"] = "7,9"  # the codes are 7 + 8 bytes wide
+    metadata["key_codes_widths"] = "9,0"  # the codes are 7 + 0 bytes wide
     forged = save(load(body), metadata=metadata)
     import zlib
 

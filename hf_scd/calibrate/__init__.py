@@ -7,14 +7,17 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from ..arch import ModelHandle, model_fingerprint
-from ..artifacts import KINDS, SCDArtifacts
-from ..codec import MAX_BITS, BitLayout
-from ..eval.metrics import next_token_kl, top1_agreement
+from ..arch import ModelHandle
+from ..artifacts import SCDArtifacts
+from ..codec import MAX_BITS
 from .card import model_card
 from .collect import collect_kv_moments
-from .fit import allocate_bits, allocation_order, fit_layer_basis, key_metric, value_metric
+from .fit import allocation_order, fit_layer_basis, key_metric, value_metric
+from .pair import calibrate_pair
+from .plan import default_point, model_entry, plan_points, stack_bases, validate_points
 from .sensitivity import layer_sensitivity
+
+__all__ = ["calibrate", "calibrate_pair", "validate_points"]
 
 DEFAULT_RATIOS = (2.5, 3, 4, 5, 6, 8, 10, 12)
 # The default point is the most compressed one whose validation KL stays within this bound.
@@ -73,42 +76,11 @@ def calibrate(
         else {key: 1.0 / float(metric.diagonal(dim1=-2, dim2=-1).sum()) for key, metric in metrics.items()}
     )
     order = allocation_order(bases, weights)
-
-    tensors: dict[str, torch.Tensor] = {
-        field: torch.stack(
-            [torch.stack([getattr(bases[(layer, kind)], field) for kind in KINDS]) for layer in range(shape.num_layers)]
-        )
-        for field in ("mean", "encoder", "decoder", "steps")
-    }
-    shapes = {key: (shape.num_kv_heads, shape.head_dim) for key in bases}
-    scale_bytes = shape.num_kv_heads * len(KINDS) * shape.num_layers
-    points = []
-    for ratio in ratios:
-        budget_bytes = math.floor(shape.bf16_bytes_per_token() / ratio) - scale_bytes
-        bits = allocate_bits(order, budget_bytes, shapes)
-        stacked = torch.stack(
-            [torch.stack([bits[(layer, kind)] for kind in KINDS]) for layer in range(shape.num_layers)]
-        )
-        name = f"{ratio:g}x"
-        tensors[f"points.{name}.bits"] = stacked
-        per_token = sum(BitLayout(b).bytes_per_token for b in bits.values()) + scale_bytes
-        points.append(
-            {
-                "name": name,
-                "bytes_per_token": float(per_token),
-                "ratio_vs_bf16": shape.bf16_bytes_per_token() / per_token,
-                "val_kl": float("nan"),
-                "val_top1": float("nan"),
-            }
-        )
-
+    tensors = stack_bases(bases, shape.num_layers, ("mean", "encoder", "decoder", "steps"))
+    points, bits = plan_points(order, shape, ratios, {0: []}, [], 0)
+    tensors.update(bits)
     config = {
-        "model": {
-            "name": model_name,
-            "base_model": base_model,
-            "shape": shape.to_dict(),
-            "fingerprint": model_fingerprint(model),
-        },
+        "model": model_entry(model_name, base_model, shape, model),
         "codec": {"max_bits": MAX_BITS, "token_scale": "log2-uint8", "exact_tokens": exact_tokens},
         "calibration": {
             "documents": len(calibration_docs),
@@ -124,29 +96,7 @@ def calibrate(
         points, validate_points(model, draft, validation_docs, validation_prefix, progress), strict=False
     ):
         point["val_kl"], point["val_top1"] = kl, top1
-    within = [p for p in points if p["val_kl"] <= DEFAULT_POINT_MAX_KL]
-    config["default_point"] = max(within or points[:1], key=lambda p: p["ratio_vs_bf16"])["name"]
+    config["default_point"] = default_point(points, DEFAULT_POINT_MAX_KL, None)
     final = SCDArtifacts.build(config, tensors)
     final.card = model_card(final)
     return final
-
-
-@torch.inference_mode()
-def validate_points(
-    model: torch.nn.Module, artifacts: SCDArtifacts, docs: list[list[int]], prefix_len: int, progress: bool = True
-) -> list[tuple[float, float]]:
-    """(KL vs oracle, top-1 agreement) of every operating point: ship `prefix_len` tokens, teacher-force the rest."""
-    from ..cache import SCDCache
-
-    device = next(model.parameters()).device
-    results = {p.name: [] for p in artifacts.points}
-    for doc in tqdm(docs, desc="validating points", disable=not progress):
-        ids = torch.tensor([doc], device=device)
-        oracle = model(ids).logits[:, prefix_len:-1]
-        producer = SCDCache(artifacts, model)
-        model(ids[:, :prefix_len], past_key_values=producer, logits_to_keep=1)
-        for point in artifacts.points:
-            consumer = SCDCache.from_payload(producer.encode(point.name), artifacts, model)
-            logits = model(ids[:, prefix_len:], past_key_values=consumer).logits[:, :-1]
-            results[point.name].append((next_token_kl(oracle, logits), top1_agreement(oracle, logits)))
-    return [tuple(sum(v) / len(v) for v in zip(*results[p.name], strict=False)) for p in artifacts.points]

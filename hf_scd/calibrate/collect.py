@@ -71,6 +71,40 @@ class QueryEnergy:
         return self.total / self.count
 
 
+def _activations(model: torch.nn.Module, doc: list[int], skip_tokens: int) -> dict[tuple[int, str], torch.Tensor]:
+    """One forward over `doc`: per (layer, kind) the tokens' pre-RoPE keys ("k"), values ("v"), pre-RoPE queries
+    ("q") and normalised attention input ("h"), each (tokens - skip_tokens, width), leaving out the first tokens."""
+    handle = ModelHandle(model)
+    out: dict[tuple[int, str], torch.Tensor] = {}
+
+    def keep(key):
+        def hook(_module, _inputs, output):
+            out[key] = output[0, skip_tokens:].detach()
+
+        return hook
+
+    def keep_input(key):
+        def hook(_module, args, kwargs):
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            out[key] = hidden[0, skip_tokens:].detach()
+
+        return hook
+
+    hooks = []
+    for layer in range(handle.shape.num_layers):
+        attention = handle.attention(layer)
+        for kind, proj in (("k", attention.k_proj), ("v", attention.v_proj), ("q", attention.q_proj)):
+            hooks.append(proj.register_forward_hook(keep((layer, kind))))
+        hooks.append(attention.register_forward_pre_hook(keep_input((layer, "h")), with_kwargs=True))
+    device = next(model.parameters()).device
+    try:
+        model(torch.tensor([doc], device=device), use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return out
+
+
 @torch.inference_mode()
 def collect_kv_moments(
     model: torch.nn.Module,
@@ -78,33 +112,29 @@ def collect_kv_moments(
     keep_every: int = 4,
     skip_tokens: int = 0,
     progress: bool = True,
+    consumer: torch.nn.Module | None = None,
+    hidden_layers: tuple[int, ...] = (),
 ) -> tuple[dict[tuple[int, str], KVMoments], dict[int, QueryEnergy]]:
     """Run each document (a list of token ids) through the model; gather K/V moments and query energy per layer,
-    leaving out each document's first `skip_tokens` tokens."""
-    handle = ModelHandle(model)
-    shape = handle.shape
-    moments = {
-        (layer, kind): KVMoments(shape.num_kv_heads, shape.head_dim)
-        for layer in range(shape.num_layers)
-        for kind in KINDS
-    }
+    leaving out each document's first `skip_tokens` tokens.
+
+    With a `consumer` (a variant of `model`), moments are of joint [model's; consumer's] vectors per head, the query
+    energy is the consumer's, and `hidden_layers` also get joint moments of the normalised attention input (kind
+    "h", one head of the model width).
+    """
+    shape = ModelHandle(model).shape
+    moments: dict[tuple[int, str], KVMoments] = {}
     queries = {layer: QueryEnergy(shape.num_kv_heads, shape.head_dim) for layer in range(shape.num_layers)}
-    hooks = []
-    for layer in range(shape.num_layers):
-        attention = handle.attention(layer)
-        for kind, proj in (("k", attention.k_proj), ("v", attention.v_proj)):
-            target = moments[(layer, kind)]
-            hooks.append(
-                proj.register_forward_hook(lambda _m, _i, out, t=target: t.add(out[:, skip_tokens:], keep_every))
-            )
-        hooks.append(
-            attention.q_proj.register_forward_hook(lambda _m, _i, out, t=queries[layer]: t.add(out[:, skip_tokens:]))
-        )
-    device = next(model.parameters()).device
-    try:
-        for doc in tqdm(documents, desc="collecting K/V", disable=not progress):
-            model(torch.tensor([doc], device=device), use_cache=False)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    factor = 1 if consumer is None else 2
+    for doc in tqdm(documents, desc="collecting K/V", disable=not progress):
+        acts = _activations(model, doc, skip_tokens)
+        reader = acts if consumer is None else _activations(consumer, doc, skip_tokens)
+        for layer in range(shape.num_layers):
+            queries[layer].add(reader[(layer, "q")])
+            for kind in KINDS + (("h",) if layer in hidden_layers else ()):
+                heads, dim = (1, acts[(layer, kind)].shape[-1]) if kind == "h" else (shape.num_kv_heads, shape.head_dim)
+                x = acts[(layer, kind)].reshape(-1, heads, dim)
+                if consumer is not None:
+                    x = torch.cat([x, reader[(layer, kind)].reshape(-1, heads, dim)], -1)
+                moments.setdefault((layer, kind), KVMoments(heads, dim * factor)).add(x, keep_every)
     return moments, queries

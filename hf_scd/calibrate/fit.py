@@ -23,21 +23,27 @@ COARSE_STEPS = torch.exp2(torch.linspace(-7, 2, 37))
 # Metric regularisation, relative to its mean eigenvalue: keeps every direction weakly weighted, so a direction the
 # calibration text never exercised is still coded sensibly.
 METRIC_FLOOR = 1e-2
+# Ridge of cross-model regressions, relative to the producer's mean variance.
+RIDGE = 1e-3
 
 
 @dataclass
 class LayerBasis:
     """The allocation-independent part of one layer's K or V coder, plus its measured distortion curves.
 
-    encoder (H, d, C) / decoder (H, C, d) as in `TransformCode`; distortion (H, C, MAX_BITS + 1): weighted squared
-    error a component adds at each bit width (index 0 = dropped).
+    mean / out_mean / encoder (H, d, C) / decoder (H, C, d) as in `TransformCode`; distortion (H, C, MAX_BITS + 1):
+    weighted squared error a component adds at each bit width (index 0 = dropped); residual: weighted squared error
+    per token left with every component kept exactly (0 for a model's own vectors, the prediction error for another
+    model's).
     """
 
     mean: torch.Tensor
+    out_mean: torch.Tensor
     encoder: torch.Tensor
     decoder: torch.Tensor
     steps: torch.Tensor
     distortion: torch.Tensor
+    residual: float
 
 
 def key_metric(query_energy: torch.Tensor) -> torch.Tensor:
@@ -83,25 +89,76 @@ def _best_step(unit: torch.Tensor, rms: torch.Tensor, bits: int) -> float:
     return min((best * 2 ** (k / 32) for k in range(-8, 9)), key=error)
 
 
-def fit_layer_basis(
-    moments: KVMoments, metric: torch.Tensor, max_sample: int = 8192, step_sample: int = 2048
-) -> LayerBasis:
-    """Principal axes per head in the metric's space, then the best step per bit width and each component's error."""
-    sqrt, inverse = _sqrt_and_inverse(metric)
-    weighted_cov = sqrt @ moments.covariance() @ sqrt
-    eigvals, eigvecs = torch.linalg.eigh(weighted_cov)
+def _projection(
+    moments: KVMoments, sqrt: torch.Tensor, inverse: torch.Tensor, cross: str | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(encoder, decoder, mean in, mean out), components ordered by weighted spread.
+
+    Same model (`cross` None): principal axes of the weighted vectors. Across models the moments are of joint
+    [producer; consumer] vectors and the coder predicts the consumer's from the producer's: "rrr" is reduced-rank
+    regression (the principal axes of the ridge prediction, the best rank-r linear predictor in the metric);
+    "joint-svd" is the paper's Reuse: principal axes of the joint vectors, with a ridge encoder from the producer's.
+    """
+    cov = moments.covariance()
+    mean = moments.mean()
+    dim = sqrt.shape[-1]
+    if cross is None:
+        cov_in, weighted, mean_in, mean_out = cov, sqrt @ cov @ sqrt, mean, mean
+        predictor = torch.eye(dim, dtype=cov.dtype).expand_as(cov)
+    else:
+        cov_in, cross_cov = cov[..., :dim, :dim], cov[..., :dim, dim:]
+        mean_in, mean_out = mean[..., :dim], mean[..., dim:]
+        ridge = RIDGE * cov_in.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None] * torch.eye(dim, dtype=cov.dtype)
+        predictor = torch.linalg.solve(cov_in + ridge, cross_cov)
+    if cross == "joint-svd":
+        # Balance the halves so neither model's vectors dominate the joint axes.
+        weighted_out = sqrt @ cov[..., dim:, dim:] @ sqrt
+        balance = (weighted_out.diagonal(dim1=-2, dim2=-1).sum(-1) / cov_in.diagonal(dim1=-2, dim2=-1).sum(-1)).sqrt()
+        eye = torch.eye(dim, dtype=cov.dtype).expand_as(sqrt)
+        joint_map = torch.cat([torch.cat([balance[..., None, None] * eye, torch.zeros_like(sqrt)], -1),
+                               torch.cat([torch.zeros_like(sqrt), sqrt], -1)], -2)  # fmt: skip
+        eigvals, eigvecs = torch.linalg.eigh(joint_map @ cov @ joint_map)
+        axes = torch.flip(eigvecs, [-1])[..., :dim]  # (H, 2d, d), largest first
+        # Latent z = [a; b] joint_map axes; ridge-predicted from a alone, decoded by the consumer half of the axes.
+        encoder = torch.linalg.solve(cov_in + ridge, torch.cat([cov_in, cross_cov], -1) @ joint_map @ axes)
+        spread = torch.einsum("hdc,hde,hec->hc", encoder, cov_in, encoder).clamp(min=1e-12).sqrt()
+        encoder = encoder / spread.unsqueeze(-2)
+        decoder = spread.unsqueeze(-1) * axes[..., dim:, :].transpose(-1, -2) @ inverse
+        return encoder.float(), decoder.float(), mean_in.float(), mean_out.float()
+    if cross is not None:
+        weighted = sqrt @ predictor.transpose(-1, -2) @ cov_in @ predictor @ sqrt
+    eigvals, eigvecs = torch.linalg.eigh(weighted)
     order = torch.argsort(eigvals, dim=-1, descending=True)
     spread = torch.gather(eigvals, -1, order).clamp(min=1e-12).sqrt()
     basis = torch.gather(eigvecs, -1, order.unsqueeze(1).expand_as(eigvecs))
-    encoder = (sqrt @ basis / spread.unsqueeze(-2)).float()
-    decoder = (spread.unsqueeze(-1) * basis.transpose(-1, -2) @ inverse).float()
-    mean = moments.mean().float()
+    encoder = predictor @ sqrt @ basis / spread.unsqueeze(-2)
+    decoder = spread.unsqueeze(-1) * basis.transpose(-1, -2) @ inverse
+    return encoder.float(), decoder.float(), mean_in.float(), mean_out.float()
 
+
+def fit_layer_basis(
+    moments: KVMoments,
+    metric: torch.Tensor,
+    cross: str | None = None,
+    max_sample: int = 8192,
+    step_sample: int = 2048,
+) -> LayerBasis:
+    """A coder in the metric's space (see `_projection` for `cross`), then the best step per bit width and each
+    component's weighted error, measured on the moments' token sample."""
+    sqrt, inverse = _sqrt_and_inverse(metric)
+    encoder, decoder, mean_in, mean_out = _projection(moments, sqrt, inverse, cross)
+    dim = sqrt.shape[-1]
     sample = moments.samples()
     # An evenly spread subset, so the first `step_sample` rows used for the step search are spread too.
     sample = sample[torch.randperm(sample.shape[0], generator=torch.Generator().manual_seed(0))[:max_sample]]
-    unit = torch.einsum("nhd,hdc->nhc", sample - mean, encoder)
-    spread = spread.float()
+    unit = torch.einsum("nhd,hdc->nhc", sample[..., :dim] - mean_in, encoder)
+    residual = 0.0
+    if cross is not None:
+        predicted = torch.einsum("nhc,hcd->nhd", unit, decoder) + mean_out
+        error = torch.einsum("nhd,hde->nhe", sample[..., dim:] - predicted, sqrt.float())
+        residual = float(error.pow(2).sum((-2, -1)).mean())
+    # A component's weighted error per unit of its coefficient: its decoder row's norm in the metric.
+    spread = torch.einsum("hcd,hde->hce", decoder, sqrt.float()).norm(dim=-1)
     rms = unit.pow(2).mean(-1, keepdim=True).sqrt().clamp(min=1e-6)
     steps = torch.zeros(MAX_BITS + 1)
     distortion = torch.zeros(*spread.shape, MAX_BITS + 1)
@@ -110,7 +167,7 @@ def fit_layer_basis(
         steps[bits] = _best_step(unit[:step_sample], rms[:step_sample], bits)
         error = unit - _quantize_dequantize(unit, rms, float(steps[bits]), bits)
         distortion[..., bits] = (error * spread).pow(2).mean(0)
-    return LayerBasis(mean=mean, encoder=encoder, decoder=decoder, steps=steps, distortion=distortion)
+    return LayerBasis(mean_in, mean_out, encoder, decoder, steps, distortion, residual)
 
 
 def allocation_order(

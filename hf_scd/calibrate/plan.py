@@ -1,0 +1,126 @@
+"""The plan: operating points (a bit allocation per byte budget, and which layers are Patch) and their validation.
+
+Shared by same-model and cross-variant calibration. Every point is measured, not predicted: KL and top-1 agreement
+of the consumer continuing from the shipped cache against the consumer's own prefill, on held-out text.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from tqdm.auto import tqdm
+
+from ..arch import ModelShape, model_fingerprint
+from ..artifacts import KINDS, SCDArtifacts
+from ..codec import BitLayout
+from ..eval.metrics import next_token_kl, top1_agreement
+from .fit import LayerBasis, allocate_bits
+
+
+def stack_bases(bases: dict[tuple[int, str], LayerBasis], num_layers: int, fields: tuple[str, ...]) -> dict:
+    """The K/V coders' tensors, each stacked over (layer, K/V)."""
+    return {
+        field: torch.stack(
+            [torch.stack([getattr(bases[(layer, kind)], field) for kind in KINDS]) for layer in range(num_layers)]
+        )
+        for field in fields
+    }
+
+
+def plan_points(
+    order: list[tuple[int, str, int, int]],
+    shape: ModelShape,
+    ratios: tuple[float, ...],
+    patch_sets: dict[int, list[int]],
+    candidates: list[int],
+    hidden_width: int,
+) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    """One point per (ratio, Patch set): water-filled bits within the budget, as config entries and bit tensors.
+
+    `order` covers K/V components of every layer ("k", "v") and hidden components of the Patch `candidates` ("h");
+    a point takes the K/V increments of its Reuse layers and the hidden ones of its Patch layers. Points are named
+    by ratio ("4x"), with "+p<count>" when they patch layers.
+    """
+    points, tensors = [], {}
+    heads, dim = shape.num_kv_heads, shape.head_dim
+    for count, patch in sorted(patch_sets.items()):
+        for ratio in ratios:
+            steps = [step for step in order if (step[1] == "h") == (step[0] in patch)]
+            shapes = {
+                (layer, kind): (heads, dim) for layer in range(shape.num_layers) if layer not in patch for kind in KINDS
+            }
+            shapes.update({(layer, "h"): (1, hidden_width) for layer in patch})
+            scale_bytes = len(KINDS) * heads * (shape.num_layers - len(patch)) + len(patch)
+            budget = math.floor(shape.bf16_bytes_per_token() / ratio) - scale_bytes
+            bits = allocate_bits(steps, budget, shapes)
+            name = f"{ratio:g}x" + (f"+p{count}" if count else "")
+            kv_bits = torch.zeros(shape.num_layers, len(KINDS), heads, dim, dtype=torch.uint8)
+            for (layer, kind), value in bits.items():
+                if kind in KINDS:
+                    kv_bits[layer, KINDS.index(kind)] = value
+            tensors[f"points.{name}.bits"] = kv_bits
+            if candidates:
+                hidden_bits = torch.zeros(len(candidates), 1, hidden_width, dtype=torch.uint8)
+                for layer in patch:
+                    hidden_bits[candidates.index(layer)] = bits[(layer, "h")]
+                tensors[f"points.{name}.hidden_bits"] = hidden_bits
+            per_token = sum(BitLayout(b).bytes_per_token for b in bits.values()) + scale_bytes
+            points.append(
+                {
+                    "name": name,
+                    "bytes_per_token": float(per_token),
+                    "ratio_vs_bf16": shape.bf16_bytes_per_token() / per_token,
+                    "val_kl": float("nan"),
+                    "val_top1": float("nan"),
+                    "patch_layers": list(patch),
+                }
+            )
+    return points, tensors
+
+
+def default_point(points: list[dict], max_kl: float | None, min_ratio: float | None) -> str:
+    """The smallest point with validation KL <= `max_kl`, or the most faithful at least `min_ratio` x below BF16;
+    the most faithful point when nothing qualifies."""
+    if max_kl is not None:
+        within = [p for p in points if p["val_kl"] <= max_kl]
+        if within:
+            return max(within, key=lambda p: p["ratio_vs_bf16"])["name"]
+    if min_ratio is not None:
+        within = [p for p in points if p["ratio_vs_bf16"] >= min_ratio]
+        if within:
+            return min(within, key=lambda p: p["val_kl"])["name"]
+    return min(points, key=lambda p: p["val_kl"])["name"]
+
+
+def model_entry(name: str, base_model: str | None, shape: ModelShape, model: torch.nn.Module) -> dict:
+    """How artifacts name a model they were fitted on: the weights' fingerprint is what gets checked."""
+    return {"name": name, "base_model": base_model, "shape": shape.to_dict(), "fingerprint": model_fingerprint(model)}
+
+
+@torch.inference_mode()
+def validate_points(
+    model: torch.nn.Module,
+    artifacts: SCDArtifacts,
+    docs: list[list[int]],
+    prefix_len: int,
+    progress: bool = True,
+    producer: torch.nn.Module | None = None,
+) -> list[tuple[float, float]]:
+    """(KL vs oracle, top-1 agreement) of every operating point: the producer (default: `model` itself) ships
+    `prefix_len` tokens, `model` teacher-forces the rest; the oracle is `model` prefilling everything."""
+    from ..cache import SCDCache
+
+    producer = model if producer is None else producer
+    device = next(model.parameters()).device
+    results = {p.name: [] for p in artifacts.points}
+    for doc in tqdm(docs, desc="validating points", disable=not progress):
+        ids = torch.tensor([doc], device=device)
+        oracle = model(ids).logits[:, prefix_len:-1]
+        shipped = SCDCache(artifacts, producer)
+        producer(ids[:, :prefix_len], past_key_values=shipped, logits_to_keep=1)
+        for point in artifacts.points:
+            consumer = SCDCache.from_payload(shipped.encode(point.name), artifacts, model)
+            logits = model(ids[:, prefix_len:], past_key_values=consumer).logits[:, :-1]
+            results[point.name].append((next_token_kl(oracle, logits), top1_agreement(oracle, logits)))
+    return [tuple(sum(v) / len(v) for v in zip(*results[p.name], strict=True)) for p in artifacts.points]

@@ -111,7 +111,9 @@ def test_encode_matches_reference(batch, seq, heads, dim, n_rows, dtype):
 @pytest.mark.parametrize(("batch", "seq", "heads", "dim", "n_rows", "dtype"), CASES)
 def test_decode_matches_reference_and_writes_only_rows(batch, seq, heads, dim, n_rows, dtype):
     keys, values, cos, sin, rows, key_code, value_code = _setup(batch, seq, heads, dim, n_rows, dtype, seed=dim + 1)
-    codes = codec.LayerCodes(*codec.encode_rows(keys, values, cos, sin, rows, key_code, value_code), None, None, None, None)
+    codes = codec.LayerCodes(
+        *codec.encode_rows(keys, values, cos, sin, rows, key_code, value_code), None, None, None, None
+    )
     poison = torch.full((batch, heads, seq, dim), float("nan"), dtype=dtype, device=DEVICE)
     got_keys, got_values, ref_keys, ref_values = (poison.clone() for _ in range(4))
     decode_rows(codes, cos, sin, rows, key_code, value_code, got_keys, got_values)

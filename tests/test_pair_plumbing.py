@@ -99,3 +99,27 @@ def test_each_side_refuses_the_other_role(pair):
     stranger = LlamaForCausalLM(LlamaConfig(**TINY)).eval()
     with pytest.raises(ArtifactMismatchError):
         SCDCache(artifacts, stranger)
+
+
+@torch.inference_mode()
+def test_pair_baselines_and_consumer_cost(pair):
+    from hf_scd.eval.baselines import RawKV
+    from hf_scd.eval.pair import ProducerKV, Recompute, SCDPairTransfer, SelectiveRecompute, consumer_cost
+
+    producer, consumer, artifacts, docs = pair
+    ids = torch.tensor(docs[11][:40])[None]
+    own, raw = _own_cache(consumer, ids), _own_cache(producer, ids)
+    # Layer 0's input is the shared embedding, so recomputing it from the producer's residual is exact up to the
+    # residual's BF16 rounding on the wire.
+    droid, nbytes = SelectiveRecompute(producer, [0]).transfer(consumer, ids, None)
+    error = (droid.layers[0].keys - own.layers[0].keys).norm() / own.layers[0].keys.norm()
+    assert error < 1e-2
+    assert torch.allclose(droid.layers[1].keys, raw.layers[1].keys.to(torch.bfloat16).float())
+    assert nbytes == 40 * (64 * 2 + 2 * 2 * 2 * 16 * 2)  # residual of layer 0, BF16 K/V of layers 1 and 2
+    naive, nbytes = ProducerKV(producer, RawKV()).transfer(consumer, ids, None)
+    assert nbytes == 40 * 3 * 2 * 2 * 16 * 2 and torch.equal(
+        naive.layers[2].values, raw.layers[2].values.to(torch.bfloat16).float()
+    )
+    prefill_cost = consumer_cost(Recompute(producer), consumer, ids, runs=1)
+    scd_cost = consumer_cost(SCDPairTransfer(producer, artifacts, "1.5x+p1"), consumer, ids, runs=1)
+    assert 0 < scd_cost.flops < prefill_cost.flops

@@ -73,6 +73,13 @@ class _RoundTripTransfer:
 
     def ship(self, model, producer: DynamicCache, attention_mask: torch.Tensor | None) -> tuple[DynamicCache, int]:
         """The consumer's cache and wire bytes for an already prefilled producer cache (it is left untouched)."""
+        layers, total = self.roundtrip_layers(producer, attention_mask)
+        return rebuild_cache(model, layers), total
+
+    def roundtrip_layers(
+        self, producer: DynamicCache, attention_mask: torch.Tensor | None
+    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
+        """Every layer's (keys, values) as the receiver dequantizes them, and the wire bytes."""
         layers, total = [], 0
         for layer in producer.layers:
             shipped = []
@@ -85,7 +92,7 @@ class _RoundTripTransfer:
                     total += nbytes
                 shipped.append(out)
             layers.append((shipped[0], shipped[1]))
-        return rebuild_cache(model, layers), total
+        return layers, total
 
 
 class RawKV(_RoundTripTransfer):

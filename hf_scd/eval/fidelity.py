@@ -180,6 +180,9 @@ class Row:
     dnll: float
     f1_gold: float
     f1_agree: float
+    # Cross-variant: the consumer's work to get its cache, relative to prefilling the prefix itself.
+    consumer_flops_vs_prefill: float = math.nan
+    consumer_time_vs_prefill: float = math.nan
 
     def to_json(self) -> dict:
         """The row as a JSON object; parts of the protocol that were not run are null (JSON has no NaN)."""

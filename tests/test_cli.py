@@ -12,6 +12,8 @@ from hf_scd.cli import main
 SMOLLM2_ARTIFACTS = Path(__file__).resolve().parents[1] / "hub_artifacts" / "smollm2-135m-instruct"
 
 ROW_KEYS = {"method", "bytes_per_token", "ratio_vs_bf16", "kl", "top1", "dnll", "f1_gold", "f1_agree"}
+# Cross-variant columns: null for a same-model eval.
+ROW_KEYS |= {"consumer_flops_vs_prefill", "consumer_time_vs_prefill"}
 
 
 def test_eval_prints_the_table_and_writes_json_rows(tmp_path, capsys):

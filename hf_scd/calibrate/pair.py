@@ -146,14 +146,17 @@ def calibrate_pair(
         key: fit_layer_basis(moments[key], metrics[key], cross=reuse)
         for key in tqdm(list(metrics), desc="fitting Reuse coders", disable=not progress)
     }
-    hidden_metrics = {
-        layer: hidden_metric(
+    hidden_metrics, hidden_scales = {}, {}
+    for layer in layers:
+        metric = hidden_metric(
             handle.attention(layer),
             (metrics[(layer, "k")], metrics[(layer, "v")]),
             (weights[(layer, "k")], weights[(layer, "v")]),
         )
-        for layer in layers
-    }
+        # Fit in a unit-mean metric (sensitivity-weighted errors are tiny: float32 would go denormal and crawl);
+        # the scale comes back as the layer's allocation weight.
+        hidden_scales[layer] = float(metric.diagonal(dim1=-2, dim2=-1).mean())
+        hidden_metrics[layer] = metric / hidden_scales[layer]
     report = []
     for layer in tqdm(layers, desc="ranking Patch layers", disable=not progress):
         reuse_error = sum(bases[(layer, kind)].residual * weights[(layer, kind)] for kind in KINDS)
@@ -161,7 +164,8 @@ def calibrate_pair(
             _naive_error(moments[(layer, kind)], metrics[(layer, kind)]) * weights[(layer, kind)] for kind in KINDS
         )
         patch = fit_layer_basis(moments[(layer, "h")], hidden_metrics[layer], cross="rrr")
-        report.append({"layer": layer, "naive": naive, "reuse": reuse_error, "patch_linear": patch.residual})
+        patch_error = patch.residual * hidden_scales[layer]
+        report.append({"layer": layer, "naive": naive, "reuse": reuse_error, "patch_linear": patch_error})
     candidates = sorted(layers, key=lambda layer: report[layer]["patch_linear"] - report[layer]["reuse"])
     candidates = sorted(candidates[: max(patch_counts)])
     # Components beyond the K/V width carry no weight in the hidden metric: keep the code no wider than that.
@@ -177,10 +181,11 @@ def calibrate_pair(
             loss: fit_aligner(basis, moments[(layer, "h")], hidden_metrics[layer], loss) for loss in ALIGNER_LOSSES
         }
         best = min(ALIGNER_LOSSES, key=lambda loss: trained[loss][1])
-        report[layer].update({f"patch_{loss}": trained[loss][1] for loss in ALIGNER_LOSSES}, aligner_loss=best)
+        errors = {f"patch_{loss}": trained[loss][1] * hidden_scales[layer] for loss in ALIGNER_LOSSES}
+        report[layer].update(errors, aligner_loss=best)
         patches[layer] = (basis, trained[best][0])
         bases[(layer, "h")] = basis
-        weights[(layer, "h")] = 1.0  # the hidden metric already carries the layer's K/V sensitivities
+        weights[(layer, "h")] = hidden_scales[layer]
     del moments
 
     order = allocation_order(bases, weights)

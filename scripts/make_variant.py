@@ -22,10 +22,11 @@ import time
 from pathlib import Path
 
 import torch
+from naive_reuse_check import CONT, PREFIX, check  # scripts/ is on sys.path when this file runs as a script
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from hf_scd.eval.corpus import calibration_texts, evaluation_texts, token_documents
+from hf_scd.eval.corpus import CALIBRATION_MODULES, calibration_texts, evaluation_texts, token_documents
 from hf_scd.models import PACKAGED_MODELS, load_model
 
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -33,6 +34,7 @@ HELD_OUT_DOCS = 8
 HELD_OUT_TOKENS = 512
 SAMPLE_PROMPT = "What does Python's functools.lru_cache do? Answer in two sentences."
 SAMPLE_TOKENS = 48
+REUSE_DOCS = 4
 
 
 def packed_sequences(tokenizer, seq: int) -> torch.Tensor:
@@ -101,6 +103,9 @@ def adapter_to_bf16(out: Path) -> int:
 def write_card(out: Path, args, info: dict) -> None:
     spec = PACKAGED_MODELS[args.model]
     name = out.name.removesuffix("-lora")
+    reuse_rows = "\n".join(
+        f"| {method} | {r['kl']:.4f} | {r['top1']:.3f} | {r['nll']:.4f} |" for method, r in info["reuse"].items()
+    )
     card = f"""---
 library_name: peft
 base_model: {spec.hub_id}
@@ -113,26 +118,27 @@ tags:
 
 # {name}: a LoRA fine-tune of {spec.hub_id} on Python standard-library docstrings
 
-A small, real fine-tune of `{spec.hub_id}` made for [hf-scd](https://github.com/hf-scd/hf-scd): handing the base
-model's KV cache to this variant (naive cache reuse) is measurably wrong, so a producer/consumer pair with different
-weights can be tested offline. Load it with `hf_scd.models.load_model("{name}")`, which merges the adapter into the
-base in float32 and then casts.
+A small, real fine-tune of `{spec.hub_id}` made for [hf-scd](https://github.com/hf-scd/hf-scd): handing the
+base model's KV cache to this variant (naive cache reuse) is measurably wrong, so a producer/consumer pair with
+different weights can be tested offline. Load it with `hf_scd.models.load_model("{name}")`, which merges the
+adapter into the base in float32 and then casts.
 
 ## Data
 
-Docstrings (>= 400 chars, deduplicated) of {len(calibration_texts())} public objects of 54 pure-Python
-standard-library modules (PSF License 2.0; `hf_scd.eval.corpus.calibration_texts()`), {info["train_tokens"]} tokens,
-joined with EOS and packed into {info["rows"]} sequences of {args.seq} tokens. The held-out pydoc language-reference
-topics (`evaluation_texts()`) were not trained on.
+{len(calibration_texts())} docstrings (>= 400 chars, deduplicated) of the public objects of
+{len(CALIBRATION_MODULES)} pure-Python standard-library modules (PSF License 2.0;
+`hf_scd.eval.corpus.calibration_texts()`), {info["train_tokens"]} tokens, joined with EOS and packed into
+{info["rows"]} sequences of {args.seq} tokens. The held-out pydoc language-reference topics
+(`evaluation_texts()`) were not trained on.
 
 ## Training
 
-LoRA rank {args.rank}, alpha {args.alpha}, dropout {args.dropout} on {", ".join(TARGET_MODULES)} of every decoder
-layer ({info["trainable"]:,} trainable parameters); causal-LM loss; AdamW (weight decay 0), peak lr {args.lr},
-linear warmup {info["warmup"]} steps then cosine to 10%; {args.steps} steps x batch {args.batch} x {args.seq} tokens
-({info["epochs"]:.1f} epochs); seed {args.seed}; float32 on CPU ({args.threads} threads, torch {torch.__version__},
-peft {info["peft"]}, transformers {info["transformers"]}); {info["train_s"] / 60:.1f} min at {info["tok_s"]:.0f}
-tokens/s. The adapter is stored in bf16.
+LoRA rank {args.rank}, alpha {args.alpha}, dropout {args.dropout} on {", ".join(TARGET_MODULES)} of every
+decoder layer ({info["trainable"]:,} trainable parameters); causal-LM loss; AdamW (weight decay 0), peak lr
+{args.lr}, linear warmup {info["warmup"]} steps then cosine to 10%; {args.steps} steps x batch {args.batch} x
+{args.seq} tokens ({info["epochs"]:.1f} epochs); seed {args.seed}; float32 on CPU ({args.threads} threads, torch
+{torch.__version__}, peft {info["peft"]}, transformers {info["transformers"]}); {info["train_s"] / 60:.1f} min at
+{info["tok_s"]:.0f} tokens/s. The adapter is stored in bf16.
 
 ```
 {info["command"]}
@@ -144,8 +150,19 @@ tokens/s. The adapter is stored in bf16.
 | held-out NLL, base (nats/token) | {info["base_nll"]:.4f} |
 | held-out NLL, variant (nats/token) | {info["variant_nll"]:.4f} |
 
-Held-out NLL: mean next-token NLL on the first {HELD_OUT_DOCS} `evaluation_texts()` documents, {HELD_OUT_TOKENS}
-tokens each.
+Held-out NLL: mean next-token NLL on the first {HELD_OUT_DOCS} `evaluation_texts()` documents,
+{HELD_OUT_TOKENS} tokens each.
+
+## Naive cache reuse
+
+`scripts/naive_reuse_check.py` on the first {REUSE_DOCS} held-out documents of >= {PREFIX + CONT} tokens: the
+base model prefills {PREFIX} tokens, the variant continues teacher-forced for {CONT} more from that cache
+("naive"), scored against the variant prefilling everything itself (the oracle). For scale: the variant with no
+prefix at all, and the base model answering instead of the variant.
+
+| consumer | KL(oracle ‖ it) | top-1 agreement | continuation NLL |
+|---|---|---|---|
+{reuse_rows}
 
 ## Greedy sample
 
@@ -237,6 +254,11 @@ def main() -> None:
     info["variant_sample"] = greedy_sample(variant, tokenizer)
     print(f"held-out NLL base {info['base_nll']:.4f} variant {info['variant_nll']:.4f}")
     print(f"variant sample: {info['variant_sample']!r}")
+    base_model = load_model(args.model, dtype=torch.float32)[0]
+    docs = token_documents(tokenizer, evaluation_texts(), PREFIX + CONT)[:REUSE_DOCS]
+    info["reuse"] = check(base_model, variant, docs)
+    for method, r in info["reuse"].items():
+        print(f"{method:<12} KL {r['kl']:.4f} top-1 {r['top1']:.3f} NLL {r['nll']:.4f}")
     info["machine"] = platform.machine()
     write_card(args.out, args, info)
 

@@ -65,8 +65,9 @@ class SCDLayer(DynamicLayer):
 
     def overwrite(self, rows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Replace tokens `rows` (flat in batch*seq) with the given post-RoPE (batch, H, n, d) keys and values."""
-        scatter_rows(self.keys, rows, flat_rows(keys, torch.arange(rows.numel(), device=rows.device)))
-        scatter_rows(self.values, rows, flat_rows(values, torch.arange(rows.numel(), device=rows.device)))
+        every = torch.arange(rows.numel(), device=rows.device)
+        scatter_rows(self.keys, rows, flat_rows(keys, every))
+        scatter_rows(self.values, rows, flat_rows(values, every))
 
 
 @dataclass(frozen=True)

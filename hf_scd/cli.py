@@ -54,7 +54,7 @@ def _hub_id(name: str) -> str | None:
 def cmd_calibrate(args: argparse.Namespace) -> None:
     if (args.producer is None) != (args.consumer is None):
         raise SystemExit("--producer and --consumer go together")
-    ratios = {"ratios": tuple(args.ratios)} if args.ratios else {}
+    common = {"validation_prefix": args.validation_prefix} | ({"ratios": tuple(args.ratios)} if args.ratios else {})
     if args.producer is None:
         from .calibrate import calibrate
 
@@ -68,9 +68,8 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
             model_name=name,
             base_model=_hub_id(name),
             data_description=description,
-            **ratios,
-            validation_prefix=args.validation_prefix,
             weigh_layers=not args.no_layer_weights,
+            **common,
         )
     else:
         from .calibrate import calibrate_pair
@@ -88,12 +87,11 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
             consumer_name=_model_name(args.consumer),
             base_model=_hub_id(producer_name),
             data_description=description,
-            **ratios,
             patch_counts=tuple(args.patch_counts),
             reuse=args.reuse,
             target_kl=args.target_kl,
             target_ratio=args.target_ratio,
-            validation_prefix=args.validation_prefix,
+            **common,
         )
     artifacts.save_pretrained(args.out)
     print(json.dumps(artifacts.summary()["operating_points"], indent=2))

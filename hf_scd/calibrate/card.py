@@ -60,7 +60,7 @@ sequence (the attention sink) ship exactly in BF16 on top of that.
 from hf_scd import SCDArtifacts, SCDCache, SCDPayload
 
 artifacts = SCDArtifacts.from_pretrained("<this repo>")
-cache = SCDCache(artifacts, model=model, ratio=4)      # or max_kl=0.01, or point="4x"
+cache = SCDCache(artifacts, model=model, ratio=4)  # or max_kl=0.01, or point="4x"
 model(prompt_ids, past_key_values=cache)
 blob = cache.encode().to_bytes()
 # on the consumer

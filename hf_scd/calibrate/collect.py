@@ -71,9 +71,12 @@ class QueryEnergy:
         return self.total / self.count
 
 
-def _activations(model: torch.nn.Module, doc: list[int], skip_tokens: int) -> dict[tuple[int, str], torch.Tensor]:
+def _activations(
+    model: torch.nn.Module, doc: list[int], skip_tokens: int, hidden_layers: tuple[int, ...]
+) -> dict[tuple[int, str], torch.Tensor]:
     """One forward over `doc`: per (layer, kind) the tokens' pre-RoPE keys ("k"), values ("v"), pre-RoPE queries
-    ("q") and normalised attention input ("h"), each (tokens - skip_tokens, width), leaving out the first tokens."""
+    ("q") and, for `hidden_layers`, normalised attention input ("h"), each (tokens - skip_tokens, width), leaving
+    out the first tokens."""
     handle = ModelHandle(model)
     out: dict[tuple[int, str], torch.Tensor] = {}
 
@@ -95,7 +98,8 @@ def _activations(model: torch.nn.Module, doc: list[int], skip_tokens: int) -> di
         attention = handle.attention(layer)
         for kind, proj in (("k", attention.k_proj), ("v", attention.v_proj), ("q", attention.q_proj)):
             hooks.append(proj.register_forward_hook(keep((layer, kind))))
-        hooks.append(attention.register_forward_pre_hook(keep_input((layer, "h")), with_kwargs=True))
+        if layer in hidden_layers:
+            hooks.append(attention.register_forward_pre_hook(keep_input((layer, "h")), with_kwargs=True))
     device = next(model.parameters()).device
     try:
         model(torch.tensor([doc], device=device), use_cache=False)
@@ -127,8 +131,8 @@ def collect_kv_moments(
     queries = {layer: QueryEnergy(shape.num_kv_heads, shape.head_dim) for layer in range(shape.num_layers)}
     factor = 1 if consumer is None else 2
     for doc in tqdm(documents, desc="collecting K/V", disable=not progress):
-        acts = _activations(model, doc, skip_tokens)
-        reader = acts if consumer is None else _activations(consumer, doc, skip_tokens)
+        acts = _activations(model, doc, skip_tokens, hidden_layers)
+        reader = acts if consumer is None else _activations(consumer, doc, skip_tokens, hidden_layers)
         for layer in range(shape.num_layers):
             queries[layer].add(reader[(layer, "q")])
             for kind in KINDS + (("h",) if layer in hidden_layers else ()):

@@ -157,22 +157,24 @@ def calibrate_pair(
         # the scale comes back as the layer's allocation weight.
         hidden_scales[layer] = float(metric.diagonal(dim1=-2, dim2=-1).mean())
         hidden_metrics[layer] = metric / hidden_scales[layer]
-    report = []
+    report, hidden_bases = [], {}
     for layer in tqdm(layers, desc="ranking Patch layers", disable=not progress):
         reuse_error = sum(bases[(layer, kind)].residual * weights[(layer, kind)] for kind in KINDS)
         naive = sum(
             _naive_error(moments[(layer, kind)], metrics[(layer, kind)]) * weights[(layer, kind)] for kind in KINDS
         )
-        patch = fit_layer_basis(moments[(layer, "h")], hidden_metrics[layer], cross="rrr")
-        patch_error = patch.residual * hidden_scales[layer]
+        hidden_bases[layer] = fit_layer_basis(moments[(layer, "h")], hidden_metrics[layer], cross="rrr")
+        patch_error = hidden_bases[layer].residual * hidden_scales[layer]
         report.append({"layer": layer, "naive": naive, "reuse": reuse_error, "patch_linear": patch_error})
-    candidates = sorted(layers, key=lambda layer: report[layer]["patch_linear"] - report[layer]["reuse"])
-    candidates = sorted(candidates[: max(patch_counts)])
+    # Patch candidates, best first: the layers where Patch removes the most error over Reuse.
+    by_gain = sorted(layers, key=lambda layer: report[layer]["patch_linear"] - report[layer]["reuse"])
+    by_gain = by_gain[: max(patch_counts)]
+    candidates = sorted(by_gain)
     # Components beyond the K/V width carry no weight in the hidden metric: keep the code no wider than that.
     width = min(moments[(0, "h")].dim // 2, 2 * shape.num_kv_heads * shape.head_dim)
     patches: dict[int, tuple[LayerBasis, Aligner]] = {}
     for layer in tqdm(candidates, desc="fitting Patch coders", disable=not progress):
-        basis = fit_layer_basis(moments[(layer, "h")], hidden_metrics[layer], cross="rrr")
+        basis = hidden_bases[layer]
         basis = LayerBasis(
             basis.mean, basis.out_mean, basis.encoder[..., :width], basis.decoder[:, :width], basis.steps,
             basis.distortion[:, :width], basis.residual,
@@ -195,8 +197,6 @@ def calibrate_pair(
         tensors[f"patch.{field}"] = torch.stack([getattr(patches[layer][0], field) for layer in candidates])
     for field in ("w_in", "b_in", "w_out", "b_out"):
         tensors[f"aligner.{field}"] = torch.stack([getattr(patches[layer][1], field) for layer in candidates])
-    # Patch sets: the best `count` candidates, by the error Patch removes over Reuse.
-    by_gain = sorted(candidates, key=lambda layer: report[layer]["patch_linear"] - report[layer]["reuse"])
     patch_sets = {count: sorted(by_gain[:count]) for count in patch_counts}
     points, bits = plan_points(order, shape, ratios, patch_sets, candidates, width)
     tensors.update(bits)

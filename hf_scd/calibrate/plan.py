@@ -45,13 +45,13 @@ def plan_points(
     points, tensors = [], {}
     heads, dim = shape.num_kv_heads, shape.head_dim
     for count, patch in sorted(patch_sets.items()):
+        steps = [step for step in order if (step[1] == "h") == (step[0] in patch)]
+        shapes = {
+            (layer, kind): (heads, dim) for layer in range(shape.num_layers) if layer not in patch for kind in KINDS
+        }
+        shapes.update({(layer, "h"): (1, hidden_width) for layer in patch})
+        scale_bytes = len(KINDS) * heads * (shape.num_layers - len(patch)) + len(patch)
         for ratio in ratios:
-            steps = [step for step in order if (step[1] == "h") == (step[0] in patch)]
-            shapes = {
-                (layer, kind): (heads, dim) for layer in range(shape.num_layers) if layer not in patch for kind in KINDS
-            }
-            shapes.update({(layer, "h"): (1, hidden_width) for layer in patch})
-            scale_bytes = len(KINDS) * heads * (shape.num_layers - len(patch)) + len(patch)
             budget = math.floor(shape.bf16_bytes_per_token() / ratio) - scale_bytes
             bits = allocate_bits(steps, budget, shapes)
             name = f"{ratio:g}x" + (f"+p{count}" if count else "")

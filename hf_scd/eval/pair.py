@@ -190,4 +190,4 @@ def consumer_cost(
 def critical_layers(artifacts: SCDArtifacts, count: int) -> list[int]:
     """The `count` layers where handing over the producer's raw K/V costs most, per the pair's calibration."""
     report = artifacts.config["calibration"]["layers"]
-    return sorted(sorted(report, key=lambda row: -row["naive"])[i]["layer"] for i in range(count))
+    return sorted(row["layer"] for row in sorted(report, key=lambda row: -row["naive"])[:count])

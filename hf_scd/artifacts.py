@@ -24,7 +24,7 @@ from .codec import TransformCode
 from .errors import ArtifactError, ArtifactMismatchError, OperatingPointError
 from .patch import Aligner
 
-ARTIFACTS_FORMAT_VERSION = 2
+ARTIFACTS_FORMAT_VERSION = 3
 TENSORS_FILE = "codec.safetensors"
 KINDS = ("k", "v")
 
@@ -64,7 +64,7 @@ class SCDArtifacts(
             for point in config["operating_points"]
         ]
         self._codes: dict[tuple[str, str], list[tuple[TransformCode, TransformCode]]] = {}
-        self._patches: dict[tuple[str, str], dict[int, tuple[TransformCode, Aligner]]] = {}
+        self._patches: dict[tuple[str, str], dict[int, tuple[TransformCode, Aligner | None]]] = {}
 
     # ---- identity ---------------------------------------------------------------------------------------------
 
@@ -97,26 +97,27 @@ class SCDArtifacts(
         name = self.config["model"]["name"]
         return f"{name} -> {self.config['consumer']['name']}" if self.is_pair else name
 
-    def check_model(self, model: torch.nn.Module, role: str = "producer") -> ModelHandle:
-        """The model's handle, if these artifacts were fitted for exactly this model in this role ("producer"
-        encodes, "consumer" rebuilds; the same model for same-model artifacts); a clear error otherwise."""
-        entry = self.config["consumer"] if role == "consumer" and self.is_pair else self.config["model"]
+    def identify(self, model: torch.nn.Module) -> tuple[ModelHandle, str]:
+        """The model's handle and its role: "producer" for the model these artifacts were fitted on (which, for
+        same-model artifacts, also rebuilds), "consumer" for the fine-tune of a pair; a clear error for any other."""
         handle = ModelHandle(model)
+        entry = self.config["model"]
         if handle.shape != self.shape:
             raise ArtifactMismatchError(
-                f"artifacts were fitted on a {self.shape} model ({entry['name']}); this model is "
+                f"artifacts were fitted on a {self.shape} model ({self.describe()}); this model is "
                 f"{handle.shape}. Load the artifacts published for this model."
             )
         fingerprint = model_fingerprint(model)
-        if fingerprint != entry["fingerprint"]:
-            pair = f" as the {role} of a pair ({self.describe()})" if self.is_pair else ""
-            raise ArtifactMismatchError(
-                f"artifacts were fitted on {entry['name']}{pair} (weights fingerprint "
-                f"{entry['fingerprint']}); this model's weights differ (fingerprint {fingerprint}), e.g. a "
-                "fine-tuned variant or the other model of a pair. Use artifacts calibrated for these weights "
-                "(`hf-scd calibrate`)."
-            )
-        return handle
+        roles = {"producer": entry} | ({"consumer": self.config["consumer"]} if self.is_pair else {})
+        for role, fitted in roles.items():
+            if fitted["fingerprint"] == fingerprint:
+                return handle, role
+        fitted_on = " or ".join(f"{e['name']} (weights fingerprint {e['fingerprint']})" for e in roles.values())
+        raise ArtifactMismatchError(
+            f"artifacts were fitted on {fitted_on}; this model's weights differ (fingerprint {fingerprint}), e.g. a "
+            "fine-tuned variant or the model of another pair. Use artifacts calibrated for these weights "
+            "(`hf-scd calibrate`)."
+        )
 
     # ---- operating points -------------------------------------------------------------------------------------
 
@@ -170,8 +171,11 @@ class SCDArtifacts(
             ]
         return self._codes[cache_key]
 
-    def patch_codes(self, point: str, device: torch.device | str = "cpu") -> dict[int, tuple[TransformCode, Aligner]]:
-        """Per Patch layer of an operating point, the coder of its attention input and the consumer's aligner."""
+    def patch_codes(
+        self, point: str, device: torch.device | str = "cpu"
+    ) -> dict[int, tuple[TransformCode, Aligner | None]]:
+        """Per Patch layer of an operating point, the coder of its attention input and the consumer's aligner (None
+        where calibration kept the linear prediction)."""
         cache_key = (point, str(device))
         if cache_key not in self._patches:
             layers = self.point(point).patch_layers
@@ -185,8 +189,11 @@ class SCDArtifacts(
                     },
                     bits=self.tensors[f"points.{point}.hidden_bits"][slot],
                 )
-                aligner = Aligner(*(self.tensors[f"aligner.{f}"][slot] for f in ("w_in", "b_in", "w_out", "b_out")))
-                patches[layer] = (code.to(device), aligner.to(device))
+                aligner = None
+                if f"aligner.{layer}.w_in" in self.tensors:
+                    fields = ("w_in", "b_in", "w_out", "b_out")
+                    aligner = Aligner(*(self.tensors[f"aligner.{layer}.{f}"] for f in fields)).to(device)
+                patches[layer] = (code.to(device), aligner)
             self._patches[cache_key] = patches
         return self._patches[cache_key]
 

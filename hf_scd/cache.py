@@ -50,7 +50,7 @@ class SCDLayer(DynamicLayer):
         cls,
         layer_codes: LayerCodes,
         tokens: TokenLayout,
-        patch: tuple[TransformCode, Aligner],
+        patch: tuple[TransformCode, Aligner | None],
         attention: torch.nn.Module,
         kv_shape: tuple[int, int],
         dtype: torch.dtype,
@@ -137,12 +137,7 @@ class SCDCache(Cache):
         max_kl: float | None = None,
         point: str | None = None,
     ):
-        try:
-            handle, self.role = artifacts.check_model(model, "producer"), "producer"
-        except ArtifactMismatchError:
-            if not artifacts.is_pair:
-                raise
-            handle, self.role = artifacts.check_model(model, "consumer"), "consumer"
+        handle, self.role = artifacts.identify(model)
         super().__init__(layers=[SCDLayer() for _ in range(handle.shape.num_layers)])
         self.artifacts = artifacts
         self.handle = handle
@@ -283,8 +278,12 @@ class SCDCache(Cache):
             raise ArtifactMismatchError(
                 f"payload has {len(payload.layers)} layers, the artifacts' model {artifacts.shape.num_layers}"
             )
-        artifacts.check_model(model, "consumer")
         cache = cls(artifacts, model, point=payload.operating_point)
+        if artifacts.is_pair and cache.role != "consumer":
+            raise ArtifactMismatchError(
+                f"this model is the producer of the pair {artifacts.describe()}; rebuild the payload on the "
+                f"consumer of a pair, {artifacts.config['consumer']['name']}"
+            )
         device = next(model.parameters()).device
         dtype = next(model.parameters()).dtype
         position_ids = payload.position_ids.to(device)

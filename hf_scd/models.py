@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -183,7 +184,9 @@ def _load_variant(variant: PackagedVariant, dtype: torch.dtype):
     from peft import PeftModel  # lazy: only variants need peft (the `pair` extra)
 
     model, tokenizer = load_model(variant.base, dtype=torch.float32)
-    model = PeftModel.from_pretrained(model, folder).merge_and_unload()
+    with warnings.catch_warnings():  # peft still calls a transformers API deprecated in 5.x; nothing for users to do
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        model = PeftModel.from_pretrained(model, folder).merge_and_unload()
     model = model.to(dtype)
     model.eval()
     return model, tokenizer

@@ -3,8 +3,9 @@
 Reused K/V drift further from what the consumer would compute the deeper the layer, because every earlier layer of
 the two models already differs. At a Patch layer the producer instead ships a code of its normalised attention input
 (the input RMSNorm's output); the code's decoder is a linear prediction of the *consumer's* normalised input, an
-`Aligner` (small residual MLP) corrects what a linear map cannot, and the consumer runs its own `k_proj`/`v_proj` and
-rotary embedding on the result. The hidden code is an ordinary `TransformCode` with one "head" of the model width.
+`Aligner` (small residual MLP) corrects what a linear map cannot (where calibration found that it does), and the
+consumer runs its own `k_proj`/`v_proj` and rotary embedding on the result. The hidden code is an ordinary
+`TransformCode` with one "head" of the model width.
 """
 
 from __future__ import annotations
@@ -57,17 +58,20 @@ def decode_patch_layer(
     sin: torch.Tensor,
     coded_rows: torch.Tensor,
     code: TransformCode,
-    aligner: Aligner,
+    aligner: Aligner | None,
     attention: nn.Module,
     shape: tuple[int, int],
     kv_shape: tuple[int, int],
     dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Hidden codes -> the consumer's keys and values (batch, H, seq, d) for one layer, through its own projections
-    and rotary (cos, sin) (batch*seq, d). Rows not in `coded_rows` come back as zeros."""
+    and rotary (cos, sin) (batch*seq, d); no `aligner` keeps the linear prediction. Rows not in `coded_rows` come
+    back as zeros."""
     batch, seq = shape
     heads, dim = kv_shape
-    predicted = aligner(code.decode(codes.hidden_codes, codes.hidden_scales)[:, 0])
+    predicted = code.decode(codes.hidden_codes, codes.hidden_scales)[:, 0]
+    if aligner is not None:
+        predicted = aligner(predicted)
     weight_dtype = attention.k_proj.weight.dtype
     keys_in = attention.k_proj(predicted.to(weight_dtype)).float().reshape(-1, heads, dim)
     values_in = attention.v_proj(predicted.to(weight_dtype)).float().reshape(-1, heads, dim)

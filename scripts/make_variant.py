@@ -242,6 +242,9 @@ def main() -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out)
+    config_path = args.out / "adapter_config.json"  # name the Hub base, not this machine's cache folder
+    config_json = json.loads(config_path.read_text()) | {"base_model_name_or_path": PACKAGED_MODELS[args.model].hub_id}
+    config_path.write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
     size = adapter_to_bf16(args.out)
     (args.out / "train_log.json").write_text(json.dumps({"command": command, "losses": losses}) + "\n")
     print(f"adapter: {size / 2**20:.2f} MiB in {args.out}")

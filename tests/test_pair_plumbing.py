@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from hf_scd import ArtifactMismatchError, CacheStateError, SCDCache, SCDPayload
+from hf_scd import ArtifactMismatchError, CacheStateError, SCDArtifacts, SCDCache, SCDPayload
 from hf_scd.calibrate import calibrate_pair
 
 TINY = dict(
@@ -81,6 +81,39 @@ def test_reuse_and_patch_rebuild_the_consumers_own_cache(pair):
     new = torch.tensor([[5, 6]])
     out = consumer.generate(torch.cat([ids, new], 1), past_key_values=rebuilt, max_new_tokens=3, do_sample=False)
     assert out.shape[1] == ids.shape[1] + 2 + 3
+
+
+@torch.inference_mode()
+def test_a_stored_aligner_corrects_the_patch_layers_input(pair):
+    """Calibration stores an aligner only where the MLP beat the linear map; where one is stored, the consumer runs
+    its projections on the aligner's output."""
+    producer, consumer, artifacts, docs = pair
+    (layer,) = artifacts.point("1.5x+p1").patch_layers
+    dim, width = TINY["hidden_size"], 8
+    generator = torch.Generator().manual_seed(2)
+    aligner = {
+        "w_in": torch.randn(dim, width, generator=generator) * 0.3,
+        "b_in": torch.zeros(width),
+        "w_out": torch.randn(width, dim, generator=generator) * 0.3,
+        "b_out": torch.full((dim,), 0.1),
+    }
+    tensors = artifacts.tensors | {f"aligner.{layer}.{name}": t for name, t in aligner.items()}
+    aligned = SCDArtifacts.build(artifacts.config, tensors)
+    code, stored = aligned.patch_codes("1.5x+p1")[layer]
+    assert stored is not None and artifacts.patch_codes("1.5x+p1")[layer][1] is None
+
+    ids = torch.tensor(docs[11][:40])[None]
+    shipped = SCDCache(aligned, producer, point="1.5x+p1")
+    producer(ids, past_key_values=shipped)
+    payload = shipped.encode()
+    rebuilt = SCDCache.from_payload(payload, aligned, consumer)
+    hidden = code.decode(payload.layers[layer].hidden_codes, payload.layers[layer].hidden_scales)[:, 0]
+    heads, head_dim = TINY["num_key_value_heads"], dim // TINY["num_attention_heads"]
+    expected = consumer.model.layers[layer].self_attn.v_proj(stored(hidden)).reshape(-1, heads, head_dim)
+    unaligned = consumer.model.layers[layer].self_attn.v_proj(hidden).reshape(-1, heads, head_dim)
+    values = rebuilt.layers[layer].values[0, :, 1:]  # token 0, the sink, is recomputed
+    torch.testing.assert_close(values, expected[1:].transpose(0, 1), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(values, unaligned[1:].transpose(0, 1), atol=1e-3)
 
 
 @torch.inference_mode()

@@ -8,17 +8,57 @@ if TYPE_CHECKING:
     from ..artifacts import SCDArtifacts
 
 
+def _what(artifacts: SCDArtifacts) -> str:
+    """The card's opening: what the tensors are and which weights they were fitted on."""
+    config, shape = artifacts.config, artifacts.shape
+    cache = (
+        f"`{shape.model_type}` KV cache ({shape.num_layers} layers x {shape.num_kv_heads} KV heads x "
+        f"{shape.head_dim} dims, {shape.bf16_bytes_per_token()} bytes/token in BF16)"
+    )
+    if not artifacts.is_pair:
+        return f"""Calibration for [hf-scd](https://github.com/hf-scd/hf-scd) (Semantic Cache Distillation): per layer
+and KV head, a principal basis of the de-rotated keys (weighted by query energy) and of the values (weighted by the
+output projection), quantizer steps, and a bit-allocation plan, so that a {cache} ships as compact codes.
+
+Fitted on weights with fingerprint `{config["model"]["fingerprint"]}`; using these artifacts with other weights (for
+example a fine-tuned variant) raises `ArtifactMismatchError`."""
+    producer, consumer = config["model"], config["consumer"]
+    return f"""Cross-variant calibration for [hf-scd](https://github.com/hf-scd/hf-scd) (Semantic Cache Distillation): a
+{cache} prefilled by **{producer["name"]}** (the producer) ships as compact codes to **{consumer["name"]}** (the
+consumer, a fine-tune with other weights), which continues from it. Per layer, a Reuse coder reads the producer's
+de-rotated keys and values and its decoder predicts the consumer's ({config["codec"]["reuse"]}); on the Patch layers
+of a point, the producer ships a code of its normalised attention input instead and the consumer recomputes K/V
+with its own projections. The plan (Patch layers, bits per component) was validated point by point.
+
+Producer weights fingerprint `{producer["fingerprint"]}`, consumer `{consumer["fingerprint"]}`: other weights on
+either side raise `ArtifactMismatchError`, as does the producer rebuilding a payload meant for the consumer."""
+
+
+def _sink(config: dict) -> str:
+    if config["codec"].get("recomputed_tokens"):
+        return (
+            f"The consumer recomputes the first {config['codec']['recomputed_tokens']} token(s) of each sequence "
+            "(the attention sink) itself."
+        )
+    return (
+        f"The first {config['codec']['exact_tokens']} token(s) of each sequence (the attention sink) ship exactly in "
+        "BF16 on top of that."
+    )
+
+
 def model_card(artifacts: SCDArtifacts) -> str:
     config = artifacts.config
     model = config["model"]
     calibration = config["calibration"]
-    shape = artifacts.shape
     rows = "\n".join(
         f"| `{p.name}` | {p.bytes_per_token:.0f} | {p.ratio_vs_bf16:.2f}x | {p.val_kl:.4f} | {p.val_top1:.3f} |"
+        + (f" {', '.join(map(str, p.patch_layers)) or '–'} |" if artifacts.is_pair else "")
         + (" default |" if p.name == config["default_point"] else " |")
         for p in artifacts.points
     )
+    patch_column = (" Patch layers |", "---|") if artifacts.is_pair else ("", "")
     base = f"base_model: {model['base_model']}\n" if model.get("base_model") else ""
+    title = artifacts.describe()
     return f"""---
 library_name: hf-scd
 {base}license: apache-2.0
@@ -28,16 +68,9 @@ tags:
 - kv-cache-compression
 ---
 
-# SCD artifacts for {model["name"]}
+# SCD artifacts for {title}
 
-Calibration for [hf-scd](https://github.com/hf-scd/hf-scd) (Semantic Cache Distillation): per layer and KV head, a
-principal basis of the de-rotated keys (weighted by query energy) and of the values (weighted by the output
-projection), quantizer steps, and a bit-allocation plan, so that a
-`{shape.model_type}` KV cache ({shape.num_layers} layers x {shape.num_kv_heads} KV heads x {shape.head_dim} dims,
-{shape.bf16_bytes_per_token()} bytes/token in BF16) ships as compact codes.
-
-Fitted on weights with fingerprint `{model["fingerprint"]}`; using these artifacts with other weights (for example a
-fine-tuned variant) raises `ArtifactMismatchError`.
+{_what(artifacts)}
 
 ## Calibration data
 
@@ -47,11 +80,10 @@ validated on {calibration["validation_documents"]} held-out documents that share
 ## Operating points
 
 KL(oracle || SCD) and top-1 agreement of next-token predictions on held-out text, the consumer continuing from the
-shipped cache; bytes are K/V codes and scales per token. The first {config["codec"]["exact_tokens"]} token(s) of each
-sequence (the attention sink) ship exactly in BF16 on top of that.
+shipped cache; bytes are K/V codes and scales per token. {_sink(config)}
 
-| point | bytes/token | vs BF16 | val KL | val top-1 | |
-|---|---|---|---|---|---|
+| point | bytes/token | vs BF16 | val KL | val top-1 |{patch_column[0]} |
+|---|---|---|---|---|{patch_column[1]}---|
 {rows}
 
 ## Use

@@ -11,6 +11,7 @@ all components, and every (budget, number of Patch layers) is validated by KL ag
 from __future__ import annotations
 
 import math
+from dataclasses import fields
 
 import torch
 from torch import nn
@@ -47,9 +48,9 @@ def hidden_metric(
 
 def fit_aligner(
     basis: LayerBasis, moments: KVMoments, metric: torch.Tensor, loss: str, steps: int = 400, width: int = 256
-) -> tuple[Aligner, float]:
+) -> tuple[Aligner | None, float]:
     """Train an `Aligner` on the moments' token sample (90%); its weighted K/V error per token on the other 10%.
-    Falls back to the bare linear prediction (a zero MLP) when the MLP does not beat it there.
+    None (keep the bare linear prediction) when the MLP does not beat it there.
 
     `loss` "l2" fits the consumer's normalised input itself; "kv" weighs the error by `metric`, i.e. fits the K/V
     the consumer computes from it.
@@ -78,15 +79,13 @@ def fit_aligner(
             optimizer.zero_grad()
             value.backward()
             optimizer.step()
+
+    def held_out_error(predicted: torch.Tensor) -> float:
+        return float(((predicted - target[split:]) @ sqrt).pow(2).sum(-1).mean())
+
     trained = Aligner(*(t.detach().clone() for t in (w_in, b_in, w_out, b_out)))
-    identity = Aligner(w_in.detach().clone(), torch.zeros(width), torch.zeros(width, dim), torch.zeros(dim))
-    # Keep the MLP only where it beats the linear prediction on held-out tokens.
-    scored = [
-        (float(((candidate(linear[split:]) - target[split:]) @ sqrt).pow(2).sum(-1).mean()), candidate)
-        for candidate in (trained, identity)
-    ]
-    error, best = min(scored, key=lambda item: item[0])
-    return best, error
+    error, linear_error = held_out_error(trained(linear[split:])), held_out_error(linear[split:])
+    return (trained, error) if error < linear_error else (None, linear_error)
 
 
 def _naive_error(moments: KVMoments, metric: torch.Tensor) -> float:
@@ -172,7 +171,7 @@ def calibrate_pair(
     candidates = sorted(by_gain)
     # Components beyond the K/V width carry no weight in the hidden metric: keep the code no wider than that.
     width = min(moments[(0, "h")].dim // 2, 2 * shape.num_kv_heads * shape.head_dim)
-    patches: dict[int, tuple[LayerBasis, Aligner]] = {}
+    patches: dict[int, tuple[LayerBasis, Aligner | None]] = {}
     for layer in tqdm(candidates, desc="fitting Patch coders", disable=not progress):
         basis = hidden_bases[layer]
         basis = LayerBasis(
@@ -184,7 +183,7 @@ def calibrate_pair(
         }
         best = min(ALIGNER_LOSSES, key=lambda loss: trained[loss][1])
         errors = {f"patch_{loss}": trained[loss][1] * hidden_scales[layer] for loss in ALIGNER_LOSSES}
-        report[layer].update(errors, aligner_loss=best)
+        report[layer].update(errors, aligner_loss=best if trained[best][0] is not None else None)
         patches[layer] = (basis, trained[best][0])
         bases[(layer, "h")] = basis
         weights[(layer, "h")] = hidden_scales[layer]
@@ -195,8 +194,9 @@ def calibrate_pair(
     tensors["patch.layers"] = torch.tensor(candidates, dtype=torch.int64)
     for field in ("mean", "out_mean", "encoder", "decoder", "steps"):
         tensors[f"patch.{field}"] = torch.stack([getattr(patches[layer][0], field) for layer in candidates])
-    for field in ("w_in", "b_in", "w_out", "b_out"):
-        tensors[f"aligner.{field}"] = torch.stack([getattr(patches[layer][1], field) for layer in candidates])
+    for layer in candidates:
+        if (aligner := patches[layer][1]) is not None:  # stored only where the MLP beat the linear prediction
+            tensors.update({f"aligner.{layer}.{f.name}": getattr(aligner, f.name) for f in fields(aligner)})
     patch_sets = {count: sorted(by_gain[:count]) for count in patch_counts}
     points, bits = plan_points(order, shape, ratios, patch_sets, candidates, width)
     tensors.update(bits)

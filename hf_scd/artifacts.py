@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -191,8 +191,8 @@ class SCDArtifacts(
                 )
                 aligner = None
                 if f"aligner.{layer}.w_in" in self.tensors:
-                    fields = ("w_in", "b_in", "w_out", "b_out")
-                    aligner = Aligner(*(self.tensors[f"aligner.{layer}.{f}"] for f in fields)).to(device)
+                    parts = (self.tensors[f"aligner.{layer}.{f.name}"] for f in fields(Aligner))
+                    aligner = Aligner(*parts).to(device)
                 patches[layer] = (code.to(device), aligner)
             self._patches[cache_key] = patches
         return self._patches[cache_key]

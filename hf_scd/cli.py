@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -103,6 +104,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .eval.baselines import KIVI, Int8KV, RawKV
     from .eval.fidelity import format_table, run_fidelity
 
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        raise SystemExit("--plot needs matplotlib: pip install 'hf-scd[pair]'")
     artifacts = SCDArtifacts.from_pretrained(args.artifacts)
     points = args.points or [p.name for p in artifacts.points]
     coders = {coder.name: coder for coder in (RawKV(), Int8KV(), KIVI(bits=4), KIVI(bits=2))}

@@ -5,6 +5,10 @@ when the weights differ. This trains a LoRA on every linear layer of the decoder
 the causal-LM loss on the standard-library docstrings (the calibration corpus; the held-out pydoc topics are never
 trained on), saves the adapter in bf16 (a few MB) with a model card, and reports held-out NLL of base vs variant.
 
+Raw docstrings alone teach a chat model to continue text instead of answering: the variant forgets the terse answer
+formats QA is scored on. `--chat-replay N` mixes N chat turns into the training stream whose questions are about
+docstrings and whose answers are the base model's own greedy replies (replay, the usual guard against forgetting).
+
     python scripts/make_variant.py --model smollm2-135m-instruct \\
         --out hub_artifacts/smollm2-135m-instruct-stdlib-lora --steps 300 --lr 1e-3
 """
@@ -35,13 +39,59 @@ HELD_OUT_TOKENS = 512
 SAMPLE_PROMPT = "What does Python's functools.lru_cache do? Answer in two sentences."
 SAMPLE_TOKENS = 48
 REUSE_DOCS = 4
+# Replay questions: terse-answer instructions about a docstring excerpt, answered by the base model itself.
+REPLAY_TEMPLATES = (
+    "{excerpt}\n\nSummarize the text above in one sentence.",
+    "Read the documentation and answer with the name only.\n\n{excerpt}\n\nQuestion: Which Python object does it "
+    "document?",
+    "{excerpt}\n\nList two keywords of the text above, separated by a comma, and nothing else.",
+)
+REPLAY_EXCERPT_CHARS = 700
+REPLAY_ANSWER_TOKENS = 40
+REPLAY_BATCH = 8
 
 
-def packed_sequences(tokenizer, seq: int) -> torch.Tensor:
-    """Calibration docs joined with EOS and cut into (n, seq) rows; the ragged tail is dropped."""
+def _excerpt(doc: str) -> str:
+    """Leading whole paragraphs of a docstring, up to `REPLAY_EXCERPT_CHARS` (at least the first one)."""
+    paragraphs = doc.split("\n\n")
+    kept = [paragraphs[0]]
+    for paragraph in paragraphs[1:]:
+        if len("\n\n".join([*kept, paragraph])) > REPLAY_EXCERPT_CHARS:
+            break
+        kept.append(paragraph)
+    return "\n\n".join(kept)
+
+
+@torch.no_grad()
+def chat_replay(model, tokenizer, count: int, seed: int) -> list[list[int]]:
+    """`count` chat conversations (token ids) about random docstrings, answered greedily by `model`."""
+    docs = random.Random(seed).sample(calibration_texts(), count)
+    questions = [REPLAY_TEMPLATES[i % len(REPLAY_TEMPLATES)].format(excerpt=_excerpt(d)) for i, d in enumerate(docs)]
+    tokenizer.padding_side = "left"
+    conversations = []
+    for start in tqdm(range(0, count, REPLAY_BATCH), desc="replay answers"):
+        batch = [[{"role": "user", "content": q}] for q in questions[start : start + REPLAY_BATCH]]
+        inputs = tokenizer.apply_chat_template(
+            batch, add_generation_prompt=True, padding=True, return_tensors="pt", return_dict=True
+        )
+        out = model.generate(**inputs, max_new_tokens=REPLAY_ANSWER_TOKENS, do_sample=False)
+        answers = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        conversations += [
+            [*turn, {"role": "assistant", "content": a.strip()}] for turn, a in zip(batch, answers, strict=True)
+        ]
+    return [list(tokenizer.apply_chat_template(c, tokenize=True, return_dict=True)["input_ids"]) for c in conversations]
+
+
+def packed_sequences(tokenizer, seq: int, chats: list[list[int]], seed: int) -> torch.Tensor:
+    """Calibration docs and chat conversations, shuffled together, joined with EOS and cut into (n, seq) rows; the
+    ragged tail is dropped."""
+    pieces = token_documents(tokenizer, calibration_texts(), min_tokens=1)
+    if chats:  # docstrings alone keep their fixed order, so adapters trained without replay still reproduce
+        pieces += chats
+        random.Random(seed).shuffle(pieces)
     stream: list[int] = []
-    for doc in token_documents(tokenizer, calibration_texts(), min_tokens=1):
-        stream += doc + [tokenizer.eos_token_id]
+    for piece in pieces:
+        stream += piece + [tokenizer.eos_token_id]
     n = len(stream) // seq
     return torch.tensor(stream[: n * seq]).view(n, seq)
 
@@ -103,6 +153,13 @@ def adapter_to_bf16(out: Path) -> int:
 def write_card(out: Path, args, info: dict) -> None:
     spec = PACKAGED_MODELS[args.model]
     name = out.name.removesuffix("-lora")
+    replay = (
+        f" Mixed in (shuffled with the docstrings): {info['replay']} chat turns ({info['replay_tokens']} tokens) that "
+        "ask terse-answer questions about docstring excerpts and carry the base model's own greedy answers, so the "
+        "variant keeps the chat answer format (replay against forgetting)."
+        if info["replay"]
+        else ""
+    )
     reuse_rows = "\n".join(
         f"| {method} | {r['kl']:.4f} | {r['top1']:.3f} | {r['nll']:.4f} |" for method, r in info["reuse"].items()
     )
@@ -127,8 +184,8 @@ adapter into the base in float32 and then casts.
 
 {len(calibration_texts())} docstrings (>= 400 chars, deduplicated) of the public objects of
 {len(CALIBRATION_MODULES)} pure-Python standard-library modules (PSF License 2.0;
-`hf_scd.eval.corpus.calibration_texts()`), {info["train_tokens"]} tokens, joined with EOS and packed into
-{info["rows"]} sequences of {args.seq} tokens. The held-out pydoc language-reference topics
+`hf_scd.eval.corpus.calibration_texts()`).{replay} In all {info["train_tokens"]} tokens, joined with EOS and
+packed into {info["rows"]} sequences of {args.seq} tokens. The held-out pydoc language-reference topics
 (`evaluation_texts()`) were not trained on.
 
 ## Training
@@ -188,6 +245,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=0.05, help="fraction of steps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--chat-replay", type=int, default=0, help="chat turns answered by the base to mix in")
     parser.add_argument("--skip-eval", action="store_true", help="no held-out NLL or samples (timing runs)")
     args = parser.parse_args()
 
@@ -201,8 +259,10 @@ def main() -> None:
     command = "python scripts/make_variant.py " + shlex.join(sys.argv[1:])
 
     model, tokenizer = load_model(args.model, dtype=torch.float32)
-    data = packed_sequences(tokenizer, args.seq)
+    chats = chat_replay(model, tokenizer, args.chat_replay, args.seed) if args.chat_replay else []
+    data = packed_sequences(tokenizer, args.seq, chats, args.seed)
     info: dict = {"command": command, "rows": len(data), "train_tokens": data.numel()}
+    info |= {"replay": len(chats), "replay_tokens": sum(map(len, chats))}
     info |= {"peft": peft.__version__, "transformers": transformers.__version__}
     if not args.skip_eval:
         info["base_nll"] = held_out_nll(model, tokenizer)

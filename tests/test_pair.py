@@ -14,9 +14,9 @@ from hf_scd.eval.metrics import next_token_kl, top1_agreement
 HUB = Path(__file__).resolve().parents[1] / "hub_artifacts"
 PAIR = HUB / "smollm2-135m-instruct-stdlib-pair"
 PREFIX, CONTINUATION = 384, 128
-# Measured on these three held-out documents at the shipped default point (4x): naive reuse KL 0.0424, SCD 0.0296
-# (mean), top-1 0.900 vs 0.911. The test asks for a ratio of 1.25 so that other CPUs' rounding cannot flip it.
-NAIVE_OVER_SCD = 1.25
+# Measured on these three held-out documents at the shipped default point (4x): naive reuse KL 0.0424, SCD 0.0248
+# (mean, a ratio of 1.71), top-1 0.900 vs 0.916. The test asks for 1.5 so that other CPUs' rounding cannot flip it.
+NAIVE_OVER_SCD = 1.5
 DOCS = 3
 
 

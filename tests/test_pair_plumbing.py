@@ -13,6 +13,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_scd import ArtifactMismatchError, CacheStateError, SCDArtifacts, SCDCache, SCDPayload
 from hf_scd.calibrate import calibrate_pair
+from hf_scd.calibrate.collect import KVMoments
+from hf_scd.calibrate.fit import fit_layer_basis
 
 TINY = dict(
     hidden_size=64,
@@ -41,6 +43,30 @@ def pair():
         ratios=(1.5,), patch_counts=(0, 1), validation_prefix=64, progress=False,
     )  # fmt: skip
     return producer, consumer, artifacts, docs
+
+
+@pytest.mark.parametrize("reuse", ["rrr", "joint-svd"])
+def test_cross_coders_predict_with_the_consumers_spread(reuse):
+    """A regression's prediction is shrunk by what it cannot explain (here 20% of the consumer's variance); the
+    decoder undoes that, so predicted vectors have the consumer's spread in the metric, and still track it."""
+    generator = torch.Generator().manual_seed(0)
+    tokens, heads, dim = 4000, 2, 8
+    producer = torch.randn(tokens, heads, dim, generator=generator)
+    mix = torch.randn(heads, dim, dim, generator=generator) / dim**0.5
+    consumer = torch.einsum("nhd,hde->nhe", producer, mix) + 0.5 * torch.randn(tokens, heads, dim, generator=generator)
+    moments = KVMoments(heads, 2 * dim)
+    moments.add(torch.cat([producer, consumer + 1.0], -1), keep_every=1)
+    metric = torch.diag_embed(torch.rand(heads, dim, generator=generator) + 0.5)
+    basis = fit_layer_basis(moments, metric, cross=reuse)
+    unit = torch.einsum("nhd,hdc->nhc", producer - basis.mean, basis.encoder)
+    predicted = torch.einsum("nhc,hcd->nhd", unit, basis.decoder) + basis.out_mean - 1.0
+
+    def spread(x: torch.Tensor) -> torch.Tensor:
+        x = x - x.mean(0)
+        return torch.einsum("nhd,hde,nhe->h", x, metric, x) / tokens
+
+    torch.testing.assert_close(spread(predicted), spread(consumer), rtol=1e-3, atol=0)
+    assert (spread(predicted - consumer) < 0.5 * spread(consumer)).all()
 
 
 def _own_cache(model, ids):
@@ -156,3 +182,25 @@ def test_pair_baselines_and_consumer_cost(pair):
     prefill_cost = consumer_cost(Recompute(producer), consumer, ids, runs=1)
     scd_cost = consumer_cost(SCDPairTransfer(producer, artifacts, "1.5x+p1"), consumer, ids, runs=1)
     assert 0 < scd_cost.flops < prefill_cost.flops
+
+
+@torch.inference_mode()
+def test_joint_svd_reuse_only_pair_round_trips(pair, tmp_path):
+    """The paper's joint-SVD coder, with no Patch layers planned at all, saves, loads and rebuilds a cache."""
+    producer, consumer, _, docs = pair
+    artifacts = calibrate_pair(
+        producer, consumer, docs[:10], docs[10:], producer_name="tiny", consumer_name="tiny-variant",
+        ratios=(1.5,), patch_counts=(0,), reuse="joint-svd", validation_prefix=64, progress=False,
+    )  # fmt: skip
+    assert [p.name for p in artifacts.points] == ["1.5x"] and "patch.layers" not in artifacts.tensors
+    artifacts.save_pretrained(tmp_path)
+    loaded = SCDArtifacts.from_pretrained(tmp_path)
+    assert loaded.config["codec"]["reuse"] == "joint-svd"
+    ids = torch.tensor(docs[11][:48])[None]
+    shipped = SCDCache(loaded, producer)
+    producer(ids, past_key_values=shipped)
+    rebuilt = SCDCache.from_payload(SCDPayload.from_bytes(shipped.encode().to_bytes()), loaded, consumer)
+    own, raw = _own_cache(consumer, ids), _own_cache(producer, ids)
+    for layer, mine, theirs in zip(rebuilt.layers, own.layers, raw.layers, strict=True):
+        error = float((layer.values - mine.values)[:, :, 1:].norm())
+        assert error < float((theirs.values - mine.values)[:, :, 1:].norm())

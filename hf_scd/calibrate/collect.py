@@ -51,6 +51,17 @@ class KVMoments:
     def samples(self) -> torch.Tensor:
         return torch.cat(self.sample)
 
+    def hold_out(self, fraction: float) -> tuple[KVMoments, torch.Tensor]:
+        """(these moments without the last `fraction` of the sample's rows, those rows): a held-out set that a fit
+        on the returned moments never saw. The sample runs in document order, so the rows are the last documents'."""
+        sample = self.samples()
+        split = int((1 - fraction) * sample.shape[0])
+        held = sample[split:].double()
+        outer = self.outer - torch.einsum("nhd,nhe->hde", held, held)
+        kept = KVMoments(self.heads, self.dim, self.count - held.shape[0], self.total - held.sum(0), outer)
+        kept.sample.append(sample[:split])
+        return kept, sample[split:]
+
 
 @dataclass
 class QueryEnergy:

@@ -29,6 +29,7 @@ from .sensitivity import layer_sensitivity
 
 REUSE_METHODS = ("rrr", "joint-svd")
 ALIGNER_LOSSES = ("l2", "kv")
+ALIGNER_HELD_OUT = 0.1
 DEFAULT_PATCH_COUNTS = (0, 2, 4, 6)
 RECOMPUTED_TOKENS = 1
 
@@ -47,21 +48,30 @@ def hidden_metric(
 
 
 def fit_aligner(
-    basis: LayerBasis, moments: KVMoments, metric: torch.Tensor, loss: str, steps: int = 400, width: int = 256
+    basis: LayerBasis,
+    train: torch.Tensor,
+    held_out: torch.Tensor,
+    metric: torch.Tensor,
+    loss: str,
+    steps: int = 400,
+    width: int = 256,
 ) -> tuple[Aligner | None, float]:
-    """Train an `Aligner` on the moments' token sample (90%); its weighted K/V error per token on the other 10%.
-    None (keep the bare linear prediction) when the MLP does not beat it there.
+    """Train an `Aligner` on joint [producer; consumer] rows `train` (N, 1, 2D); its weighted K/V error per token on
+    `held_out`, rows neither it nor `basis` was fitted on. None (keep the bare linear prediction) when the MLP does
+    not beat it there.
 
     `loss` "l2" fits the consumer's normalised input itself; "kv" weighs the error by `metric`, i.e. fits the K/V
     the consumer computes from it.
     """
-    sample = moments.samples()[:, 0]
-    dim = sample.shape[-1] // 2
-    source, target = sample[:, :dim], sample[:, dim:]
-    unit = (source - basis.mean[0]) @ basis.encoder[0]
-    linear = unit @ basis.decoder[0] + basis.out_mean[0]
+    dim = train.shape[-1] // 2
+
+    def linear_and_target(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        unit = (rows[:, 0, :dim] - basis.mean[0]) @ basis.encoder[0]
+        return unit @ basis.decoder[0] + basis.out_mean[0], rows[:, 0, dim:]
+
+    linear, target = linear_and_target(train)
+    held_linear, held_target = linear_and_target(held_out)
     sqrt = _sqrt_and_inverse(metric)[0][0].float()
-    split = int(0.9 * linear.shape[0])
     generator = torch.Generator().manual_seed(0)
     w_in = nn.Parameter(torch.randn(dim, width, generator=generator) / math.sqrt(dim))
     b_in = nn.Parameter(torch.zeros(width))
@@ -69,11 +79,11 @@ def fit_aligner(
     b_out = nn.Parameter(torch.zeros(dim))
     aligner = Aligner(w_in, b_in, w_out, b_out)
     optimizer = torch.optim.AdamW([w_in, b_in, w_out, b_out], lr=1e-3, weight_decay=1e-2)
-    scale = target[:split].var(0).sum() if loss == "l2" else (target[:split] @ sqrt).var(0).sum()
+    scale = target.var(0).sum() if loss == "l2" else (target @ sqrt).var(0).sum()
 
     with torch.enable_grad():
         for _ in range(steps):
-            rows = torch.randint(0, split, (256,), generator=generator)
+            rows = torch.randint(0, linear.shape[0], (256,), generator=generator)
             diff = aligner(linear[rows]) - target[rows]
             value = (diff @ sqrt if loss == "kv" else diff).pow(2).sum(-1).mean() / scale
             optimizer.zero_grad()
@@ -81,10 +91,10 @@ def fit_aligner(
             optimizer.step()
 
     def held_out_error(predicted: torch.Tensor) -> float:
-        return float(((predicted - target[split:]) @ sqrt).pow(2).sum(-1).mean())
+        return float(((predicted - held_target) @ sqrt).pow(2).sum(-1).mean())
 
     trained = Aligner(*(t.detach().clone() for t in (w_in, b_in, w_out, b_out)))
-    error, linear_error = held_out_error(trained(linear[split:])), held_out_error(linear[split:])
+    error, linear_error = held_out_error(trained(held_linear)), held_out_error(held_linear)
     return (trained, error) if error < linear_error else (None, linear_error)
 
 
@@ -173,13 +183,15 @@ def calibrate_pair(
     width = min(moments[(0, "h")].dim // 2, 2 * shape.num_kv_heads * shape.head_dim)
     patches: dict[int, tuple[LayerBasis, Aligner | None]] = {}
     for layer in tqdm(candidates, desc="fitting Patch coders", disable=not progress):
-        basis = hidden_bases[layer]
+        # Refitted without the held-out rows, so the aligner and the linear prediction are compared on unseen tokens.
+        kept, held_out = moments[(layer, "h")].hold_out(ALIGNER_HELD_OUT)
+        basis = fit_layer_basis(kept, hidden_metrics[layer], cross="rrr")
         basis = LayerBasis(
             basis.mean, basis.out_mean, basis.encoder[..., :width], basis.decoder[:, :width], basis.steps,
             basis.distortion[:, :width], basis.residual,
         )  # fmt: skip
         trained = {
-            loss: fit_aligner(basis, moments[(layer, "h")], hidden_metrics[layer], loss) for loss in ALIGNER_LOSSES
+            loss: fit_aligner(basis, kept.samples(), held_out, hidden_metrics[layer], loss) for loss in ALIGNER_LOSSES
         }
         best = min(ALIGNER_LOSSES, key=lambda loss: trained[loss][1])
         errors = {f"patch_{loss}": trained[loss][1] * hidden_scales[layer] for loss in ALIGNER_LOSSES}
@@ -191,9 +203,10 @@ def calibrate_pair(
 
     order = allocation_order(bases, weights)
     tensors = stack_bases(bases, shape.num_layers, ("mean", "out_mean", "encoder", "decoder", "steps"))
-    tensors["patch.layers"] = torch.tensor(candidates, dtype=torch.int64)
-    for field in ("mean", "out_mean", "encoder", "decoder", "steps"):
-        tensors[f"patch.{field}"] = torch.stack([getattr(patches[layer][0], field) for layer in candidates])
+    if candidates:
+        tensors["patch.layers"] = torch.tensor(candidates, dtype=torch.int64)
+        for field in ("mean", "out_mean", "encoder", "decoder", "steps"):
+            tensors[f"patch.{field}"] = torch.stack([getattr(patches[layer][0], field) for layer in candidates])
     for layer in candidates:
         if (aligner := patches[layer][1]) is not None:  # stored only where the MLP beat the linear prediction
             tensors.update({f"aligner.{layer}.{f.name}": getattr(aligner, f.name) for f in fields(aligner)})

@@ -188,6 +188,11 @@ class Row:
         """The row as a JSON object; parts of the protocol that were not run are null (JSON has no NaN)."""
         return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in asdict(self).items()}
 
+    @classmethod
+    def from_json(cls, data: dict) -> Row:
+        """The inverse of `to_json`: null back to ``nan``."""
+        return cls(**{k: math.nan if v is None else v for k, v in data.items()})
+
 
 def run_fidelity(
     model,

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import weakref
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import nn
@@ -11,6 +13,12 @@ from torch import nn
 from .errors import UnsupportedModelError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+# The first tokens of a sequence yield the same K/V in a given model whatever follows them, so a consumer that
+# recomputes them (the attention sink) does so once per model, weights, dtype, device and token ids.
+_PREFIX_MEMO: weakref.WeakKeyDictionary[nn.Module, dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]]]
+_PREFIX_MEMO = weakref.WeakKeyDictionary()
+PREFIX_MEMO_SIZE = 256
 
 
 @dataclass(frozen=True)
@@ -70,14 +78,34 @@ class ModelHandle:
     def attention(self, layer_idx: int) -> nn.Module:
         return self.layers[layer_idx].self_attn
 
+    @cached_property
+    def fingerprint(self) -> str:
+        """The weights' fingerprint (`model_fingerprint`), computed once per handle."""
+        return model_fingerprint(self.model)
+
     @torch.no_grad()
     def prefix_cache(self, input_ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """This model's own post-RoPE (keys, values) per layer, (batch, H, n, d), for unpadded prefixes (batch, n)."""
+        """This model's own post-RoPE (keys, values) per layer, (batch, H, n, d), for unpadded prefixes (batch, n)
+        starting at position 0. Memoised per prefix: the rows' K/V are computed once for this model's weights."""
         from transformers import DynamicCache
 
-        cache = DynamicCache(config=self.model.config)
-        self.decoder(input_ids=input_ids, past_key_values=cache, use_cache=True)
-        return [(layer.keys, layer.values) for layer in cache.layers]
+        param = next(self.model.parameters())
+        memo = _PREFIX_MEMO.setdefault(self.model, {})
+        keys = [(self.fingerprint, param.dtype, param.device, tuple(row)) for row in input_ids.tolist()]
+        missing = list(dict.fromkeys(key for key in keys if key not in memo))
+        if missing:
+            if len(memo) + len(missing) > PREFIX_MEMO_SIZE:
+                memo.clear()
+            cache = DynamicCache(config=self.model.config)
+            ids = torch.tensor([key[-1] for key in missing], dtype=torch.long, device=input_ids.device)
+            self.decoder(input_ids=ids, past_key_values=cache, use_cache=True)
+            for row, key in enumerate(missing):
+                memo[key] = [(layer.keys[row : row + 1], layer.values[row : row + 1]) for layer in cache.layers]
+        rows = [memo[key] for key in keys]
+        return [
+            (torch.cat([row[layer][0] for row in rows]), torch.cat([row[layer][1] for row in rows]))
+            for layer in range(len(self.layers))
+        ]
 
     @torch.no_grad()
     def rotary_cos_sin(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,7 +19,7 @@ from huggingface_hub import ModelHubMixin, snapshot_download
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .arch import ModelHandle, ModelShape, model_fingerprint
+from .arch import ModelHandle, ModelShape
 from .codec import TransformCode
 from .errors import ArtifactError, ArtifactMismatchError, OperatingPointError
 from .patch import Aligner
@@ -107,7 +107,7 @@ class SCDArtifacts(
                 f"artifacts were fitted on a {self.shape} model ({self.describe()}); this model is "
                 f"{handle.shape}. Load the artifacts published for this model."
             )
-        fingerprint = model_fingerprint(model)
+        fingerprint = handle.fingerprint
         roles = {"producer": entry} | ({"consumer": self.config["consumer"]} if self.is_pair else {})
         for role, fitted in roles.items():
             if fitted["fingerprint"] == fingerprint:

@@ -12,6 +12,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_scd import ArtifactMismatchError, CacheStateError, SCDArtifacts, SCDCache, SCDPayload
+from hf_scd.arch import ModelHandle
 from hf_scd.calibrate import calibrate_pair
 from hf_scd.calibrate.collect import KVMoments
 from hf_scd.calibrate.fit import fit_layer_basis
@@ -107,6 +108,22 @@ def test_reuse_and_patch_rebuild_the_consumers_own_cache(pair):
     new = torch.tensor([[5, 6]])
     out = consumer.generate(torch.cat([ids, new], 1), past_key_values=rebuilt, max_new_tokens=3, do_sample=False)
     assert out.shape[1] == ids.shape[1] + 2 + 3
+
+
+@torch.inference_mode()
+def test_recomputed_sink_is_memoised_per_token_and_weights(pair):
+    """The consumer's own first-token K/V come from a memo keyed by token ids and the weights' fingerprint: rows
+    with different first tokens get their own, and changed weights are recomputed, never served stale."""
+    model = copy.deepcopy(pair[1])
+    ids = torch.tensor([[7], [9], [7]])
+    for scale in (1.0, 1.5):
+        for param in model.parameters():
+            param.mul_(scale)
+        memoised = ModelHandle(model).prefix_cache(ids)  # a fresh handle per cache, as `identify` makes
+        own = _own_cache(model, ids)
+        for (keys, values), layer in zip(memoised, own.layers, strict=True):
+            torch.testing.assert_close(keys, layer.keys)
+            torch.testing.assert_close(values, layer.values)
 
 
 @torch.inference_mode()

@@ -136,9 +136,10 @@ def calibrate_pair(
     if ModelHandle(producer).shape != shape:
         raise ValueError(f"producer {ModelHandle(producer).shape} and consumer {shape} do not share a KV layout")
     layers = tuple(range(shape.num_layers))
+    patching = max(patch_counts) > 0  # a Reuse-only plan needs no attention inputs
     moments, queries = collect_kv_moments(
         producer, calibration_docs, skip_tokens=RECOMPUTED_TOKENS, progress=progress, consumer=consumer,
-        hidden_layers=layers,
+        hidden_layers=layers if patching else (),
     )  # fmt: skip
     metrics = {}
     for layer in layers:
@@ -155,8 +156,15 @@ def calibrate_pair(
         key: fit_layer_basis(moments[key], metrics[key], cross=reuse)
         for key in tqdm(list(metrics), desc="fitting Reuse coders", disable=not progress)
     }
-    hidden_metrics, hidden_scales = {}, {}
-    for layer in layers:
+    report, hidden_metrics, hidden_scales = [], {}, {}
+    for layer in tqdm(layers, desc="ranking Patch layers" if patching else "naive error", disable=not progress):
+        reuse_error = sum(bases[(layer, kind)].residual * weights[(layer, kind)] for kind in KINDS)
+        naive = sum(
+            _naive_error(moments[(layer, kind)], metrics[(layer, kind)]) * weights[(layer, kind)] for kind in KINDS
+        )
+        report.append({"layer": layer, "naive": naive, "reuse": reuse_error})
+        if not patching:
+            continue
         metric = hidden_metric(
             handle.attention(layer),
             (metrics[(layer, "k")], metrics[(layer, "v")]),
@@ -166,21 +174,14 @@ def calibrate_pair(
         # the scale comes back as the layer's allocation weight.
         hidden_scales[layer] = float(metric.diagonal(dim1=-2, dim2=-1).mean())
         hidden_metrics[layer] = metric / hidden_scales[layer]
-    report, hidden_bases = [], {}
-    for layer in tqdm(layers, desc="ranking Patch layers", disable=not progress):
-        reuse_error = sum(bases[(layer, kind)].residual * weights[(layer, kind)] for kind in KINDS)
-        naive = sum(
-            _naive_error(moments[(layer, kind)], metrics[(layer, kind)]) * weights[(layer, kind)] for kind in KINDS
-        )
-        hidden_bases[layer] = fit_layer_basis(moments[(layer, "h")], hidden_metrics[layer], cross="rrr")
-        patch_error = hidden_bases[layer].residual * hidden_scales[layer]
-        report.append({"layer": layer, "naive": naive, "reuse": reuse_error, "patch_linear": patch_error})
+        linear = fit_layer_basis(moments[(layer, "h")], hidden_metrics[layer], cross="rrr")
+        report[layer]["patch_linear"] = linear.residual * hidden_scales[layer]
     # Patch candidates, best first: the layers where Patch removes the most error over Reuse.
-    by_gain = sorted(layers, key=lambda layer: report[layer]["patch_linear"] - report[layer]["reuse"])
+    by_gain = sorted(hidden_scales, key=lambda layer: report[layer]["patch_linear"] - report[layer]["reuse"])
     by_gain = by_gain[: max(patch_counts)]
     candidates = sorted(by_gain)
     # Components beyond the K/V width carry no weight in the hidden metric: keep the code no wider than that.
-    width = min(moments[(0, "h")].dim // 2, 2 * shape.num_kv_heads * shape.head_dim)
+    width = min(moments[(candidates[0], "h")].dim // 2, 2 * shape.num_kv_heads * shape.head_dim) if patching else 0
     patches: dict[int, tuple[LayerBasis, Aligner | None]] = {}
     for layer in tqdm(candidates, desc="fitting Patch coders", disable=not progress):
         # Refitted without the held-out rows, so the aligner and the linear prediction are compared on unseen tokens.

@@ -16,8 +16,7 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 # The first tokens of a sequence yield the same K/V in a given model whatever follows them, so a consumer that
 # recomputes them (the attention sink) does so once per model, weights, dtype, device and token ids.
-_PREFIX_MEMO: weakref.WeakKeyDictionary[nn.Module, dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]]]
-_PREFIX_MEMO = weakref.WeakKeyDictionary()
+_PREFIX_MEMO: weakref.WeakKeyDictionary[nn.Module, dict[tuple, list]] = weakref.WeakKeyDictionary()
 PREFIX_MEMO_SIZE = 256
 
 

@@ -177,8 +177,8 @@ def calibrate_pair(
         linear = fit_layer_basis(moments[(layer, "h")], hidden_metrics[layer], cross="rrr")
         report[layer]["patch_linear"] = linear.residual * hidden_scales[layer]
     # Patch candidates, best first: the layers where Patch removes the most error over Reuse.
-    by_gain = sorted(hidden_scales, key=lambda layer: report[layer]["patch_linear"] - report[layer]["reuse"])
-    by_gain = by_gain[: max(patch_counts)]
+    gain = sorted(layers, key=lambda layer: report[layer]["patch_linear"] - report[layer]["reuse"]) if patching else []
+    by_gain = gain[: max(patch_counts)]
     candidates = sorted(by_gain)
     # Components beyond the K/V width carry no weight in the hidden metric: keep the code no wider than that.
     width = min(moments[(candidates[0], "h")].dim // 2, 2 * shape.num_kv_heads * shape.head_dim) if patching else 0

@@ -16,32 +16,23 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from .artifacts import SCDArtifacts
-from .codec import LayerCodes, TransformCode, decode_layer, encode_layer, flat_rows, scatter_rows
+from .codec import LayerCodes, TransformCode, decode_layers, encode_layers, flat_rows, scatter_rows
 from .errors import ArtifactMismatchError, CacheStateError
 from .patch import Aligner, decode_patch_layer, encode_patch_layer
 from .payload import SCDPayload
 
 
 class SCDLayer(DynamicLayer):
-    """One layer's cache: post-RoPE keys and values, as attention reads them, that can be coded and rebuilt."""
+    """One layer's cache: post-RoPE keys and values, as attention reads them, that can be coded and rebuilt.
 
-    def encode(self, tokens: TokenLayout, codes: tuple[TransformCode, TransformCode]) -> LayerCodes:
-        if self.get_seq_length() != tokens.shape[1]:
-            raise CacheStateError(f"layer holds {self.get_seq_length()} tokens but {tokens.shape[1]} were recorded")
-        return encode_layer(self.keys, self.values, tokens.cos, tokens.sin, tokens.coded, tokens.exact, *codes)
+    Coding runs over all layers at once (`SCDCache.encode`, `from_payload`): on a GPU that is one kernel launch for
+    every layer's keys and one for their values, instead of two a layer.
+    """
 
     @classmethod
-    def from_codes(
-        cls,
-        layer_codes: LayerCodes,
-        tokens: TokenLayout,
-        codes: tuple[TransformCode, TransformCode],
-        dtype: torch.dtype,
-    ) -> SCDLayer:
+    def holding(cls, keys: torch.Tensor, values: torch.Tensor) -> SCDLayer:
+        """A layer that starts from the given post-RoPE keys and values (batch, H, seq, d)."""
         layer = cls()
-        keys, values = decode_layer(
-            layer_codes, tokens.cos, tokens.sin, tokens.coded, tokens.exact, *codes, tokens.shape, dtype
-        )
         layer.update(keys, values)
         return layer
 
@@ -56,12 +47,10 @@ class SCDLayer(DynamicLayer):
         dtype: torch.dtype,
     ) -> SCDLayer:
         """A Patch layer: K/V recomputed by the consumer's own attention projections from the aligned input."""
-        layer = cls()
         keys, values = decode_patch_layer(
             layer_codes, tokens.cos, tokens.sin, tokens.coded, *patch, attention, tokens.shape, kv_shape, dtype
         )
-        layer.update(keys, values)
-        return layer
+        return cls.holding(keys, values)
 
     def overwrite(self, rows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Replace tokens `rows` (flat in batch*seq) with the given post-RoPE (batch, H, n, d) keys and values."""
@@ -249,13 +238,27 @@ class SCDCache(Cache):
         patches = self.artifacts.patch_codes(point, device)
         tokens = self.record.layout(self.artifacts.exact_tokens)
         kv_shape = (self.handle.shape.num_kv_heads, self.handle.shape.head_dim)
-        layers = []
-        for index, (layer, layer_codes) in enumerate(zip(self.layers, codes, strict=True)):
-            if index in patches:
-                hidden = self.record.hidden[:, :, self.patch_candidates.index(index)]
-                layers.append(encode_patch_layer(hidden, tokens.coded, patches[index][0], kv_shape))
-            else:
-                layers.append(layer.encode(tokens, layer_codes))
+        for index, layer in enumerate(self.layers):
+            if layer.get_seq_length() != tokens.shape[1]:
+                raise CacheStateError(
+                    f"layer {index} holds {layer.get_seq_length()} tokens but {tokens.shape[1]} were recorded"
+                )
+        coded = [index for index in range(len(self.layers)) if index not in patches]
+        layers: list[LayerCodes | None] = [None] * len(self.layers)
+        encoded = encode_layers(
+            [self.layers[index].keys for index in coded],
+            [self.layers[index].values for index in coded],
+            tokens.cos,
+            tokens.sin,
+            tokens.coded,
+            tokens.exact,
+            [codes[index] for index in coded],
+        )
+        for index, layer_codes in zip(coded, encoded, strict=True):
+            layers[index] = layer_codes
+        for index, (code, _) in patches.items():
+            hidden = self.record.hidden[:, :, self.patch_candidates.index(index)]
+            layers[index] = encode_patch_layer(hidden, tokens.coded, code, kv_shape)
         return SCDPayload(
             artifacts_id=self.artifacts.artifacts_id,
             model_fingerprint=self.artifacts.model_fingerprint,
@@ -305,14 +308,23 @@ class SCDCache(Cache):
                 raise ArtifactMismatchError(f"layer {index} codes do not match the artifacts' bit allocation")
             if layer_codes.key_codes.shape[0] != tokens.coded.numel() or layer_codes.exact_keys.shape[1:] != kv_shape:
                 raise ArtifactMismatchError(f"layer {index} of the payload does not match the artifacts' layout")
-            layer_codes = layer_codes.to(device)
-            if index in patches:
-                attention = cache.handle.attention(index)
-                cache.layers[index] = SCDLayer.from_patch(
-                    layer_codes, tokens, patches[index], attention, kv_shape, dtype
-                )
-            else:
-                cache.layers[index] = SCDLayer.from_codes(layer_codes, tokens, coders, dtype)
+        layer_codes = payload.layers_on(device)
+        coded = [index for index in range(len(layer_codes)) if index not in patches]
+        decoded = decode_layers(
+            [layer_codes[index] for index in coded],
+            tokens.cos,
+            tokens.sin,
+            tokens.coded,
+            tokens.exact,
+            [codes[index] for index in coded],
+            tokens.shape,
+            dtype,
+        )
+        for index, (keys, values) in zip(coded, decoded, strict=True):
+            cache.layers[index] = SCDLayer.holding(keys, values)
+        for index, patch in patches.items():
+            attention = cache.handle.attention(index)
+            cache.layers[index] = SCDLayer.from_patch(layer_codes[index], tokens, patch, attention, kv_shape, dtype)
         if artifacts.recomputed_tokens:
             rows = cache.record.layout(artifacts.recomputed_tokens).exact
             if rows.numel() != batch * artifacts.recomputed_tokens:

@@ -11,11 +11,13 @@ output projection) and a decoder fitted for another model both fit the same code
 The first few tokens of every row (the attention sink) are not coded: they carry most of the attention mass and
 ship exactly, in bf16.
 
-Kernels in `kernels/` implement `encode_rows` / `decode_rows` for CUDA tensors; this file is their reference.
+Kernels in `kernels/` implement `encode_rows` / `decode_rows` (all layers of a cache at once) for CUDA tensors; this
+file is their reference.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from functools import cached_property
 
@@ -186,61 +188,68 @@ class LayerCodes:
         return LayerCodes(*(t.to(device) for t in vars(self).values()))
 
 
+CoderPair = tuple[TransformCode, TransformCode]
+RowCodes = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
 def flat_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Tokens `rows` (flat indices into batch*seq) of a (batch, heads, seq, dim) tensor, as (rows, heads, dim)."""
-    batch, heads, seq, dim = x.shape
-    return x.transpose(1, 2).reshape(batch * seq, heads, dim)[rows]
+    """Tokens `rows` (flat indices into batch*seq) of a (..., batch, heads, seq, dim) tensor, as (..., rows, heads,
+    dim); gathers the rows alone, never copying the whole tensor."""
+    seq = x.shape[-2]
+    return x.transpose(-3, -2)[..., rows // seq, rows % seq, :, :]
 
 
-def _content_keys(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Tokens `rows` of post-RoPE keys (batch, H, seq, d), de-rotated with their (cos, sin) (batch*seq, d): float32."""
-    return remove_rotary(flat_rows(keys, rows).float(), cos[rows, None].float(), sin[rows, None].float())
+def scatter_rows(out: torch.Tensor, rows: torch.Tensor, x: torch.Tensor) -> None:
+    """Write (..., rows, H, d) into tokens `rows` (flat into batch*seq) of `out` (..., batch, H, seq, d), in place."""
+    seq = out.shape[-2]
+    out.transpose(-3, -2)[..., rows // seq, rows % seq, :, :] = x.to(out.dtype)
+
+
+def content_keys(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Post-RoPE keys (..., rows, H, d) of tokens `rows`, de-rotated with their (cos, sin) (batch*seq, d): float32."""
+    return remove_rotary(keys.float(), cos[rows, None].float(), sin[rows, None].float())
 
 
 def rotated_keys(content: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Content keys (rows, H, d) rotated with the (cos, sin) (batch*seq, d) of tokens `rows`: float32."""
+    """Content keys (..., rows, H, d) rotated with the (cos, sin) (batch*seq, d) of tokens `rows`: float32."""
     return apply_rotary(content.float(), cos[rows, None].float(), sin[rows, None].float())
 
 
 def encode_rows(
-    keys: torch.Tensor,
-    values: torch.Tensor,
+    keys: Sequence[torch.Tensor],
+    values: Sequence[torch.Tensor],
     cos: torch.Tensor,
     sin: torch.Tensor,
     rows: torch.Tensor,
-    key_code: TransformCode,
-    value_code: TransformCode,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Code tokens `rows` (flat indices into batch*seq) of a layer's post-RoPE keys and values (batch, H, seq, d).
+    coders: Sequence[CoderPair],
+) -> list[RowCodes]:
+    """Code tokens `rows` (flat indices into batch*seq) of several layers' post-RoPE keys and values (batch, H, seq,
+    d), each with its (key, value) coders.
 
-    Keys are de-rotated with the exact (cos, sin) (batch*seq, d) they were rotated with. Returns key codes, key
+    Keys are de-rotated with the exact (cos, sin) (batch*seq, d) they were rotated with. Per layer: key codes, key
     scale codes, value codes, value scale codes.
     """
-    content = _content_keys(keys, cos, sin, rows)
-    return (*key_code.encode(content), *value_code.encode(flat_rows(values, rows)))
-
-
-def scatter_rows(out: torch.Tensor, rows: torch.Tensor, x: torch.Tensor) -> None:
-    """Write (rows, H, d) into tokens `rows` (flat into batch*seq) of `out` (batch, H, seq, d), in place."""
-    seq = out.shape[2]
-    out.transpose(1, 2)[rows // seq, rows % seq] = x.to(out.dtype)
+    return [
+        (*key_code.encode(content_keys(flat_rows(k, rows), cos, sin, rows)), *value_code.encode(flat_rows(v, rows)))
+        for k, v, (key_code, value_code) in zip(keys, values, coders, strict=True)
+    ]
 
 
 def decode_rows(
-    codes: LayerCodes,
+    codes: Sequence[LayerCodes],
     cos: torch.Tensor,
     sin: torch.Tensor,
     rows: torch.Tensor,
-    key_code: TransformCode,
-    value_code: TransformCode,
-    out_keys: torch.Tensor,
-    out_values: torch.Tensor,
+    coders: Sequence[CoderPair],
+    out_keys: Sequence[torch.Tensor],
+    out_values: Sequence[torch.Tensor],
 ) -> None:
-    """Decode coded tokens into rows `rows` of `out_keys`/`out_values` (batch, H, seq, d); keys re-rotated with
-    the consumer's (cos, sin) (batch*seq, d)."""
-    keys = key_code.decode(codes.key_codes, codes.key_scales)
-    scatter_rows(out_keys, rows, rotated_keys(keys, cos, sin, rows))
-    scatter_rows(out_values, rows, value_code.decode(codes.value_codes, codes.value_scales))
+    """Decode several layers' coded tokens into rows `rows` of their `out_keys`/`out_values` (batch, H, seq, d);
+    keys re-rotated with the consumer's (cos, sin) (batch*seq, d)."""
+    for layer, (key_code, value_code), out_k, out_v in zip(codes, coders, out_keys, out_values, strict=True):
+        keys = key_code.decode(layer.key_codes, layer.key_scales)
+        scatter_rows(out_k, rows, rotated_keys(keys, cos, sin, rows))
+        scatter_rows(out_v, rows, value_code.decode(layer.value_codes, layer.value_scales))
 
 
 def _row_coder(reference, x: torch.Tensor):
@@ -253,48 +262,61 @@ def _row_coder(reference, x: torch.Tensor):
     return reference
 
 
-def encode_layer(
-    keys: torch.Tensor,
-    values: torch.Tensor,
+def encode_layers(
+    keys: Sequence[torch.Tensor],
+    values: Sequence[torch.Tensor],
     cos: torch.Tensor,
     sin: torch.Tensor,
     coded_rows: torch.Tensor,
     exact_rows: torch.Tensor,
-    key_code: TransformCode,
-    value_code: TransformCode,
-) -> LayerCodes:
-    """One layer's cache (batch, H, seq, d), rotary (batch*seq, d) -> codes of `coded_rows`, bf16 `exact_rows`.
+    coders: Sequence[CoderPair],
+) -> list[LayerCodes]:
+    """Layers' caches (batch, H, seq, d), rotary (batch*seq, d) -> per layer, codes of `coded_rows` and bf16
+    `exact_rows`.
 
-    Row indices are flat into batch*seq; padding is in neither. CUDA tensors go through the Triton kernels.
+    Row indices are flat into batch*seq; padding is in neither. All layers are coded together: on CUDA tensors that
+    is one Triton launch for all keys and one for all values.
     """
-    coded = _row_coder(encode_rows, keys)(keys, values, cos, sin, coded_rows, key_code, value_code)
-    exact_keys = _content_keys(keys, cos, sin, exact_rows).to(torch.bfloat16)
-    no_hidden = torch.empty(coded_rows.numel(), 0, dtype=torch.uint8, device=keys.device)
-    return LayerCodes(*coded, exact_keys, flat_rows(values, exact_rows).to(torch.bfloat16), no_hidden, no_hidden)
+    if not keys:
+        return []
+    coded = _row_coder(encode_rows, keys[0])(keys, values, cos, sin, coded_rows, coders)
+    exact_keys = content_keys(torch.stack([flat_rows(k, exact_rows) for k in keys]), cos, sin, exact_rows)
+    exact_values = torch.stack([flat_rows(v, exact_rows) for v in values])
+    exact_keys, exact_values = exact_keys.to(torch.bfloat16), exact_values.to(torch.bfloat16)
+    no_hidden = torch.empty(coded_rows.numel(), 0, dtype=torch.uint8, device=keys[0].device)
+    return [
+        LayerCodes(*layer, k, v, no_hidden, no_hidden)
+        for layer, k, v in zip(coded, exact_keys, exact_values, strict=True)
+    ]
 
 
-def decode_layer(
-    codes: LayerCodes,
+def decode_layers(
+    codes: Sequence[LayerCodes],
     cos: torch.Tensor,
     sin: torch.Tensor,
     coded_rows: torch.Tensor,
     exact_rows: torch.Tensor,
-    key_code: TransformCode,
-    value_code: TransformCode,
+    coders: Sequence[CoderPair],
     shape: tuple[int, int],
     dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes -> keys and values (batch, H, seq, d) in `dtype`, keys re-rotated with the given (cos, sin).
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Layers' codes -> per layer, keys and values (batch, H, seq, d) in `dtype`, keys re-rotated with the given
+    (cos, sin).
 
-    `shape` is (batch, seq). Padding rows come back as zeros: attention masks them anyway. CUDA tensors go through
-    the Triton kernels.
+    `shape` is (batch, seq). Padding rows come back as zeros: attention masks them anyway. All layers are decoded
+    together, into one allocation: on CUDA tensors one Triton launch for all keys and one for all values.
     """
+    if not codes:
+        return []
     batch, seq = shape
-    heads, dim = key_code.bits.shape
-    device = codes.key_codes.device
-    keys = torch.zeros(batch, heads, seq, dim, dtype=dtype, device=device)
-    values = torch.zeros_like(keys)
-    _row_coder(decode_rows, keys)(codes, cos, sin, coded_rows, key_code, value_code, keys, values)
-    scatter_rows(keys, exact_rows, rotated_keys(codes.exact_keys, cos, sin, exact_rows))
-    scatter_rows(values, exact_rows, codes.exact_values)
-    return keys, values
+    heads, _, dim = coders[0][0].decoder.shape
+    device = codes[0].key_codes.device
+    covered = coded_rows.numel() + exact_rows.numel() == batch * seq
+    out = (torch.empty if covered else torch.zeros)(2, len(codes), batch, heads, seq, dim, dtype=dtype, device=device)
+    keys, values = out.unbind(0)
+    _row_coder(decode_rows, keys)(codes, cos, sin, coded_rows, coders, keys.unbind(0), values.unbind(0))
+    if exact_rows.numel():
+        exact_keys = torch.stack([layer.exact_keys for layer in codes])
+        scatter_rows(keys, exact_rows, rotated_keys(exact_keys, cos, sin, exact_rows))
+        scatter_rows(values, exact_rows, torch.stack([layer.exact_values for layer in codes]))
+    return list(zip(keys.unbind(0), values.unbind(0), strict=True))

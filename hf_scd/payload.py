@@ -61,6 +61,28 @@ class SCDPayload:
         """Bytes of K/V codes and scales alone, without ids, positions and format overhead."""
         return sum(layer.nbytes() for layer in self.layers)
 
+    def _joined(self, device: torch.device | str) -> dict[str, tuple[torch.Tensor, list[int] | None]]:
+        """Each part of all layers as one tensor on `device`: codes and scales side by side (with the layers'
+        widths), exact K/V stacked (widths None)."""
+        joined = {}
+        for name in _CODE_DTYPES:
+            per_layer = [getattr(layer, name) for layer in self.layers]
+            if name.startswith("exact_"):
+                joined[name] = (torch.stack(per_layer).to(device), None)
+            else:
+                joined[name] = (torch.cat(per_layer, 1).to(device), [t.shape[1] for t in per_layer])
+        return joined
+
+    def layers_on(self, device: torch.device | str) -> list[LayerCodes]:
+        """The layers' codes on `device`, each part moved in one transfer for all layers; a layer's codes are then
+        column views of one tensor, the layout the kernels decode in one launch."""
+        parts = {
+            name: joined.split(widths, 1) if widths is not None else joined.unbind(0)
+            for name, (joined, widths) in self._joined(device).items()
+        }
+        layers = range(len(self.layers))
+        return [LayerCodes(**{name: split[index] for name, split in parts.items()}) for index in layers]
+
     def to_bytes(self) -> bytes:
         tensors = {
             "input_ids": self.input_ids.to(torch.int32).contiguous(),
@@ -73,14 +95,10 @@ class SCDPayload:
             "model_fingerprint": self.model_fingerprint,
             "operating_point": self.operating_point,
         }
-        layers = [layer.to("cpu") for layer in self.layers]
-        for kind in CODED_KINDS:
-            for part in ("codes", "scales"):
-                per_layer = [getattr(layer, f"{kind}_{part}") for layer in layers]
-                tensors[f"{kind}_{part}"] = torch.cat(per_layer, 1)
-                metadata[f"{kind}_{part}_widths"] = ",".join(str(t.shape[1]) for t in per_layer)
-        for kind in ("key", "value"):
-            tensors[f"exact_{kind}s"] = torch.stack([getattr(layer, f"exact_{kind}s") for layer in layers])
+        for name, (joined, widths) in self._joined("cpu").items():
+            tensors[name] = joined
+            if widths is not None:
+                metadata[f"{name}_widths"] = ",".join(map(str, widths))
         body = st_save(tensors, metadata=metadata)
         return _HEADER.pack(MAGIC, FORMAT_VERSION, zlib.crc32(body), len(body)) + body
 

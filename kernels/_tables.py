@@ -1,18 +1,21 @@
-"""Host-side tables the kernels read: a TransformCode's matrices and bit layout as small contiguous tensors.
+"""Host-side tables the kernels read: the TransformCodes of several layers, stacked as small contiguous tensors.
 
-Built once per (TransformCode, device) and cached, so a launch costs no host-side tensor work. The cache entry
-dies with the TransformCode (weakref) and is rebuilt if any of its tensors is replaced or modified in place.
+One launch codes or decodes every layer of a cache, so its tables hold all the layers' matrices and bit layouts
+side by side, indexed by (layer, head). They are built once per (sequence of TransformCodes, device) and cached, so
+a launch costs no host-side tensor work; an entry dies with any of its TransformCodes (weakref) and is rebuilt if
+any of their tensors is replaced or modified in place.
 """
 
 from __future__ import annotations
 
 import os
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
 import torch
 
-from hf_scd.codec import TransformCode, code_to_scale, rotate_half
+from hf_scd.codec import TransformCode, code_to_scale
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # fp32 accuracy for the transform dots. The interpreter does fp32 matmuls whatever is asked; on GPUs "tf32x3"
@@ -26,88 +29,108 @@ def next_pow2(n: int, at_least: int = 16) -> int:
 
 @dataclass
 class CodeTables:
+    """L layers' coders of one kind (keys or values), each indexed [layer, head, ...]; C is padded to the largest
+    layer's with components of 0 bits."""
+
+    layers: int
     heads: int
     dim: int  # d, rows of the encoder
     comps: int  # C, coefficients per head
-    n_bytes: int  # packed bytes per token (all heads)
+    layer_bytes: list[int]  # packed bytes per token of each layer (all heads)
     bytes_pad: int  # power of two >= the largest head's byte count
-    mean: torch.Tensor  # (H, d) fp32
-    encoder: torch.Tensor  # (H, d, C) fp32
-    decoder: torch.Tensor  # (H, C, d) fp32
-    decoder_rot: torch.Tensor  # rotate_half of the decoder's output columns, so decode re-rotates with a 2nd dot
-    out_mean: torch.Tensor  # (H, d) fp32, added after decoding
-    out_mean_rot: torch.Tensor  # rotate_half(out_mean)
-    byte_rel: torch.Tensor  # (H, C) int32 byte of a component's first bit, from its head's first byte
-    byte_abs: torch.Tensor  # (H, C) int32 same, from the token's first byte
-    shift: torch.Tensor  # (H, C) int32
-    bits: torch.Tensor  # (H, C) int32
-    step: torch.Tensor  # (H, C) fp32 quantizer step of a unit-RMS token (0 where 0 bits)
-    head_start: torch.Tensor  # (H,) int32
-    head_bytes: torch.Tensor  # (H,) int32
-    kept: torch.Tensor  # (H,) fp32 components with bits > 0, at least 1 (the RMS divisor)
+    mean: torch.Tensor  # (L, H, d) fp32
+    encoder: torch.Tensor  # (L, H, d, C) fp32
+    decoder: torch.Tensor  # (L, H, C, d) fp32
+    out_mean: torch.Tensor  # (L, H, d) fp32, added after decoding
+    byte_rel: torch.Tensor  # (L, H, C) int32 byte of a component's first bit, from its head's first byte
+    byte_abs: torch.Tensor  # (L, H, C) int32 same, from the layer's first byte
+    shift: torch.Tensor  # (L, H, C) int32
+    bits: torch.Tensor  # (L, H, C) int32
+    step: torch.Tensor  # (L, H, C) fp32 quantizer step of a unit-RMS token (0 where 0 bits)
+    head_col: torch.Tensor  # (L, H) int32 column of a head's first byte in all layers' codes side by side
+    head_bytes: torch.Tensor  # (L, H) int32
+    layer_nbytes: torch.Tensor  # (L,) int32, `layer_bytes` on the device
+    kept: torch.Tensor  # (L, H) fp32 components with bits > 0, at least 1 (the RMS divisor)
     scale_table: torch.Tensor  # (256,) fp32 code_to_scale of every scale code, exactly as the reference
 
 
-_CACHE: dict[tuple[int, str], tuple[tuple, CodeTables]] = {}
+_CACHE: dict[tuple[tuple[int, ...], str], tuple[tuple, CodeTables]] = {}
 
 
-def _stamp(code: TransformCode) -> tuple:
-    return tuple((id(t), t.data_ptr(), t._version) for t in (getattr(code, f.name) for f in fields(code)))
-
-
-def _build(code: TransformCode, device: torch.device) -> CodeTables:
-    bits = code.bits.to(torch.int64).cpu()
-    heads, comps = bits.shape
-    mean = code.mean.to(device=device, dtype=torch.float32).contiguous()
-    encoder = code.encoder.to(device=device, dtype=torch.float32).contiguous()
-    decoder = code.decoder.to(device=device, dtype=torch.float32).contiguous()
-    dim = mean.shape[-1]
-    if encoder.shape != (heads, dim, comps) or decoder.shape != (heads, comps, dim):
-        shapes = f"encoder {tuple(encoder.shape)}, decoder {tuple(decoder.shape)}, bits {tuple(bits.shape)}"
-        raise ValueError(f"{shapes} do not fit together")
-    if dim & (dim - 1) or comps & (comps - 1) or dim < 16 or comps < 16:
-        raise ValueError(f"kernels need power-of-two head_dim and components >= 16, got {dim} and {comps}")
-    byte, shift = code.layout.offsets
-    head_bytes = (bits.sum(-1) + 7) // 8
-    head_start = torch.cumsum(head_bytes, 0) - head_bytes
-    byte = byte.long()
-
-    def dev(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return t.to(dtype).contiguous().to(device)
-
-    return CodeTables(
-        heads=heads,
-        dim=dim,
-        comps=comps,
-        n_bytes=int(head_bytes.sum()),
-        bytes_pad=next_pow2(int(head_bytes.max()) if heads else 1),
-        mean=mean,
-        encoder=encoder,
-        decoder=decoder,
-        decoder_rot=rotate_half(decoder).contiguous(),
-        out_mean=code.out_mean.to(device=device, dtype=torch.float32).contiguous(),
-        out_mean_rot=rotate_half(code.out_mean.to(device=device, dtype=torch.float32)).contiguous(),
-        byte_rel=dev(byte - head_start[:, None], torch.int32),
-        byte_abs=dev(byte, torch.int32),
-        shift=dev(shift, torch.int32),
-        bits=dev(bits, torch.int32),
-        step=code.component_steps().to(device=device, dtype=torch.float32).contiguous(),
-        head_start=dev(head_start, torch.int32),
-        head_bytes=dev(head_bytes, torch.int32),
-        kept=dev((bits > 0).sum(-1).clamp(min=1), torch.float32),
-        scale_table=code_to_scale(torch.arange(256)).to(device=device, dtype=torch.float32).contiguous(),
+def _stamp(codes: Sequence[TransformCode]) -> tuple:
+    return tuple(
+        (id(t), t.data_ptr(), t._version) for code in codes for t in (getattr(code, f.name) for f in fields(code))
     )
 
 
-def tables(code: TransformCode, device: torch.device) -> CodeTables:
-    """The (cached) kernel tables of `code` on `device`."""
-    key = (id(code), str(device))
-    stamp = _stamp(code)
+def _pad_comps(t: torch.Tensor, comps: int, dim: int) -> torch.Tensor:
+    """Zero-pad dimension `dim` of `t` to `comps` entries."""
+    pad = [0, 0] * (t.ndim - 1 - dim % t.ndim) + [0, comps - t.shape[dim]]
+    return torch.nn.functional.pad(t, pad)
+
+
+def _build(codes: Sequence[TransformCode], device: torch.device) -> CodeTables:
+    heads, dim = codes[0].mean.shape
+    comps = next_pow2(max(code.bits.shape[-1] for code in codes))
+    per_layer: dict[str, list[torch.Tensor]] = {}
+    layer_bytes = []
+    for code in codes:
+        bits = code.bits.to(torch.int64).cpu()
+        c = bits.shape[-1]
+        if code.encoder.shape != (heads, dim, c) or code.decoder.shape != (heads, c, dim):
+            shapes = f"encoder {tuple(code.encoder.shape)}, decoder {tuple(code.decoder.shape)}"
+            raise ValueError(f"{shapes} and bits {tuple(bits.shape)} do not fit a cache of {heads} x {dim}")
+        byte, shift = (t.long() for t in code.layout.offsets)
+        head_bytes = (bits.sum(-1) + 7) // 8
+        head_start = torch.cumsum(head_bytes, 0) - head_bytes
+        parts = {
+            "mean": code.mean.float().cpu(),
+            "encoder": _pad_comps(code.encoder.float().cpu(), comps, -1),
+            "decoder": _pad_comps(code.decoder.float().cpu(), comps, -2),
+            "out_mean": code.out_mean.float().cpu(),
+            # Padding components have 0 bits (and byte_rel 0: their head's first byte, like dropped components).
+            "byte_rel": _pad_comps(byte - head_start[:, None], comps, -1),
+            "byte_abs": _pad_comps(byte, comps, -1),
+            "shift": _pad_comps(shift, comps, -1),
+            "bits": _pad_comps(bits, comps, -1),
+            "step": _pad_comps(code.component_steps().float().cpu(), comps, -1),
+            "head_col": head_start + sum(layer_bytes),
+            "head_bytes": head_bytes,
+            "kept": (bits > 0).sum(-1).clamp(min=1).float(),
+        }
+        for name, t in parts.items():
+            per_layer.setdefault(name, []).append(t)
+        layer_bytes.append(int(head_bytes.sum()))
+    if dim & (dim - 1) or dim < 16:
+        raise ValueError(f"kernels need a power-of-two head_dim >= 16, got {dim}")
+    int_parts = {"byte_rel", "byte_abs", "shift", "bits", "head_col", "head_bytes"}
+    stacked = {
+        name: torch.stack(ts).to(torch.int32 if name in int_parts else torch.float32).contiguous().to(device)
+        for name, ts in per_layer.items()
+    }
+    return CodeTables(
+        layers=len(codes),
+        heads=heads,
+        dim=dim,
+        comps=comps,
+        layer_bytes=layer_bytes,
+        bytes_pad=next_pow2(int(stacked["head_bytes"].max()) if heads else 1),
+        layer_nbytes=torch.tensor(layer_bytes, dtype=torch.int32, device=device),
+        scale_table=code_to_scale(torch.arange(256)).to(device=device, dtype=torch.float32).contiguous(),
+        **stacked,
+    )
+
+
+def tables(codes: Sequence[TransformCode], device: torch.device) -> CodeTables:
+    """The (cached) kernel tables of the layers' `codes` (one kind) on `device`."""
+    key = (tuple(id(code) for code in codes), str(device))
+    stamp = _stamp(codes)
     hit = _CACHE.get(key)
     if hit is not None and hit[0] == stamp:
         return hit[1]
     if hit is None:
-        weakref.finalize(code, _CACHE.pop, key, None)
-    built = _build(code, device)
+        for code in codes:
+            weakref.finalize(code, _CACHE.pop, key, None)
+    built = _build(codes, device)
     _CACHE[key] = (stamp, built)
     return built

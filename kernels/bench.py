@@ -1,10 +1,12 @@
 """Benchmark of the codec kernels on model-shaped synthetic caches: `python -m kernels.bench [--out table.md]`.
 
-Per model shape and context length it times encode and decode over all layers (median of triton's do_bench),
-counts the bytes each must move, and compares the achieved bandwidth with a device-to-device copy measured in the
-same run and the time with the plain-torch reference path. It then puts the decode time of an 8K-token
-Llama-3-8B cache next to 1% of that model's prefill time (random weights; the forward's cost does not depend on
-them). Synthetic operating point: ~4 bits/component (a ~4x smaller cache than bf16), random orthogonal coders.
+Per model shape and context length it times encode and decode of all layers (one launch for all keys, one for all
+values; median of triton's do_bench), counts the bytes each must move, and compares the achieved bandwidth with a
+device-to-device copy measured in the same run and the time with the plain-torch reference path. `decode_layers`
+is what a consumer runs (the library entry: allocation, both launches, 4 exact sink tokens). It then puts that
+time for an 8K-token Llama-3-8B cache next to 1% of that model's prefill time (random weights; the forward's cost
+does not depend on them). Synthetic operating point: ~4 bits/component (a ~4x smaller cache than bf16), random
+orthogonal coders.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import dataclass
 
 import torch
 
@@ -23,14 +24,6 @@ SHAPES = {
 }
 CONTEXTS = (1024, 8192, 32768)
 PREFILL_TOKENS = 8192
-
-
-@dataclass
-class Layer:
-    keys: torch.Tensor
-    values: torch.Tensor
-    key_code: object
-    value_code: object
 
 
 def _coder(heads: int, dim: int, generator: torch.Generator, device: torch.device):
@@ -73,29 +66,27 @@ def _model_rows(name: str, tokens: int, device: torch.device, copy_gbps: float) 
 
     n_layers, heads, dim = SHAPES[name]
     generator = torch.Generator().manual_seed(0)
-    layers = []
-    for _ in range(n_layers):
-        kv = torch.randn(2, 1, heads, tokens, dim, device=device, dtype=torch.bfloat16)
-        layers.append(Layer(kv[0], kv[1], _coder(heads, dim, generator, device), _coder(heads, dim, generator, device)))
+    kv = torch.randn(2, n_layers, 1, heads, tokens, dim, device=device, dtype=torch.bfloat16)
+    keys, values = list(kv[0].unbind(0)), list(kv[1].unbind(0))
+    coders = [(_coder(heads, dim, generator, device), _coder(heads, dim, generator, device)) for _ in range(n_layers)]
     cos, sin = _rope(tokens, dim, device)
     rows = torch.arange(tokens, device=device)
-    encoded = [kernels.encode_rows(x.keys, x.values, cos, sin, rows, x.key_code, x.value_code) for x in layers]
-    codes = [codec.LayerCodes(*e, None, None, None, None) for e in encoded]
-    out = [(torch.empty_like(x.keys), torch.empty_like(x.values)) for x in layers]
+    codes = [
+        codec.LayerCodes(*e, None, None, None, None) for e in kernels.encode_rows(keys, values, cos, sin, rows, coders)
+    ]
+    out = torch.empty_like(kv)
+    out_keys, out_values = list(out[0].unbind(0)), list(out[1].unbind(0))
 
     def run_encode(impl):
-        return lambda: [impl(x.keys, x.values, cos, sin, rows, x.key_code, x.value_code) for x in layers]
+        return lambda: impl(keys, values, cos, sin, rows, coders)
 
     def run_decode(impl):
-        return lambda: [
-            impl(c, cos, sin, rows, x.key_code, x.value_code, o[0], o[1])
-            for c, x, o in zip(codes, layers, out, strict=True)
-        ]
+        return lambda: impl(codes, cos, sin, rows, coders, out_keys, out_values)
 
-    mismatch = _agreement(layers[0], cos, sin, rows, encoded[0], codes[0], out[0])
-    kv_bytes = sum(x.keys.numel() * x.keys.element_size() * 2 for x in layers)
-    code_bytes = sum(sum(t.numel() for t in e) for e in encoded)
-    rope_bytes = n_layers * 2 * cos.numel() * cos.element_size()
+    mismatch = _agreement(keys, values, cos, sin, rows, coders, codes)
+    kv_bytes = kv.numel() * kv.element_size()
+    code_bytes = sum(sum(t.numel() for t in (c.key_codes, c.key_scales, c.value_codes, c.value_scales)) for c in codes)
+    rope_bytes = 2 * cos.numel() * cos.element_size()
     moved = kv_bytes + code_bytes + rope_bytes  # the same count for encode and decode, in opposite directions
     result = []
     for kind, run in (("encode", run_encode), ("decode", run_decode)):
@@ -107,31 +98,46 @@ def _model_rows(name: str, tokens: int, device: torch.device, copy_gbps: float) 
                  copy_frac=gbps / copy_gbps, torch_ms=torch_ms, speedup=torch_ms / kernel_ms, check=mismatch[kind])
         )  # fmt: skip
         print(_table(result[-1:], copy_gbps).splitlines()[-1], file=sys.stderr, flush=True)
+    # What a consumer runs: allocation, both launches and the exact (sink) tokens, through the library's entry.
+    sink = torch.arange(4, device=device)
+    layer_codes = [
+        codec.LayerCodes(*e, None, None, None, None)
+        for e in kernels.encode_rows(keys, values, cos, sin, rows[4:], coders)
+    ]
+    for layer, k, v in zip(layer_codes, keys, values, strict=True):
+        layer.exact_keys, layer.exact_values = codec.flat_rows(k, sink), codec.flat_rows(v, sink)
+    library_ms = _bench(
+        lambda: codec.decode_layers(layer_codes, cos, sin, rows[4:], sink, coders, (1, tokens), torch.bfloat16)
+    )
+    result.append(dict(result[-1], kernel="decode_layers", ms=library_ms, gbps=moved / (library_ms * 1e-3) / 1e9))
+    result[-1]["copy_frac"] = result[-1]["gbps"] / copy_gbps
+    result[-1].update(
+        torch_ms=float("nan"), speedup=float("nan"), check="library entry: allocation, 2 launches, 4 sink tokens"
+    )
     return result
 
 
-def _agreement(layer: Layer, cos, sin, rows, encoded, codes, out) -> dict[str, str]:
-    """Kernel vs torch path on one layer: off-by-one code fractions (encode), max relative error (decode)."""
+def _agreement(keys, values, cos, sin, rows, coders, codes) -> dict[str, str]:
+    """Kernel vs torch path on the first layer: off-by-one code fractions (encode), max relative error (decode)."""
     import kernels
     from hf_scd import codec
 
-    ref = codec.encode_rows(layer.keys, layer.values, cos, sin, rows, layer.key_code, layer.value_code)
+    args = ([keys[0]], [values[0]], cos, sin, rows, coders[:1])
+    (encoded,), (ref,) = kernels.encode_rows(*args), codec.encode_rows(*args)
+    key_code, value_code = coders[0]
     scale_off = sum(float((a != b).float().mean()) for a, b in ((encoded[1], ref[1]), (encoded[3], ref[3]))) / 2
     same = [(a == b).unsqueeze(-1) for a, b in ((encoded[1], ref[1]), (encoded[3], ref[3]))]
     unpacked = [
         (codec.unpack_codes(a, c.layout), codec.unpack_codes(b, c.layout))
-        for a, b, c in ((encoded[0], ref[0], layer.key_code), (encoded[2], ref[2], layer.value_code))
+        for a, b, c in ((encoded[0], ref[0], key_code), (encoded[2], ref[2], value_code))
     ]
     code_off = sum(
         float(((a != b) & m).sum() / (m.sum() * a.shape[-1])) for (a, b), m in zip(unpacked, same, strict=True)
     )
-    kernels.decode_rows(codes, cos, sin, rows, layer.key_code, layer.value_code, out[0], out[1])
-    ref_keys, ref_values = torch.empty_like(out[0]), torch.empty_like(out[1])
-    codec.decode_rows(codes, cos, sin, rows, layer.key_code, layer.value_code, ref_keys, ref_values)
-    err = max(
-        float((a.float() - b.float()).abs().max() / b.float().abs().max())
-        for a, b in ((out[0], ref_keys), (out[1], ref_values))
-    )
+    outputs = torch.empty(2, 2, *keys[0].shape, dtype=keys[0].dtype, device=keys[0].device)
+    for (out_keys, out_values), impl in zip(outputs, (kernels, codec), strict=True):
+        impl.decode_rows(codes[:1], cos, sin, rows, coders[:1], [out_keys], [out_values])
+    err = max(float((a.float() - b.float()).abs().max() / b.float().abs().max()) for a, b in zip(*outputs, strict=True))
     return {"encode": f"scales {scale_off:.1e}, codes {code_off / 2:.1e}", "decode": f"max rel err {err:.1e}"}
 
 
@@ -211,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             if not llama:
                 llama = _model_rows("Llama-3-8B", PREFILL_TOKENS, device, copy_gbps)
                 torch.cuda.empty_cache()
-            decode_ms = next(r["ms"] for r in llama if r["kernel"] == "decode")
+            decode_ms = next(r["ms"] for r in llama if r["kernel"] == "decode_layers")
             prefill = _prefill_ms(device)
             text += (
                 f"\n\nLlama-3-8B, 8K tokens: decode of the whole cache {decode_ms:.2f} ms vs prefill {prefill:.0f} ms "

@@ -1,118 +1,171 @@
 """Fused decode kernel: gather each component's bytes -> extract code -> dequantize -> decoder dot -> + mean ->
-re-rotate keys -> store into the output cache rows, one pass per (block of tokens, head)."""
+re-rotate keys -> store into the output cache rows, one pass per (block of tokens, head, layer), and one launch for
+every layer of a cache."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-from hf_scd.codec import LayerCodes, TransformCode
-from kernels._launch import autotuned, launch
-from kernels._tables import PRECISION, tables
+from hf_scd.codec import CoderPair, LayerCodes, TransformCode
+from kernels._launch import KernelLaunch, autotuned, cache_tables, layer_pointers
+from kernels._rotary import load_rotary
+from kernels._tables import PRECISION
+
+
+@triton.jit
+def _reconstruct(unit, dec_ptr, mean_ptr, c, d, D: tl.constexpr, PRECISION: tl.constexpr):
+    """Output columns d of unit @ decoder + mean."""
+    x = tl.dot(unit, tl.load(dec_ptr + c[:, None] * D + d[None, :]), input_precision=PRECISION)
+    return x + tl.load(mean_ptr + d)[None, :]
 
 
 @triton.jit
 def _decode_kernel(
-    codes_ptr, scales_ptr, rows_ptr, cos_ptr, sin_ptr,
-    dec_ptr, dec_rot_ptr, mean_ptr, mean_rot_ptr,
-    byte_ptr, shift_ptr, bits_ptr, step_ptr, scale_table_ptr,
-    out_ptr,
-    N, seq, H, n_bytes,
-    sct, scb, sst, ssh, sob, soh, sos, sod, scr, scd, ssr, ssd,
-    ROTARY: tl.constexpr, D: tl.constexpr, C: tl.constexpr, BD: tl.constexpr, BLOCK_T: tl.constexpr,
-    PRECISION: tl.constexpr,
+    codes_ptr, codes_off_ptr, scales_ptr, scales_off_ptr, rows_ptr, cos_ptr, sin_ptr,
+    dec_ptr, mean_ptr, byte_ptr, shift_ptr, bits_ptr, step_ptr, nbytes_ptr, scale_table_ptr,
+    out_ptr, out_off_ptr,
+    N, seq, H,
+    sct, sst, sob, soh, sos, scr, ssr,
+    ROTARY: tl.constexpr, D: tl.constexpr, C: tl.constexpr, BD: tl.constexpr, OUT_ALIGN: tl.constexpr,
+    BLOCK_T: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     pid_t = tl.program_id(0)
     h = tl.program_id(1)
+    layer = tl.program_id(2)
+    lh = layer * H + h
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     tmask = t < N
     t64 = t.to(tl.int64)
     c = tl.arange(0, C)
 
     # Unpack: a code spans byte_c and, when shift + bits > 8, byte_c + 1.
-    byte = tl.load(byte_ptr + h * C + c)
-    shift = tl.load(shift_ptr + h * C + c)
-    bits = tl.load(bits_ptr + h * C + c)
+    byte = tl.load(byte_ptr + lh * C + c)
+    shift = tl.load(shift_ptr + lh * C + c)
+    bits = tl.load(bits_ptr + lh * C + c)
     kept = bits > 0
     m_lo = tmask[:, None] & kept[None, :]
-    m_hi = m_lo & ((shift + bits > 8) & (byte + 1 < n_bytes))[None, :]
-    src = codes_ptr + t64[:, None] * sct + byte[None, :] * scb
+    m_hi = m_lo & ((shift + bits > 8) & (byte + 1 < tl.load(nbytes_ptr + layer)))[None, :]
+    src = codes_ptr + tl.load(codes_off_ptr + layer) + t64[:, None] * sct + byte[None, :]
     word = tl.load(src, mask=m_lo, other=0).to(tl.int32)
-    word = word | (tl.load(src + scb, mask=m_hi, other=0).to(tl.int32) << 8)
+    word = word | (tl.load(src + 1, mask=m_hi, other=0).to(tl.int32) << 8)
     q = (word >> shift[None, :]) & ((1 << bits) - 1)[None, :]
 
     # Dequantize: (code - levels/2 + 0.5) * step * scale, 0 where the component has no bits.
-    scode = tl.load(scales_ptr + t64 * sst + h * ssh, mask=tmask, other=0).to(tl.int32)
-    step = tl.load(step_ptr + h * C + c)[None, :] * tl.load(scale_table_ptr + scode)[:, None]
+    scales_layer = scales_ptr + tl.load(scales_off_ptr + layer)
+    scode = tl.load(scales_layer + t64 * sst + h, mask=tmask, other=0).to(tl.int32)
+    step = tl.load(step_ptr + lh * C + c)[None, :] * tl.load(scale_table_ptr + scode)[:, None]
     levels = (1 << bits).to(tl.float32)[None, :]
     unit = tl.where(kept[None, :], (q.to(tl.float32) - levels * 0.5 + 0.5) * step, 0.0)
 
     row = tl.load(rows_ptr + t, mask=tmask, other=0).to(tl.int64)
     b = row // seq
     s = row - b * seq
-    base = b * sob + h * soh + s * sos
-    for k in tl.static_range(0, D, BD):
-        d = k + tl.arange(0, BD)
-        w = h * C * D + c[:, None] * D + d[None, :]
-        x = tl.dot(unit, tl.load(dec_ptr + w), input_precision=PRECISION) + tl.load(mean_ptr + h * D + d)[None, :]
-        if ROTARY:
-            # apply_rotary: x*cos + rotate_half(x)*sin, rotate_half(x) = unit @ rotate_half(dec) + rotate_half(mean).
-            xr = tl.dot(unit, tl.load(dec_rot_ptr + w), input_precision=PRECISION)
-            xr = xr + tl.load(mean_rot_ptr + h * D + d)[None, :]
-            cs = tl.load(cos_ptr + row[:, None] * scr + d[None, :] * scd, mask=tmask[:, None], other=0.0)
-            sn = tl.load(sin_ptr + row[:, None] * ssr + d[None, :] * ssd, mask=tmask[:, None], other=0.0)
-            x = x * cs.to(tl.float32) + xr * sn.to(tl.float32)
-        dst = out_ptr + base[:, None] + d[None, :] * sod
-        tl.store(dst, x.to(out_ptr.dtype.element_ty), mask=tmask[:, None])
+    out_layer = out_ptr + tl.multiple_of(tl.load(out_off_ptr + layer), OUT_ALIGN)
+    dst = out_layer + (b * sob + h * soh + s * sos)[:, None]
+    dec_ptr += lh * C * D
+    mean_ptr += lh * D
+    if ROTARY:
+        # apply_rotary: x*cos + rotate_half(x)*sin, where rotate_half(x) = (-x_hi, x_lo): each chunk's two halves
+        # are reconstructed once each and rotated against each other.
+        for k in tl.static_range(0, D // 2, BD):
+            lo = k + tl.arange(0, BD)
+            hi = lo + D // 2
+            x_lo = _reconstruct(unit, dec_ptr, mean_ptr, c, lo, D, PRECISION)
+            x_hi = _reconstruct(unit, dec_ptr, mean_ptr, c, hi, D, PRECISION)
+            c_lo, c_hi, s_lo, s_hi = load_rotary(cos_ptr, sin_ptr, row, scr, ssr, lo, hi, tmask)
+            out_lo = x_lo * c_lo - x_hi * s_lo
+            out_hi = x_hi * c_hi + x_lo * s_hi
+            tl.store(dst + lo[None, :], out_lo.to(out_ptr.dtype.element_ty), mask=tmask[:, None])
+            tl.store(dst + hi[None, :], out_hi.to(out_ptr.dtype.element_ty), mask=tmask[:, None])
+    else:
+        for k in tl.static_range(0, D, BD):
+            d = k + tl.arange(0, BD)
+            x = _reconstruct(unit, dec_ptr, mean_ptr, c, d, D, PRECISION)
+            tl.store(dst + d[None, :], x.to(out_ptr.dtype.element_ty), mask=tmask[:, None])
 
 
 _decode_tuned = autotuned(_decode_kernel, key=["D", "C", "ROTARY"])
 
 
-def decode_tensor(
-    codes: torch.Tensor,
-    scales: torch.Tensor,
+def decode_launches(
+    codes: Sequence[torch.Tensor],
+    scales: Sequence[torch.Tensor],
     cos: torch.Tensor,
     sin: torch.Tensor,
     rows: torch.Tensor,
-    code: TransformCode,
-    out: torch.Tensor,
+    coders: Sequence[TransformCode],
+    outs: Sequence[torch.Tensor],
     rotary: bool,
-) -> None:
-    """Decode packed codes (N, bytes) and scale codes (N, H) into tokens `rows` of `out` (batch, H, seq, d)."""
-    tab = tables(code, out.device)
-    batch, heads, seq, dim = out.shape
-    if (heads, dim) != (tab.heads, tab.dim):
-        raise ValueError(f"output has {heads} heads of dim {dim}, the code expects {tab.heads} x {tab.dim}")
-    rows = rows.to(device=out.device, dtype=torch.int64).contiguous()
+) -> list[KernelLaunch]:
+    """The launches decoding every layer's packed codes (N, bytes) and scale codes (N, H) of one kind into tokens
+    `rows` of its output (batch, H, seq, d): one for all layers; one a layer where the layers' codes, scales or
+    outputs differ in strides or dtype; none for no rows."""
+    if not codes:
+        return []
+    codes = [t if t.stride(-1) == 1 else t.contiguous() for t in codes]
+    scales = [t if t.stride(-1) == 1 else t.contiguous() for t in scales]
+    if any(out.stride(-1) != 1 for out in outs):
+        raise ValueError("decode outputs must be contiguous in head_dim, as attention reads them")
+    pointers = [layer_pointers(group) for group in (codes, scales, outs)]
+    if None in pointers:
+        apart = zip(codes, scales, coders, outs, strict=True)
+        return [
+            run
+            for packed, scale, coder, out in apart
+            for run in decode_launches([packed], [scale], cos, sin, rows, [coder], [out], rotary)
+        ]
+    code_ptrs, scale_ptrs, out_ptrs = pointers
+    tab, (batch, heads, seq, dim), rows = cache_tables(outs, coders, rows)
     n = rows.numel()
-    if codes.shape != (n, tab.n_bytes) or scales.shape != (n, heads):
-        raise ValueError(f"codes {tuple(codes.shape)} / scales {tuple(scales.shape)} do not match {n} rows")
+    for index, (packed, scale) in enumerate(zip(codes, scales, strict=True)):
+        if packed.shape != (n, tab.layer_bytes[index]) or scale.shape != (n, heads):
+            raise ValueError(f"layer {index}: codes {tuple(packed.shape)} / scales {tuple(scale.shape)} do not match")
     if n == 0 or heads == 0:
-        return
+        return []
+    cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (cos, sin))
     args = (
-        codes, scales, rows, cos, sin,
-        tab.decoder, tab.decoder_rot, tab.out_mean, tab.out_mean_rot,
-        tab.byte_abs, tab.shift, tab.bits, tab.step, tab.scale_table,
-        out,
-        n, seq, heads, tab.n_bytes,
-        *codes.stride(), *scales.stride(), *out.stride(), *cos.stride(), *sin.stride(),
+        code_ptrs.base, code_ptrs.offsets, scale_ptrs.base, scale_ptrs.offsets, rows, cos, sin,
+        tab.decoder, tab.out_mean, tab.byte_abs, tab.shift, tab.bits, tab.step, tab.layer_nbytes, tab.scale_table,
+        out_ptrs.base, out_ptrs.offsets,
+        n, seq, heads,
+        code_ptrs.base.stride(0), scale_ptrs.base.stride(0), *out_ptrs.base.stride()[:3],
+        cos.stride(0), sin.stride(0),
     )  # fmt: skip
-    meta = dict(ROTARY=rotary, D=dim, C=tab.comps, BD=min(dim, 64), PRECISION=PRECISION)
-    launch(_decode_kernel, _decode_tuned, n, heads, args, meta)
+    meta = dict(
+        ROTARY=rotary, D=dim, C=tab.comps, BD=min(dim // 2 if rotary else dim, 64), OUT_ALIGN=out_ptrs.align,
+        PRECISION=PRECISION,
+    )  # fmt: skip
+    return [KernelLaunch(_decode_kernel, _decode_tuned, n, heads, tab.layers, args, meta)]
 
 
 def decode_rows(
-    codes: LayerCodes,
+    codes: Sequence[LayerCodes],
     cos: torch.Tensor,
     sin: torch.Tensor,
     rows: torch.Tensor,
-    key_code: TransformCode,
-    value_code: TransformCode,
-    out_keys: torch.Tensor,
-    out_values: torch.Tensor,
+    coders: Sequence[CoderPair],
+    out_keys: Sequence[torch.Tensor],
+    out_values: Sequence[torch.Tensor],
 ) -> None:
-    """Kernel version of `hf_scd.codec.decode_rows` (same arguments, writes in place): one launch for K, one for V."""
-    decode_tensor(codes.key_codes, codes.key_scales, cos, sin, rows, key_code, out_keys, rotary=True)
-    decode_tensor(codes.value_codes, codes.value_scales, cos, sin, rows, value_code, out_values, rotary=False)
+    """Kernel version of `hf_scd.codec.decode_rows` (same arguments, writes in place): one launch for all layers'
+    keys, one for their values."""
+    runs = [
+        run
+        for kind, outs in (("key", out_keys), ("value", out_values))
+        for run in decode_launches(
+            [getattr(layer, f"{kind}_codes") for layer in codes],
+            [getattr(layer, f"{kind}_scales") for layer in codes],
+            cos,
+            sin,
+            rows,
+            [pair[kind == "value"] for pair in coders],
+            outs,
+            rotary=kind == "key",
+        )
+    ]
+    for run in runs:
+        run()

@@ -1,67 +1,84 @@
 """Fused encode kernel: gather rows -> de-rotate keys -> centre -> encoder dot -> RMS -> scale code -> quantize ->
-pack, in one pass per (block of tokens, head). Only the packed codes and scale codes reach global memory."""
+pack, in one pass per (block of tokens, head, layer). Only the packed codes and scale codes reach global memory, and
+one launch codes every layer of a cache."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-from hf_scd.codec import TransformCode
-from kernels._launch import autotuned, launch
-from kernels._tables import PRECISION, tables
+from hf_scd.codec import CoderPair, RowCodes, TransformCode
+from kernels._launch import KernelLaunch, autotuned, cache_tables, layer_pointers
+from kernels._rotary import load_rotary
+from kernels._tables import PRECISION
+
+
+@triton.jit
+def _project(unit, x, mean_ptr, enc_ptr, d, c, C: tl.constexpr, PRECISION: tl.constexpr):
+    """unit += (x - mean[d]) @ encoder[d, :] for the input columns d of x."""
+    x = x - tl.load(mean_ptr + d)[None, :]
+    return tl.dot(x, tl.load(enc_ptr + d[:, None] * C + c[None, :]), unit, input_precision=PRECISION)
 
 
 @triton.jit
 def _encode_kernel(
-    x_ptr, cos_ptr, sin_ptr, rows_ptr,
+    x_ptr, x_off_ptr, cos_ptr, sin_ptr, rows_ptr,
     mean_ptr, enc_ptr, byte_ptr, shift_ptr, bits_ptr, step_ptr,
-    head_start_ptr, head_bytes_ptr, kept_ptr, scale_table_ptr,
+    head_col_ptr, head_bytes_ptr, kept_ptr, scale_table_ptr,
     codes_ptr, scales_ptr,
-    N, seq, H, codes_stride,
-    sxb, sxh, sxs, sxd, scr, scd, ssr, ssd,
-    ROTARY: tl.constexpr, D: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-    BYTES_PAD: tl.constexpr, BJ: tl.constexpr, BLOCK_T: tl.constexpr, PRECISION: tl.constexpr,
+    N, seq, H, codes_stride, scales_stride,
+    sxb, sxh, sxs, scr, ssr,
+    ROTARY: tl.constexpr, D: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BYTES_PAD: tl.constexpr,
+    BJ: tl.constexpr, X_ALIGN: tl.constexpr, BLOCK_T: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     pid_t = tl.program_id(0)
     h = tl.program_id(1)
+    layer = tl.program_id(2)
+    lh = layer * H + h
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     tmask = t < N
     row = tl.load(rows_ptr + t, mask=tmask, other=0).to(tl.int64)
     b = row // seq
     s = row - b * seq
-    base = b * sxb + h * sxh + s * sxs
+    x_layer = x_ptr + tl.multiple_of(tl.load(x_off_ptr + layer), X_ALIGN)
+    src = x_layer + (b * sxb + h * sxh + s * sxs)[:, None]
     c = tl.arange(0, C)
+    mean_ptr += lh * D
+    enc_ptr += lh * D * C
 
-    # unit = (content - mean) @ encoder[h], accumulated over chunks of BK input columns.
+    # unit = (content - mean) @ encoder[layer, h], accumulated over chunks of BK input columns.
     unit = tl.zeros((BLOCK_T, C), dtype=tl.float32)
-    for k in tl.static_range(0, D, BK):
-        d = k + tl.arange(0, BK)
-        x = tl.load(x_ptr + base[:, None] + d[None, :] * sxd, mask=tmask[:, None], other=0.0).to(tl.float32)
-        if ROTARY:
-            # remove_rotary: (x*cos - rotate_half(x)*sin) / (cos^2 + sin^2); rotate_half via a permuted reload.
-            partner = (d + D // 2) % D
-            xp = tl.load(x_ptr + base[:, None] + partner[None, :] * sxd, mask=tmask[:, None], other=0.0)
-            xp = xp.to(tl.float32)
-            rot = tl.where(d[None, :] < D // 2, -xp, xp)
-            cs = tl.load(cos_ptr + row[:, None] * scr + d[None, :] * scd, mask=tmask[:, None], other=1.0)
-            sn = tl.load(sin_ptr + row[:, None] * ssr + d[None, :] * ssd, mask=tmask[:, None], other=0.0)
-            cs = cs.to(tl.float32)
-            sn = sn.to(tl.float32)
-            x = tl.math.div_rn(x * cs - rot * sn, cs * cs + sn * sn)
-        x = x - tl.load(mean_ptr + h * D + d)[None, :]
-        enc = tl.load(enc_ptr + h * D * C + d[:, None] * C + c[None, :])
-        unit = tl.dot(x, enc, unit, input_precision=PRECISION)
+    if ROTARY:
+        # remove_rotary: (x*cos - rotate_half(x)*sin) / (cos^2 + sin^2), where rotate_half(x) = (-x_hi, x_lo): the
+        # two halves of each chunk are loaded once each and de-rotated against each other.
+        for k in tl.static_range(0, D // 2, BK):
+            lo = k + tl.arange(0, BK)
+            hi = lo + D // 2
+            x_lo = tl.load(src + lo[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
+            x_hi = tl.load(src + hi[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
+            c_lo, c_hi, s_lo, s_hi = load_rotary(cos_ptr, sin_ptr, row, scr, ssr, lo, hi, tmask)
+            content_lo = tl.math.div_rn(x_lo * c_lo + x_hi * s_lo, c_lo * c_lo + s_lo * s_lo)
+            content_hi = tl.math.div_rn(x_hi * c_hi - x_lo * s_hi, c_hi * c_hi + s_hi * s_hi)
+            unit = _project(unit, content_lo, mean_ptr, enc_ptr, lo, c, C, PRECISION)
+            unit = _project(unit, content_hi, mean_ptr, enc_ptr, hi, c, C, PRECISION)
+    else:
+        for k in tl.static_range(0, D, BK):
+            d = k + tl.arange(0, BK)
+            x = tl.load(src + d[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
+            unit = _project(unit, x, mean_ptr, enc_ptr, d, c, C, PRECISION)
 
     # Per token-head RMS over kept components -> log scale code -> per-component step.
-    bits = tl.load(bits_ptr + h * C + c)
+    bits = tl.load(bits_ptr + lh * C + c)
     kept = (bits > 0)[None, :]
     power = tl.sum(tl.where(kept, unit * unit, 0.0), axis=1)
-    rms = tl.math.sqrt_rn(tl.math.div_rn(power, tl.load(kept_ptr + h)))
+    rms = tl.math.sqrt_rn(tl.math.div_rn(power, tl.load(kept_ptr + lh)))
     scode = tl.floor(tl.log2(tl.maximum(rms, 0.00390625)) * 16.0 + 0.5) + 128.0
     scode = tl.minimum(tl.maximum(scode, 0.0), 255.0).to(tl.int32)
     scale = tl.load(scale_table_ptr + scode)
-    step = tl.load(step_ptr + h * C + c)[None, :] * scale[:, None]
+    step = tl.load(step_ptr + lh * C + c)[None, :] * scale[:, None]
     levels = (1 << bits).to(tl.float32)[None, :]
     ratio = tl.math.div_rn(unit, tl.where(kept, step, 1.0))
     q = tl.minimum(tl.maximum(tl.floor(ratio) + levels * 0.5, 0.0), levels - 1.0)
@@ -69,69 +86,86 @@ def _encode_kernel(
 
     # Pack: component c adds (q << shift) & 255 to byte byte_c and (q << shift) >> 8 to byte_c + 1. Bits of
     # different components are disjoint, so per-byte sums (< 256, exact in fp16 products / fp32 sums) are ORs.
-    shifted = q << tl.load(shift_ptr + h * C + c)[None, :]
-    lo = (shifted & 255).to(tl.float16)
-    hi = (shifted >> 8).to(tl.float16)
-    byte = tl.load(byte_ptr + h * C + c)
-    head_bytes = tl.load(head_bytes_ptr + h)
-    out = codes_ptr + t.to(tl.int64)[:, None] * codes_stride + tl.load(head_start_ptr + h)
+    shifted = q << tl.load(shift_ptr + lh * C + c)[None, :]
+    lo_bytes = (shifted & 255).to(tl.float16)
+    hi_bytes = (shifted >> 8).to(tl.float16)
+    byte = tl.load(byte_ptr + lh * C + c)
+    head_bytes = tl.load(head_bytes_ptr + lh)
+    out = codes_ptr + t.to(tl.int64)[:, None] * codes_stride + tl.load(head_col_ptr + lh)
     for j0 in tl.static_range(0, BYTES_PAD, BJ):
         j = j0 + tl.arange(0, BJ)
         onehot_lo = (byte[:, None] == j[None, :]).to(tl.float16)
         onehot_hi = (byte[:, None] + 1 == j[None, :]).to(tl.float16)
-        packed = tl.dot(lo, onehot_lo)
-        packed = tl.dot(hi, onehot_hi, packed)
+        packed = tl.dot(lo_bytes, onehot_lo)
+        packed = tl.dot(hi_bytes, onehot_hi, packed)
         tl.store(out + j[None, :], packed.to(tl.int32).to(tl.uint8), mask=tmask[:, None] & (j[None, :] < head_bytes))
-    tl.store(scales_ptr + t.to(tl.int64) * H + h, scode.to(tl.uint8), mask=tmask)
+    tl.store(scales_ptr + t.to(tl.int64) * scales_stride + lh, scode.to(tl.uint8), mask=tmask)
 
 
 _encode_tuned = autotuned(_encode_kernel, key=["D", "C", "ROTARY", "BYTES_PAD"])
 
 
-def _block_k(dim: int) -> int:
-    return min(dim, 64)
-
-
-def encode_tensor(
-    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor, code: TransformCode, rotary: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Code tokens `rows` of one cache tensor (batch, H, seq, d): packed codes (N, bytes) and scale codes (N, H)."""
-    tab = tables(code, x.device)
-    batch, heads, seq, dim = x.shape
-    if (heads, dim) != (tab.heads, tab.dim):
-        raise ValueError(f"cache has {heads} heads of dim {dim}, the code expects {tab.heads} x {tab.dim}")
-    rows = rows.to(device=x.device, dtype=torch.int64).contiguous()
-    n = rows.numel()
-    codes = torch.empty(n, tab.n_bytes, dtype=torch.uint8, device=x.device)
-    scales = torch.empty(n, heads, dtype=torch.uint8, device=x.device)
-    if n == 0 or heads == 0:
-        return codes, scales
-    args = (
-        x, cos, sin, rows,
-        tab.mean, tab.encoder, tab.byte_rel, tab.shift, tab.bits, tab.step,
-        tab.head_start, tab.head_bytes, tab.kept, tab.scale_table,
-        codes, scales,
-        n, seq, heads, codes.stride(0),
-        *x.stride(), *cos.stride(), *sin.stride(),
-    )  # fmt: skip
-    meta = dict(
-        ROTARY=rotary, D=dim, C=tab.comps, BK=_block_k(dim), BYTES_PAD=tab.bytes_pad,
-        BJ=min(tab.bytes_pad, 64), PRECISION=PRECISION,
-    )  # fmt: skip
-    launch(_encode_kernel, _encode_tuned, n, heads, args, meta)
-    return codes, scales
-
-
-def encode_rows(
-    keys: torch.Tensor,
-    values: torch.Tensor,
+def encode_launches(
+    xs: Sequence[torch.Tensor],
     cos: torch.Tensor,
     sin: torch.Tensor,
     rows: torch.Tensor,
-    key_code: TransformCode,
-    value_code: TransformCode,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Kernel version of `hf_scd.codec.encode_rows` (same arguments and results): one launch for K, one for V."""
-    key_codes, key_scales = encode_tensor(keys, cos, sin, rows, key_code, rotary=True)
-    value_codes, value_scales = encode_tensor(values, cos, sin, rows, value_code, rotary=False)
-    return key_codes, key_scales, value_codes, value_scales
+    codes: Sequence[TransformCode],
+    rotary: bool,
+) -> tuple[list[KernelLaunch], list[torch.Tensor], list[torch.Tensor]]:
+    """The launches coding tokens `rows` of every layer's cache tensor of one kind (batch, H, seq, d), and per layer
+    the packed codes (N, bytes) and scale codes (N, H) they fill.
+
+    One launch for all layers, whose outputs are views of one (N, all layers' bytes) and one (N, L, H) tensor; one
+    a layer where the layers' tensors differ in strides or dtype; none for no rows.
+    """
+    if not xs:
+        return [], [], []
+    xs = [x if x.stride(-1) == 1 else x.contiguous() for x in xs]
+    pointers = layer_pointers(xs)
+    if pointers is None:
+        apart = [encode_launches([x], cos, sin, rows, [code], rotary) for x, code in zip(xs, codes, strict=True)]
+        return (
+            [run for part in apart for run in part[0]],
+            [part[1][0] for part in apart],
+            [part[2][0] for part in apart],
+        )
+    tab, (batch, heads, seq, dim), rows = cache_tables(xs, codes, rows)
+    device = rows.device
+    cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (cos, sin))
+    n = rows.numel()
+    packed = torch.empty(n, sum(tab.layer_bytes), dtype=torch.uint8, device=device)
+    scales = torch.empty(n, tab.layers, heads, dtype=torch.uint8, device=device)
+    outputs = list(packed.split(tab.layer_bytes, 1)), list(scales.unbind(1))
+    if n == 0 or heads == 0:
+        return [], *outputs
+    args = (
+        pointers.base, pointers.offsets, cos, sin, rows,
+        tab.mean, tab.encoder, tab.byte_rel, tab.shift, tab.bits, tab.step,
+        tab.head_col, tab.head_bytes, tab.kept, tab.scale_table,
+        packed, scales,
+        n, seq, heads, packed.stride(0), scales.stride(0),
+        *pointers.base.stride()[:3], cos.stride(0), sin.stride(0),
+    )  # fmt: skip
+    meta = dict(
+        ROTARY=rotary, D=dim, C=tab.comps, BK=min(dim // 2 if rotary else dim, 64), BYTES_PAD=tab.bytes_pad,
+        BJ=min(tab.bytes_pad, 64), X_ALIGN=pointers.align, PRECISION=PRECISION,
+    )  # fmt: skip
+    return [KernelLaunch(_encode_kernel, _encode_tuned, n, heads, tab.layers, args, meta)], *outputs
+
+
+def encode_rows(
+    keys: Sequence[torch.Tensor],
+    values: Sequence[torch.Tensor],
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    rows: torch.Tensor,
+    coders: Sequence[CoderPair],
+) -> list[RowCodes]:
+    """Kernel version of `hf_scd.codec.encode_rows` (same arguments and results): one launch for all layers' keys,
+    one for their values."""
+    key_runs, key_codes, key_scales = encode_launches(keys, cos, sin, rows, [pair[0] for pair in coders], True)
+    value_runs, value_codes, value_scales = encode_launches(values, cos, sin, rows, [pair[1] for pair in coders], False)
+    for run in key_runs + value_runs:
+        run()
+    return list(zip(key_codes, key_scales, value_codes, value_scales, strict=True))

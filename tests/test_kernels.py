@@ -32,19 +32,20 @@ DECODE_ATOL = 1e-5  # float32 outputs: max |kernel - reference| / max |reference
 STEPS = torch.tensor([0.0] + [6.0 / 2**b for b in range(1, 9)])  # covers +-3 token RMS
 
 CASES = [
-    # batch, seq, heads, dim, coded rows, cache dtype
-    pytest.param(2, 23, 3, 64, 37, torch.bfloat16, id="N37-H3-d64-bf16"),
-    pytest.param(1, 9, 2, 128, 5, torch.float32, id="N5-H2-d128-fp32"),
-    pytest.param(3, 7, 1, 256, 17, torch.float16, id="N17-H1-d256-fp16"),
+    # batch, seq, heads, dim, coded rows, cache dtype, layers
+    pytest.param(2, 23, 3, 64, 37, torch.bfloat16, 3, id="N37-H3-d64-bf16-L3"),
+    pytest.param(1, 9, 2, 128, 5, torch.float32, 2, id="N5-H2-d128-fp32-L2"),
+    pytest.param(3, 7, 1, 256, 17, torch.float16, 1, id="N17-H1-d256-fp16-L1"),
 ]
 
 
-def _coder(heads: int, dim: int, generator: torch.Generator, zero_head: bool) -> codec.TransformCode:
-    """Random well-conditioned encoder, decoder its inverse, random 0..8-bit allocation, nonzero mean."""
-    q = torch.linalg.qr(torch.randn(heads, dim, dim, generator=generator, dtype=torch.float64))[0]
-    encoder = q * torch.linspace(3.0, 0.5, dim, dtype=torch.float64)  # column c scaled: unit-ish coefficients
-    decoder = torch.linalg.inv(encoder)
-    bits = torch.randint(0, 9, (heads, dim), generator=generator).to(torch.uint8)
+def _coder(heads: int, dim: int, generator: torch.Generator, zero_head: bool, comps: int) -> codec.TransformCode:
+    """Random well-conditioned encoder to `comps` coefficients, decoder its (pseudo-)inverse, random 0..8-bit
+    allocation, nonzero mean."""
+    q = torch.linalg.qr(torch.randn(heads, dim, dim, generator=generator, dtype=torch.float64))[0][..., :comps]
+    encoder = q * torch.linspace(3.0, 0.5, comps, dtype=torch.float64)  # column c scaled: unit-ish coefficients
+    decoder = torch.linalg.pinv(encoder)
+    bits = torch.randint(0, 9, (heads, comps), generator=generator).to(torch.uint8)
     if zero_head:
         bits[-1] = 0  # the last head keeps nothing: its dropped components point one byte past the end
     mean = torch.randn(heads, dim, generator=generator) * 0.3
@@ -66,15 +67,17 @@ def _cache(batch: int, heads: int, seq: int, dim: int, dtype: torch.dtype, gener
     return x.to(dtype).to(DEVICE).transpose(1, 2)
 
 
-def _setup(batch, seq, heads, dim, n_rows, dtype, seed):
+def _setup(batch, seq, heads, dim, n_rows, dtype, layers, seed):
+    """Per layer keys and values, and (key, value) coders; the last of several layers codes only half the
+    components (its tables are padded to the others' width)."""
     generator = torch.Generator().manual_seed(seed)
-    key_code = _coder(heads, dim, generator, zero_head=heads > 1)
-    value_code = _coder(heads, dim, generator, zero_head=False)
-    keys = _cache(batch, heads, seq, dim, dtype, generator)
-    values = _cache(batch, heads, seq, dim, dtype, generator)
+    comps = [dim // 2 if layers > 1 and layer == layers - 1 else dim for layer in range(layers)]
+    coders = [(_coder(heads, dim, generator, heads > 1, c), _coder(heads, dim, generator, False, c)) for c in comps]
+    keys = [_cache(batch, heads, seq, dim, dtype, generator) for _ in range(layers)]
+    values = [_cache(batch, heads, seq, dim, dtype, generator) for _ in range(layers)]
     cos, sin = _rope(batch, seq, dim, generator)
     rows = torch.randperm(batch * seq, generator=generator)[:n_rows].to(DEVICE)
-    return keys, values, cos, sin, rows, key_code, value_code
+    return keys, values, cos, sin, rows, coders
 
 
 def _check_codes(got_codes, got_scales, ref_codes, ref_scales, code: codec.TransformCode) -> float:
@@ -96,31 +99,38 @@ def _check_codes(got_codes, got_scales, ref_codes, ref_scales, code: codec.Trans
     return mismatch
 
 
-@pytest.mark.parametrize(("batch", "seq", "heads", "dim", "n_rows", "dtype"), CASES)
-def test_encode_matches_reference(batch, seq, heads, dim, n_rows, dtype):
-    keys, values, cos, sin, rows, key_code, value_code = _setup(batch, seq, heads, dim, n_rows, dtype, seed=dim)
-    got = encode_rows(keys, values, cos, sin, rows, key_code, value_code)
-    ref = codec.encode_rows(keys, values, cos, sin, rows, key_code, value_code)
-    key_mismatch = _check_codes(got[0], got[1], ref[0], ref[1], key_code)
-    value_mismatch = _check_codes(got[2], got[3], ref[2], ref[3], value_code)
-    print(f"code mismatch fraction: keys {key_mismatch:.2e}, values {value_mismatch:.2e}")
-    if heads > 1:  # heads with no bits get scale code 0 (RMS 0, clamped to 2^-8) in both
-        assert (got[1][:, -1] == 0).all() and (ref[1][:, -1] == 0).all()
+PARAMS = ("batch", "seq", "heads", "dim", "n_rows", "dtype", "layers")
 
 
-@pytest.mark.parametrize(("batch", "seq", "heads", "dim", "n_rows", "dtype"), CASES)
-def test_decode_matches_reference_and_writes_only_rows(batch, seq, heads, dim, n_rows, dtype):
-    keys, values, cos, sin, rows, key_code, value_code = _setup(batch, seq, heads, dim, n_rows, dtype, seed=dim + 1)
-    codes = codec.LayerCodes(
-        *codec.encode_rows(keys, values, cos, sin, rows, key_code, value_code), None, None, None, None
-    )
-    poison = torch.full((batch, heads, seq, dim), float("nan"), dtype=dtype, device=DEVICE)
-    got_keys, got_values, ref_keys, ref_values = (poison.clone() for _ in range(4))
-    decode_rows(codes, cos, sin, rows, key_code, value_code, got_keys, got_values)
-    codec.decode_rows(codes, cos, sin, rows, key_code, value_code, ref_keys, ref_values)
+@pytest.mark.parametrize(PARAMS, CASES)
+def test_encode_matches_reference(batch, seq, heads, dim, n_rows, dtype, layers):
+    keys, values, cos, sin, rows, coders = _setup(batch, seq, heads, dim, n_rows, dtype, layers, seed=dim)
+    got = encode_rows(keys, values, cos, sin, rows, coders)
+    ref = codec.encode_rows(keys, values, cos, sin, rows, coders)
+    assert len(got) == layers
+    for got_layer, ref_layer, (key_code, value_code) in zip(got, ref, coders, strict=True):
+        key_mismatch = _check_codes(got_layer[0], got_layer[1], ref_layer[0], ref_layer[1], key_code)
+        value_mismatch = _check_codes(got_layer[2], got_layer[3], ref_layer[2], ref_layer[3], value_code)
+        print(f"code mismatch fraction: keys {key_mismatch:.2e}, values {value_mismatch:.2e}")
+        if heads > 1:  # heads with no bits get scale code 0 (RMS 0, clamped to 2^-8) in both
+            assert (got_layer[1][:, -1] == 0).all() and (ref_layer[1][:, -1] == 0).all()
+
+
+def _layer_codes(encoded: list[codec.RowCodes]) -> list[codec.LayerCodes]:
+    return [codec.LayerCodes(*layer, None, None, None, None) for layer in encoded]
+
+
+@pytest.mark.parametrize(PARAMS, CASES)
+def test_decode_matches_reference_and_writes_only_rows(batch, seq, heads, dim, n_rows, dtype, layers):
+    keys, values, cos, sin, rows, coders = _setup(batch, seq, heads, dim, n_rows, dtype, layers, seed=dim + 1)
+    codes = _layer_codes(codec.encode_rows(keys, values, cos, sin, rows, coders))
+    poison = torch.full((2, 2, layers, batch, heads, seq, dim), float("nan"), dtype=dtype, device=DEVICE)
+    (got_keys, got_values), (ref_keys, ref_values) = poison.unbind(0)
+    decode_rows(codes, cos, sin, rows, coders, got_keys.unbind(0), got_values.unbind(0))
+    codec.decode_rows(codes, cos, sin, rows, coders, ref_keys.unbind(0), ref_values.unbind(0))
     written = torch.zeros(batch * seq, dtype=torch.bool, device=DEVICE)
     written[rows] = True
-    written = written.view(batch, 1, seq, 1).expand_as(poison)
+    written = written.view(1, batch, 1, seq, 1).expand_as(got_keys)
     for got, ref in ((got_keys, ref_keys), (got_values, ref_values)):
         assert got[written].isfinite().all() and got[~written].isnan().all()
         got, ref = got[written].float(), ref[written].float()
@@ -131,32 +141,51 @@ def test_decode_matches_reference_and_writes_only_rows(batch, seq, heads, dim, n
             assert (err <= ref.abs() * torch.finfo(dtype).eps + 1e-6).all()
 
 
+def test_layers_in_separate_allocations_match_one_launch():
+    """Layers whose tensors do not share strides (a launch each) give the same codes and outputs as one launch."""
+    keys, values, cos, sin, rows, coders = _setup(1, 13, 2, 64, 11, torch.bfloat16, 2, seed=7)
+    contiguous_keys = [keys[0].contiguous(), keys[1]]  # strides now differ between the layers
+    together, apart = (
+        encode_rows(keys, values, cos, sin, rows, coders),
+        encode_rows(contiguous_keys, values, cos, sin, rows, coders),
+    )
+    for a, b in zip(together, apart, strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    codes = _layer_codes(together)
+    out = torch.zeros(2, 2, 1, 2, 13, 64, dtype=torch.bfloat16, device=DEVICE)
+    decode_rows(codes, cos, sin, rows, coders, out[0].unbind(0), out[1].unbind(0))
+    separate = [torch.zeros(1, 2, 13, 64, dtype=torch.bfloat16, device=DEVICE) for _ in range(3)]
+    separate.append(torch.zeros(1, 13, 2, 64, dtype=torch.bfloat16, device=DEVICE).transpose(1, 2))
+    decode_rows(codes, cos, sin, rows, coders, separate[:2], separate[2:])
+    assert all(torch.equal(a, b) for a, b in zip(out.reshape(4, 1, 2, 13, 64), separate, strict=True))
+
+
 def test_empty_rows_and_available():
-    keys, values, cos, sin, _, key_code, value_code = _setup(1, 5, 2, 64, 0, torch.bfloat16, seed=3)
+    keys, values, cos, sin, _, coders = _setup(1, 5, 2, 64, 0, torch.bfloat16, 2, seed=3)
     rows = torch.zeros(0, dtype=torch.int64, device=DEVICE)
-    key_codes, key_scales, value_codes, value_scales = encode_rows(keys, values, cos, sin, rows, key_code, value_code)
-    assert key_codes.shape == (0, key_code.layout.bytes_per_token) and value_scales.shape == (0, 2)
-    out = torch.zeros_like(keys)
-    codes = codec.LayerCodes(key_codes, key_scales, value_codes, value_scales, None, None, None, None)
-    decode_rows(codes, cos, sin, rows, key_code, value_code, out, out.clone())
-    assert (out == 0).all()
+    encoded = encode_rows(keys, values, cos, sin, rows, coders)
+    for (key_codes, _, _, value_scales), (key_code, _) in zip(encoded, coders, strict=True):
+        assert key_codes.shape == (0, key_code.layout.bytes_per_token) and value_scales.shape == (0, 2)
+    out = [torch.zeros_like(k) for k in keys + values]
+    decode_rows(_layer_codes(encoded), cos, sin, rows, coders, out[:2], out[2:])
+    assert all((o == 0).all() for o in out)
     assert available() == ON_GPU
 
 
 def test_round_trip_through_kernels_alone_matches_reference_round_trip():
     """Encode then decode with the kernels only (all rows, 8 bits): the reconstruction error is the reference's."""
-    keys, values, cos, sin, rows, key_code, value_code = _setup(1, 19, 2, 64, 19, torch.float32, seed=5)
-    for code in (key_code, value_code):
+    keys, values, cos, sin, rows, coders = _setup(1, 19, 2, 64, 19, torch.float32, 1, seed=5)
+    for code in coders[0]:
         code.bits = torch.full_like(code.bits, 8)
     outputs = []
     for encode, decode in ((encode_rows, decode_rows), (codec.encode_rows, codec.decode_rows)):
-        codes = codec.LayerCodes(*encode(keys, values, cos, sin, rows, key_code, value_code), None, None, None, None)
-        out_keys, out_values = torch.empty_like(keys), torch.empty_like(values)
-        decode(codes, cos, sin, rows, key_code, value_code, out_keys, out_values)
+        codes = _layer_codes(encode(keys, values, cos, sin, rows, coders))
+        out_keys, out_values = torch.empty_like(keys[0]), torch.empty_like(values[0])
+        decode(codes, cos, sin, rows, coders, [out_keys], [out_values])
         outputs.append(
             [
                 float((got - ref).pow(2).mean() / ref.pow(2).mean())
-                for got, ref in ((out_keys, keys), (out_values, values))
+                for got, ref in ((out_keys, keys[0]), (out_values, values[0]))
             ]
         )
     (kernel_key, kernel_value), (ref_key, ref_value) = outputs

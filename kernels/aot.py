@@ -1,0 +1,154 @@
+"""Compile the kernels for a GPU without one: `python -m kernels.aot [--arch 90]` prints, per kernel and autotuning
+config, the registers, stack (spills) and shared memory a thread block takes, and the widths of its global loads
+and stores.
+
+Triton's compiler and ptxas need no GPU, so on a CPU machine this shows what a launch on an H100 would run: each
+kernel is compiled with the arguments its real launch builds (Llama-3-8B and SmolLM2 shaped caches, bf16) and the
+specialisation Triton would give them (16-byte aligned pointers and multiples of 16, ones folded in).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from kernels._launch import KernelLaunch
+
+SHAPES = {"Llama-3-8B": (32, 8, 128), "SmolLM2-135M": (30, 3, 64)}  # layers, KV heads, head_dim
+_TYPES = {
+    torch.bfloat16: "bf16",
+    torch.float16: "fp16",
+    torch.float32: "fp32",
+    torch.int32: "i32",
+    torch.int64: "i64",
+    torch.uint8: "u8",
+}
+_ACCESS = re.compile(r"\b(ld|st)\.global(?:\.[a-z]+)*?(?:\.v(\d))?\.b(\d+)\b")
+
+
+@dataclass
+class Compiled:
+    """What ptxas made of one kernel specialisation."""
+
+    registers: int
+    stack: int  # bytes per thread of stack frame: spilled registers and local arrays
+    shared: int  # bytes per block
+    accesses: dict[tuple[str, int], int]  # ("ld" | "st", bytes per access) -> instructions in the PTX
+
+
+def _specialise(run: KernelLaunch, config: triton.Config) -> ASTSource:
+    """The kernel with the signature, constants and divisibility hints Triton's launcher derives from `run.args`."""
+    params = run.kernel.params
+    values = iter(run.args)
+    signature, attrs = {}, {}
+    constexprs = dict(run.meta) | config.kwargs
+    for index, param in enumerate(params):
+        if param.is_constexpr:
+            signature[param.name] = "constexpr"
+            continue
+        value = next(values)
+        if isinstance(value, torch.Tensor):
+            signature[param.name] = "*" + _TYPES[value.dtype]
+            aligned = value.data_ptr() % 16 == 0
+        elif value == 1:
+            signature[param.name] = "constexpr"
+            constexprs[param.name] = 1
+            continue
+        else:
+            signature[param.name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+            aligned = value % 16 == 0
+        if aligned:
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    return ASTSource(fn=run.kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+
+
+def compile_launch(run: KernelLaunch, config: triton.Config, arch: int = 90) -> Compiled:
+    """Compile `run`'s kernel with `config` for sm_`arch` and read back its resource use."""
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    kernel = triton.compile(_specialise(run, config), target=GPUTarget("cuda", arch, 32), options=options)
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(kernel.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run(
+            [str(cuobjdump), "--dump-resource-usage", cubin.name], capture_output=True, text=True, check=True
+        ).stdout
+    fields = {key: int(value) for key, value in re.findall(r"(REG|STACK|SHARED):(\d+)", usage)}
+    accesses = Counter(
+        (op, int(vector or 1) * int(bits) // 8) for op, vector, bits in _ACCESS.findall(kernel.asm["ptx"])
+    )
+    return Compiled(fields["REG"], fields["STACK"], kernel.metadata.shared, dict(accesses))
+
+
+def model_launches(layers: int, heads: int, dim: int, tokens: int = 256) -> dict[str, KernelLaunch]:
+    """The encode and decode launches of keys and values of a bf16 cache of this shape (CPU tensors: only their
+    dtypes, strides and alignment matter here), at a ~4-bit random allocation."""
+    from hf_scd.codec import TransformCode
+    from kernels.decode import decode_launches
+    from kernels.encode import encode_launches
+
+    generator = torch.Generator().manual_seed(0)
+    coders = []
+    for _ in range(layers):
+        pair = []
+        for _ in range(2):
+            bits = torch.randint(0, 9, (heads, dim), generator=generator).to(torch.uint8)
+            matrix = torch.randn(heads, dim, dim, generator=generator)
+            steps = torch.tensor([0.0] + [6.0 / 2**b for b in range(1, 9)])
+            pair.append(TransformCode(torch.zeros(heads, dim), matrix, matrix, steps, bits))
+        coders.append(tuple(pair))
+    cache = torch.zeros(2, layers, 1, heads, tokens, dim, dtype=torch.bfloat16)
+    rope = torch.zeros(tokens, dim, dtype=torch.bfloat16)
+    rows = torch.arange(tokens)
+    launches = {}
+    for kind, rotary in (("key", True), ("value", False)):
+        xs = list(cache[int(not rotary)].unbind(0))
+        codes = [pair[int(not rotary)] for pair in coders]
+        (encode,), packed, scales = encode_launches(xs, rope, rope, rows, codes, rotary)
+        (decode,) = decode_launches(packed, scales, rope, rope, rows, codes, xs, rotary)
+        launches[f"encode {kind}s"], launches[f"decode {kind}s"] = encode, decode
+    return launches
+
+
+def _configs(run: KernelLaunch) -> list[triton.Config]:
+    tuned = run.tuned
+    return tuned.early_config_prune(tuned.configs, dict(zip(tuned.arg_names, run.args, strict=False)), **run.meta)
+
+
+def _accesses(accesses: dict[tuple[str, int], int], op: str) -> str:
+    found = sorted(((width, count) for (kind, width), count in accesses.items() if kind == op), reverse=True)
+    return " ".join(f"{count}x{width}B" for width, count in found)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability to compile for (90: H100/H200)")
+    args = parser.parse_args(argv)
+    print(f"triton {triton.__version__}, sm_{args.arch}")
+    print("| model | kernel | BLOCK_T | warps | registers | stack (B) | shared (B) | global loads | global stores |")
+    print("|---|---|---:|---:|---:|---:|---:|---|---|")
+    for model, shape in SHAPES.items():
+        for name, run in model_launches(*shape).items():
+            for config in _configs(run):
+                got = compile_launch(run, config, args.arch)
+                print(
+                    f"| {model} | {name} | {config.kwargs['BLOCK_T']} | {config.num_warps} | {got.registers} | "
+                    f"{got.stack} | {got.shared} | {_accesses(got.accesses, 'ld')} | {_accesses(got.accesses, 'st')} |",
+                    flush=True,
+                )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

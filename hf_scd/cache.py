@@ -31,9 +31,11 @@ class SCDLayer(DynamicLayer):
 
     @classmethod
     def holding(cls, keys: torch.Tensor, values: torch.Tensor) -> SCDLayer:
-        """A layer that starts from the given post-RoPE keys and values (batch, H, seq, d)."""
+        """A layer that starts from the given post-RoPE keys and values (batch, H, seq, d), held as they are: no
+        copy of a freshly decoded cache (`update` would concatenate them onto an empty tensor)."""
         layer = cls()
-        layer.update(keys, values)
+        layer.lazy_initialization(keys, values)
+        layer.keys, layer.values = keys, values
         return layer
 
     @classmethod

@@ -19,8 +19,19 @@ from hf_scd.codec import TransformCode, code_to_scale
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # fp32 accuracy for the transform dots. The interpreter does fp32 matmuls whatever is asked; on GPUs "tf32x3"
-# (three TF32 tensor-core products) is about as accurate as fp32 FMA but much faster.
-PRECISION = os.environ.get("HF_SCD_DOT_PRECISION", "tf32x3")
+# (three TF32 tensor-core products) is about as accurate as fp32 FMA but much faster. HF_SCD_DOT_PRECISION overrides
+# it for every dot.
+_PRECISION_OVERRIDE = os.environ.get("HF_SCD_DOT_PRECISION")
+PRECISION = _PRECISION_OVERRIDE or "tf32x3"
+
+
+def decode_precision(dtype: torch.dtype) -> str:
+    """Decoding into 16-bit outputs takes one TF32 product: its error, about 2^-11 of the summed terms, is far below
+    the quantization error the codes carry (2^-3 to 2^-8 of a component) and about the output's own rounding, and it
+    leaves the kernel a third of the tensor-core work and no register spills. fp32 outputs get fp32 accuracy."""
+    if _PRECISION_OVERRIDE:
+        return _PRECISION_OVERRIDE
+    return PRECISION if dtype == torch.float32 else "tf32"
 
 
 def next_pow2(n: int, at_least: int = 16) -> int:
@@ -43,13 +54,12 @@ class CodeTables:
     decoder: torch.Tensor  # (L, H, C, d) fp32
     out_mean: torch.Tensor  # (L, H, d) fp32, added after decoding
     byte_rel: torch.Tensor  # (L, H, C) int32 byte of a component's first bit, from its head's first byte
-    byte_abs: torch.Tensor  # (L, H, C) int32 same, from the layer's first byte
     shift: torch.Tensor  # (L, H, C) int32
     bits: torch.Tensor  # (L, H, C) int32
     step: torch.Tensor  # (L, H, C) fp32 quantizer step of a unit-RMS token (0 where 0 bits)
-    head_col: torch.Tensor  # (L, H) int32 column of a head's first byte in all layers' codes side by side
+    head_start: torch.Tensor  # (L, H) int32 a head's first byte, from its layer's first byte
+    head_col: torch.Tensor  # (L, H) int32 same, in all layers' codes side by side
     head_bytes: torch.Tensor  # (L, H) int32
-    layer_nbytes: torch.Tensor  # (L,) int32, `layer_bytes` on the device
     kept: torch.Tensor  # (L, H) fp32 components with bits > 0, at least 1 (the RMS divisor)
     scale_table: torch.Tensor  # (256,) fp32 code_to_scale of every scale code, exactly as the reference
 
@@ -90,10 +100,10 @@ def _build(codes: Sequence[TransformCode], device: torch.device) -> CodeTables:
             "out_mean": code.out_mean.float().cpu(),
             # Padding components have 0 bits (and byte_rel 0: their head's first byte, like dropped components).
             "byte_rel": _pad_comps(byte - head_start[:, None], comps, -1),
-            "byte_abs": _pad_comps(byte, comps, -1),
             "shift": _pad_comps(shift, comps, -1),
             "bits": _pad_comps(bits, comps, -1),
             "step": _pad_comps(code.component_steps().float().cpu(), comps, -1),
+            "head_start": head_start,
             "head_col": head_start + sum(layer_bytes),
             "head_bytes": head_bytes,
             "kept": (bits > 0).sum(-1).clamp(min=1).float(),
@@ -103,7 +113,7 @@ def _build(codes: Sequence[TransformCode], device: torch.device) -> CodeTables:
         layer_bytes.append(int(head_bytes.sum()))
     if dim & (dim - 1) or dim < 16:
         raise ValueError(f"kernels need a power-of-two head_dim >= 16, got {dim}")
-    int_parts = {"byte_rel", "byte_abs", "shift", "bits", "head_col", "head_bytes"}
+    int_parts = {"byte_rel", "shift", "bits", "head_start", "head_col", "head_bytes"}
     stacked = {
         name: torch.stack(ts).to(torch.int32 if name in int_parts else torch.float32).contiguous().to(device)
         for name, ts in per_layer.items()
@@ -115,7 +125,6 @@ def _build(codes: Sequence[TransformCode], device: torch.device) -> CodeTables:
         comps=comps,
         layer_bytes=layer_bytes,
         bytes_pad=next_pow2(int(stacked["head_bytes"].max()) if heads else 1),
-        layer_nbytes=torch.tensor(layer_bytes, dtype=torch.int32, device=device),
         scale_table=code_to_scale(torch.arange(256)).to(device=device, dtype=torch.float32).contiguous(),
         **stacked,
     )

@@ -10,12 +10,13 @@ specialisation Triton would give them (16-byte aligned pointers and multiples of
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import subprocess
 import sys
 import tempfile
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -73,16 +74,23 @@ def _specialise(run: KernelLaunch, config: triton.Config) -> ASTSource:
     return ASTSource(fn=run.kernel, signature=signature, constexprs=constexprs, attrs=attrs)
 
 
+def cuobjdump() -> Path:
+    """The cuobjdump that ships with triton's CUDA backend (FileNotFoundError without one)."""
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not path.is_file():
+        raise FileNotFoundError(path)
+    return path
+
+
 def compile_launch(run: KernelLaunch, config: triton.Config, arch: int = 90) -> Compiled:
     """Compile `run`'s kernel with `config` for sm_`arch` and read back its resource use."""
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
     kernel = triton.compile(_specialise(run, config), target=GPUTarget("cuda", arch, 32), options=options)
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(kernel.asm["cubin"])
         cubin.flush()
         usage = subprocess.run(
-            [str(cuobjdump), "--dump-resource-usage", cubin.name], capture_output=True, text=True, check=True
+            [str(cuobjdump()), "--dump-resource-usage", cubin.name], capture_output=True, text=True, check=True
         ).stdout
     fields = {key: int(value) for key, value in re.findall(r"(REG|STACK|SHARED):(\d+)", usage)}
     accesses = Counter(
@@ -121,7 +129,8 @@ def model_launches(layers: int, heads: int, dim: int, tokens: int = 256) -> dict
     return launches
 
 
-def _configs(run: KernelLaunch) -> list[triton.Config]:
+def configs(run: KernelLaunch) -> list[triton.Config]:
+    """The autotuning configs a launch of `run` would try."""
     tuned = run.tuned
     return tuned.early_config_prune(tuned.configs, dict(zip(tuned.arg_names, run.args, strict=False)), **run.meta)
 
@@ -134,19 +143,27 @@ def _accesses(accesses: dict[tuple[str, int], int], op: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability to compile for (90: H100/H200)")
+    parser.add_argument("--first-config", action="store_true", help="only each kernel's first autotuning config")
+    parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     print(f"triton {triton.__version__}, sm_{args.arch}")
     print("| model | kernel | BLOCK_T | warps | registers | stack (B) | shared (B) | global loads | global stores |")
     print("|---|---|---:|---:|---:|---:|---:|---|---|")
+    rows = []
     for model, shape in SHAPES.items():
         for name, run in model_launches(*shape).items():
-            for config in _configs(run):
+            for config in configs(run)[: 1 if args.first_config else None]:
                 got = compile_launch(run, config, args.arch)
+                block, warps = config.kwargs["BLOCK_T"], config.num_warps
+                rows.append(dict(model=model, kernel=name, block_t=block, warps=warps, **asdict(got)))
+                rows[-1]["accesses"] = [[op, width, count] for (op, width), count in got.accesses.items()]
                 print(
-                    f"| {model} | {name} | {config.kwargs['BLOCK_T']} | {config.num_warps} | {got.registers} | "
-                    f"{got.stack} | {got.shared} | {_accesses(got.accesses, 'ld')} | {_accesses(got.accesses, 'st')} |",
+                    f"| {model} | {name} | {block} | {warps} | {got.registers} | {got.stack} | {got.shared} | "
+                    f"{_accesses(got.accesses, 'ld')} | {_accesses(got.accesses, 'st')} |",
                     flush=True,
                 )
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0
 
 

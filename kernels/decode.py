@@ -1,6 +1,6 @@
-"""Fused decode kernel: gather each component's bytes -> extract code -> dequantize -> decoder dot -> + mean ->
-re-rotate keys -> store into the output cache rows, one pass per (block of tokens, head, layer), and one launch for
-every layer of a cache."""
+"""Fused decode kernel: load each token's bytes -> pick out each component's code -> dequantize -> decoder dot ->
++ mean -> re-rotate keys -> store into the output cache rows, one pass per (block of tokens, head, layer), and one
+launch for every layer of a cache."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import triton.language as tl
 from hf_scd.codec import CoderPair, LayerCodes, TransformCode
 from kernels._launch import KernelLaunch, autotuned, cache_tables, layer_pointers
 from kernels._rotary import load_rotary
-from kernels._tables import PRECISION
+from kernels._tables import decode_precision
 
 
 @triton.jit
@@ -26,12 +26,12 @@ def _reconstruct(unit, dec_ptr, mean_ptr, c, d, D: tl.constexpr, PRECISION: tl.c
 @triton.jit
 def _decode_kernel(
     codes_ptr, codes_off_ptr, scales_ptr, scales_off_ptr, rows_ptr, cos_ptr, sin_ptr,
-    dec_ptr, mean_ptr, byte_ptr, shift_ptr, bits_ptr, step_ptr, nbytes_ptr, scale_table_ptr,
+    dec_ptr, mean_ptr, byte_ptr, shift_ptr, bits_ptr, step_ptr, head_start_ptr, head_bytes_ptr, scale_table_ptr,
     out_ptr, out_off_ptr,
     N, seq, H,
     sct, sst, sob, soh, sos, scr, ssr,
-    ROTARY: tl.constexpr, D: tl.constexpr, C: tl.constexpr, BD: tl.constexpr, OUT_ALIGN: tl.constexpr,
-    BLOCK_T: tl.constexpr, PRECISION: tl.constexpr,
+    ROTARY: tl.constexpr, D: tl.constexpr, C: tl.constexpr, BYTES_PAD: tl.constexpr, BD: tl.constexpr,
+    OUT_ALIGN: tl.constexpr, BLOCK_T: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     pid_t = tl.program_id(0)
     h = tl.program_id(1)
@@ -42,16 +42,19 @@ def _decode_kernel(
     t64 = t.to(tl.int64)
     c = tl.arange(0, C)
 
-    # Unpack: a code spans byte_c and, when shift + bits > 8, byte_c + 1.
+    # Unpack: each token's bytes of this head are read in one contiguous load, and a component's two bytes (byte_c,
+    # byte_c + 1) are picked out of them by one-hot products on the tensor cores: bytes < 256 are exact in fp16.
     byte = tl.load(byte_ptr + lh * C + c)
     shift = tl.load(shift_ptr + lh * C + c)
     bits = tl.load(bits_ptr + lh * C + c)
     kept = bits > 0
-    m_lo = tmask[:, None] & kept[None, :]
-    m_hi = m_lo & ((shift + bits > 8) & (byte + 1 < tl.load(nbytes_ptr + layer)))[None, :]
-    src = codes_ptr + tl.load(codes_off_ptr + layer) + t64[:, None] * sct + byte[None, :]
-    word = tl.load(src, mask=m_lo, other=0).to(tl.int32)
-    word = word | (tl.load(src + 1, mask=m_hi, other=0).to(tl.int32) << 8)
+    j = tl.arange(0, BYTES_PAD)
+    src = codes_ptr + tl.load(codes_off_ptr + layer) + t64[:, None] * sct + tl.load(head_start_ptr + lh)
+    in_head = tmask[:, None] & (j < tl.load(head_bytes_ptr + lh))[None, :]
+    raw = tl.load(src + j[None, :], mask=in_head, other=0).to(tl.float16)
+    low = tl.dot(raw, (j[:, None] == byte[None, :]).to(tl.float16))
+    high = tl.dot(raw, (j[:, None] == byte[None, :] + 1).to(tl.float16))
+    word = low.to(tl.int32) | (high.to(tl.int32) << 8)
     q = (word >> shift[None, :]) & ((1 << bits) - 1)[None, :]
 
     # Dequantize: (code - levels/2 + 0.5) * step * scale, 0 where the component has no bits.
@@ -88,7 +91,7 @@ def _decode_kernel(
             tl.store(dst + d[None, :], x.to(out_ptr.dtype.element_ty), mask=tmask[:, None])
 
 
-_decode_tuned = autotuned(_decode_kernel, key=["D", "C", "ROTARY"])
+_decode_tuned = autotuned(_decode_kernel, key=["D", "C", "ROTARY", "BYTES_PAD"])
 
 
 def decode_launches(
@@ -129,15 +132,16 @@ def decode_launches(
     cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (cos, sin))
     args = (
         code_ptrs.base, code_ptrs.offsets, scale_ptrs.base, scale_ptrs.offsets, rows, cos, sin,
-        tab.decoder, tab.out_mean, tab.byte_abs, tab.shift, tab.bits, tab.step, tab.layer_nbytes, tab.scale_table,
+        tab.decoder, tab.out_mean, tab.byte_rel, tab.shift, tab.bits, tab.step, tab.head_start, tab.head_bytes,
+        tab.scale_table,
         out_ptrs.base, out_ptrs.offsets,
         n, seq, heads,
         code_ptrs.base.stride(0), scale_ptrs.base.stride(0), *out_ptrs.base.stride()[:3],
         cos.stride(0), sin.stride(0),
     )  # fmt: skip
     meta = dict(
-        ROTARY=rotary, D=dim, C=tab.comps, BD=min(dim // 2 if rotary else dim, 64), OUT_ALIGN=out_ptrs.align,
-        PRECISION=PRECISION,
+        ROTARY=rotary, D=dim, C=tab.comps, BYTES_PAD=tab.bytes_pad, BD=min(dim // 2 if rotary else dim, 64),
+        OUT_ALIGN=out_ptrs.align, PRECISION=decode_precision(out_ptrs.base.dtype),
     )  # fmt: skip
     return [KernelLaunch(_decode_kernel, _decode_tuned, n, heads, tab.layers, args, meta)]
 

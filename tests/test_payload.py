@@ -50,6 +50,17 @@ def test_round_trip_is_exact(tmp_path):
     assert SCDPayload.load(tmp_path / "p.scd").num_tokens == 5
 
 
+def test_layers_on_a_device_are_views_of_one_tensor_a_part():
+    """What the kernels decode in one launch: each part of all layers moved at once, the layers its column views."""
+    payload = _payload(layers=3)
+    moved = payload.layers_on("cpu")
+    for name in ("key_codes", "value_scales", "hidden_codes", "exact_keys"):
+        parts = [getattr(layer, name) for layer in moved]
+        assert all(torch.equal(a, getattr(b, name)) for a, b in zip(parts, payload.layers, strict=True))
+        assert len({t.untyped_storage().data_ptr() for t in parts}) == 1, name
+        assert all(a is not getattr(b, name) for a, b in zip(parts, payload.layers, strict=True))
+
+
 @pytest.mark.parametrize("cut", [3, 20, -1])
 def test_truncated_payload(cut):
     blob = _payload().to_bytes()

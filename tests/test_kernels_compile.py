@@ -1,0 +1,38 @@
+"""The kernels compile for an H100 (sm_90) with the arguments their real launches build, on this GPU-less machine:
+the interpreter runs their arithmetic (test_kernels.py) but not Triton's compiler, which is where shape, layout
+and type errors of a GPU build show. Also checks the cache's bf16 tensors are read and written in vectors, never
+element by element (2-byte accesses).
+
+`python -m kernels.aot` runs in its own process: this one runs Triton in interpreter mode (conftest.py).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+triton = pytest.importorskip("triton")
+
+
+def test_kernels_compile_for_sm90_with_vector_accesses(tmp_path):
+    from kernels import aot
+
+    try:
+        aot.cuobjdump()
+    except FileNotFoundError as missing:
+        pytest.skip(f"this triton has no CUDA toolchain: {missing}")
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    out = tmp_path / "aot.json"
+    command = [sys.executable, "-m", "kernels.aot", "--first-config", "--json", str(out)]
+    subprocess.run(command, cwd=REPO, env=env, check=True, timeout=600)
+    rows = json.loads(out.read_text())
+    assert {(row["model"], row["kernel"]) for row in rows} == {
+        (model, f"{op} {kind}") for model in aot.SHAPES for op in ("encode", "decode") for kind in ("keys", "values")
+    }
+    for row in rows:
+        assert row["registers"] > 0
+        two_byte = [access for access in row["accesses"] if access[1] == 2]
+        assert not two_byte, f"{row['model']} {row['kernel']}: element-wise bf16 accesses {two_byte}"

@@ -184,9 +184,6 @@ class LayerCodes:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in vars(self).values())
 
-    def to(self, device: torch.device) -> LayerCodes:
-        return LayerCodes(*(t.to(device) for t in vars(self).values()))
-
 
 CoderPair = tuple[TransformCode, TransformCode]
 RowCodes = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]

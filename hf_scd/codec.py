@@ -65,6 +65,16 @@ class BitLayout:
     bits: torch.Tensor  # (heads, dim) uint8
 
     @cached_property
+    def head_bytes(self) -> torch.Tensor:
+        """(heads,) int64 bytes of each head's run, padded to a whole byte."""
+        return (self.bits.long().sum(-1) + 7) // 8
+
+    @cached_property
+    def head_start(self) -> torch.Tensor:
+        """(heads,) int64 each head's first byte within a token's packed codes."""
+        return torch.cumsum(self.head_bytes, 0) - self.head_bytes
+
+    @cached_property
     def offsets(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(byte, shift) of every component's first bit within a token's packed codes, each (heads, dim) int32.
 
@@ -72,14 +82,12 @@ class BitLayout:
         """
         bits = self.bits.long()
         start_in_head = torch.where(bits > 0, torch.cumsum(bits, -1) - bits, 0)
-        head_bytes = (bits.sum(-1) + 7) // 8
-        head_start = torch.cumsum(head_bytes, 0) - head_bytes
-        byte = head_start.unsqueeze(-1) + start_in_head // 8
+        byte = self.head_start.unsqueeze(-1) + start_in_head // 8
         return byte.to(torch.int32), (start_in_head % 8).to(torch.int32)
 
     @property
     def bytes_per_token(self) -> int:
-        return int(((self.bits.long().sum(-1) + 7) // 8).sum())
+        return int(self.head_bytes.sum())
 
 
 def pack_codes(codes: torch.Tensor, layout: BitLayout) -> torch.Tensor:

@@ -53,6 +53,11 @@ class KernelLaunch:
             )
 
 
+def unit_stride(t: torch.Tensor) -> torch.Tensor:
+    """`t`, copied only if its last dimension is not contiguous: the kernels index it with stride 1."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 @dataclass
 class LayerPointers:
     """Per-layer tensors of one dtype and strides, reached by the kernel as `base + offsets[layer]` (elements)."""

@@ -91,8 +91,7 @@ def _build(codes: Sequence[TransformCode], device: torch.device) -> CodeTables:
             shapes = f"encoder {tuple(code.encoder.shape)}, decoder {tuple(code.decoder.shape)}"
             raise ValueError(f"{shapes} and bits {tuple(bits.shape)} do not fit a cache of {heads} x {dim}")
         byte, shift = (t.long() for t in code.layout.offsets)
-        head_bytes = (bits.sum(-1) + 7) // 8
-        head_start = torch.cumsum(head_bytes, 0) - head_bytes
+        head_bytes, head_start = code.layout.head_bytes, code.layout.head_start
         parts = {
             "mean": code.mean.float().cpu(),
             "encoder": _pad_comps(code.encoder.float().cpu(), comps, -1),
@@ -110,7 +109,7 @@ def _build(codes: Sequence[TransformCode], device: torch.device) -> CodeTables:
         }
         for name, t in parts.items():
             per_layer.setdefault(name, []).append(t)
-        layer_bytes.append(int(head_bytes.sum()))
+        layer_bytes.append(code.layout.bytes_per_token)
     if dim & (dim - 1) or dim < 16:
         raise ValueError(f"kernels need a power-of-two head_dim >= 16, got {dim}")
     int_parts = {"byte_rel", "shift", "bits", "head_start", "head_col", "head_bytes"}

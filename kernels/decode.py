@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from hf_scd.codec import CoderPair, LayerCodes, TransformCode
-from kernels._launch import KernelLaunch, autotuned, cache_tables, layer_pointers
+from kernels._launch import KernelLaunch, autotuned, cache_tables, layer_pointers, unit_stride
 from kernels._rotary import load_rotary
 from kernels._tables import decode_precision
 
@@ -109,8 +109,8 @@ def decode_launches(
     outputs differ in strides or dtype; none for no rows."""
     if not codes:
         return []
-    codes = [t if t.stride(-1) == 1 else t.contiguous() for t in codes]
-    scales = [t if t.stride(-1) == 1 else t.contiguous() for t in scales]
+    codes = [unit_stride(t) for t in codes]
+    scales = [unit_stride(t) for t in scales]
     if any(out.stride(-1) != 1 for out in outs):
         raise ValueError("decode outputs must be contiguous in head_dim, as attention reads them")
     pointers = [layer_pointers(group) for group in (codes, scales, outs)]
@@ -129,7 +129,7 @@ def decode_launches(
             raise ValueError(f"layer {index}: codes {tuple(packed.shape)} / scales {tuple(scale.shape)} do not match")
     if n == 0 or heads == 0:
         return []
-    cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (cos, sin))
+    cos, sin = unit_stride(cos), unit_stride(sin)
     args = (
         code_ptrs.base, code_ptrs.offsets, scale_ptrs.base, scale_ptrs.offsets, rows, cos, sin,
         tab.decoder, tab.out_mean, tab.byte_rel, tab.shift, tab.bits, tab.step, tab.head_start, tab.head_bytes,

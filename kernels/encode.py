@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from hf_scd.codec import CoderPair, RowCodes, TransformCode
-from kernels._launch import KernelLaunch, autotuned, cache_tables, layer_pointers
+from kernels._launch import KernelLaunch, autotuned, cache_tables, layer_pointers, unit_stride
 from kernels._rotary import load_rotary
 from kernels._tables import PRECISION
 
@@ -121,7 +121,7 @@ def encode_launches(
     """
     if not xs:
         return [], [], []
-    xs = [x if x.stride(-1) == 1 else x.contiguous() for x in xs]
+    xs = [unit_stride(x) for x in xs]
     pointers = layer_pointers(xs)
     if pointers is None:
         apart = [encode_launches([x], cos, sin, rows, [code], rotary) for x, code in zip(xs, codes, strict=True)]
@@ -132,7 +132,7 @@ def encode_launches(
         )
     tab, (batch, heads, seq, dim), rows = cache_tables(xs, codes, rows)
     device = rows.device
-    cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (cos, sin))
+    cos, sin = unit_stride(cos), unit_stride(sin)
     n = rows.numel()
     packed = torch.empty(n, sum(tab.layer_bytes), dtype=torch.uint8, device=device)
     scales = torch.empty(n, tab.layers, heads, dtype=torch.uint8, device=device)

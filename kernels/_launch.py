@@ -22,11 +22,10 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
 
 
 def autotuned(kernel, key: list[str]):
-    """`kernel` autotuned over token-block sizes and warp counts, keyed on the compile-time shape `key`."""
-    configs = [
-        triton.Config({"BLOCK_T": block}, num_warps=warps, num_stages=1)
-        for block, warps in ((32, 4), (64, 4), (64, 8), (128, 4), (128, 8))
-    ]
+    """`kernel` autotuned over token-block sizes, keyed on the compile-time shape `key`. A block has 16 rows a warp,
+    64 a warpgroup, the rows of one Hopper tensor-core instruction: with fewer, Triton gives several warps the same
+    rows of a product, and `python -m kernels.aot` counts twice the tensor-core work."""
+    configs = [triton.Config({"BLOCK_T": 16 * warps}, num_warps=warps, num_stages=1) for warps in (4, 8)]
     return triton.autotune(configs=configs, prune_configs_by={"early_config_prune": _prune}, key=key)(kernel)
 
 

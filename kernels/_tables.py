@@ -18,24 +18,30 @@ import torch
 from hf_scd.codec import TransformCode, code_to_scale
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-# fp32 accuracy for the transform dots. The interpreter does fp32 matmuls whatever is asked; on GPUs "tf32x3"
-# (three TF32 tensor-core products) is about as accurate as fp32 FMA but much faster. HF_SCD_DOT_PRECISION overrides
-# it for every dot.
-_PRECISION_OVERRIDE = os.environ.get("HF_SCD_DOT_PRECISION")
-PRECISION = _PRECISION_OVERRIDE or "tf32x3"
+BYTE_CHUNK = 32  # packed bytes a head's codes are packed and unpacked in: the K of an 8-bit integer product
+# bf16 pieces of the encoder: 16 bits, 2^-17 relative; codes land one step off the fp32 reference's on 2e-5 to 7e-5
+# of components (quantizer boundaries; bf16 and fp32 caches of 512 rows under the interpreter).
+ENCODER_PIECES = 2
+# bf16 pieces of step * decoder a decode into each dtype takes: one adds ~2^-9 of the data's magnitude to a bf16
+# output, about its own rounding and far below the codes' quantization error; two and three are exact to below the
+# rounding of fp16 and fp32.
+DECODER_PIECES = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3}
 
 
-def decode_precision(dtype: torch.dtype) -> str:
-    """Decoding into 16-bit outputs takes one TF32 product: its error, about 2^-11 of the summed terms, is far below
-    the quantization error the codes carry (2^-3 to 2^-8 of a component) and about the output's own rounding, and it
-    leaves the kernel a third of the tensor-core work and no register spills. fp32 outputs get fp32 accuracy."""
-    if _PRECISION_OVERRIDE:
-        return _PRECISION_OVERRIDE
-    return PRECISION if dtype == torch.float32 else "tf32"
-
-
-def next_pow2(n: int, at_least: int = 16) -> int:
+def next_pow2(n: int, at_least: int = 32) -> int:
+    """The padded component count: a power of two, and at least the K of an 8-bit integer product (the packing)."""
     return max(at_least, 1 << max(0, int(n) - 1).bit_length())
+
+
+def bf16_pieces(t: torch.Tensor, pieces: int) -> torch.Tensor:
+    """(pieces, *t.shape) bf16 that sum to `t` to about 8 * pieces bits: each is the rounding of what the ones
+    before it left over (3 pieces hold an fp32 exactly)."""
+    rest = t.double()
+    out = []
+    for _ in range(pieces):
+        out.append(rest.float().to(torch.bfloat16))
+        rest = rest - out[-1].double()
+    return torch.stack(out)
 
 
 @dataclass
@@ -46,14 +52,16 @@ class CodeTables:
     layers: int
     heads: int
     dim: int  # d, rows of the encoder
-    comps: int  # C, coefficients per head
+    comps: int  # C, coefficients per head: a power of two >= 32
     layer_bytes: list[int]  # packed bytes per token of each layer (all heads)
-    bytes_pad: int  # power of two >= the largest head's byte count
+    bytes_pad: int  # the largest head's byte count, rounded up to a multiple of BYTE_CHUNK
     mean: torch.Tensor  # (L, H, d) fp32
-    encoder: torch.Tensor  # (L, H, d, C) fp32
-    decoder: torch.Tensor  # (L, H, C, d) fp32
+    mean_code: torch.Tensor  # (L, H, C) fp32 mean @ encoder, subtracted after projecting an uncentred row
+    encoder: torch.Tensor  # (ENCODER_PIECES, L, H, d, C) bf16 pieces
+    decoder: torch.Tensor  # (3, L, H, C, d) bf16 pieces of step[c] * decoder[c, :]: a half-integer code's row
     out_mean: torch.Tensor  # (L, H, d) fp32, added after decoding
     byte_rel: torch.Tensor  # (L, H, C) int32 byte of a component's first bit, from its head's first byte
+    byte_count: torch.Tensor  # (L, H, bytes_pad) int32 components whose first bit is in each byte
     shift: torch.Tensor  # (L, H, C) int32
     bits: torch.Tensor  # (L, H, C) int32
     step: torch.Tensor  # (L, H, C) fp32 quantizer step of a unit-RMS token (0 where 0 bits)
@@ -92,16 +100,18 @@ def _build(codes: Sequence[TransformCode], device: torch.device) -> CodeTables:
             raise ValueError(f"{shapes} and bits {tuple(bits.shape)} do not fit a cache of {heads} x {dim}")
         byte, shift = (t.long() for t in code.layout.offsets)
         head_bytes, head_start = code.layout.head_bytes, code.layout.head_start
+        encoder, step = code.encoder.double().cpu(), code.component_steps().double().cpu()
         parts = {
             "mean": code.mean.float().cpu(),
-            "encoder": _pad_comps(code.encoder.float().cpu(), comps, -1),
-            "decoder": _pad_comps(code.decoder.float().cpu(), comps, -2),
+            "mean_code": _pad_comps(torch.einsum("hd,hdc->hc", code.mean.double().cpu(), encoder), comps, -1),
+            "encoder": _pad_comps(bf16_pieces(encoder, ENCODER_PIECES), comps, -1),
+            "decoder": _pad_comps(bf16_pieces(step[..., None] * code.decoder.double().cpu(), 3), comps, -2),
             "out_mean": code.out_mean.float().cpu(),
             # Padding components have 0 bits (and byte_rel 0: their head's first byte, like dropped components).
             "byte_rel": _pad_comps(byte - head_start[:, None], comps, -1),
             "shift": _pad_comps(shift, comps, -1),
             "bits": _pad_comps(bits, comps, -1),
-            "step": _pad_comps(code.component_steps().float().cpu(), comps, -1),
+            "step": _pad_comps(step, comps, -1),
             "head_start": head_start,
             "head_col": head_start + sum(layer_bytes),
             "head_bytes": head_bytes,
@@ -110,22 +120,27 @@ def _build(codes: Sequence[TransformCode], device: torch.device) -> CodeTables:
         for name, t in parts.items():
             per_layer.setdefault(name, []).append(t)
         layer_bytes.append(code.layout.bytes_per_token)
-    if dim & (dim - 1) or dim < 16:
-        raise ValueError(f"kernels need a power-of-two head_dim >= 16, got {dim}")
-    int_parts = {"byte_rel", "shift", "bits", "head_start", "head_col", "head_bytes"}
-    stacked = {
-        name: torch.stack(ts).to(torch.int32 if name in int_parts else torch.float32).contiguous().to(device)
-        for name, ts in per_layer.items()
-    }
+    if dim & (dim - 1) or dim < 32:
+        raise ValueError(f"kernels need a power-of-two head_dim >= 32, got {dim}")
+    stacked = {name: torch.stack(ts) for name, ts in per_layer.items()}
+    longest = int(stacked["head_bytes"].max()) if heads else 1
+    bytes_pad = max(1, -(-longest // BYTE_CHUNK)) * BYTE_CHUNK
+    stacked["byte_count"] = (stacked["byte_rel"][..., None] == torch.arange(bytes_pad)).sum(-2)
+    for name in ("encoder", "decoder"):  # (L, pieces, ...) -> (pieces, L, ...): one piece stride for all layers
+        stacked[name] = stacked[name].movedim(1, 0)
+    kinds = {"encoder": torch.bfloat16, "decoder": torch.bfloat16}
+    int_parts = ("byte_rel", "shift", "bits", "head_start", "head_col", "head_bytes", "byte_count")
+    kinds |= dict.fromkeys(int_parts, torch.int32)
+    tensors = {name: t.to(kinds.get(name, torch.float32)).contiguous().to(device) for name, t in stacked.items()}
     return CodeTables(
         layers=len(codes),
         heads=heads,
         dim=dim,
         comps=comps,
         layer_bytes=layer_bytes,
-        bytes_pad=next_pow2(int(stacked["head_bytes"].max()) if heads else 1),
+        bytes_pad=bytes_pad,
         scale_table=code_to_scale(torch.arange(256)).to(device=device, dtype=torch.float32).contiguous(),
-        **stacked,
+        **tensors,
     )
 
 

@@ -1,6 +1,6 @@
 """Compile the kernels for a GPU without one: `python -m kernels.aot [--arch 90]` prints, per kernel and autotuning
-config, the registers, stack (spills) and shared memory a thread block takes, and the widths of its global loads
-and stores.
+config, the registers, stack (spills) and shared memory a thread block takes, the widths of its global loads and
+stores, and the tensor-core work it issues per token and head.
 
 Triton's compiler and ptxas need no GPU, so on a CPU machine this shows what a launch on an H100 would run: each
 kernel is compiled with the arguments its real launch builds (Llama-3-8B and SmolLM2 shaped caches, bf16) and the
@@ -36,6 +36,15 @@ _TYPES = {
     torch.uint8: "u8",
 }
 _ACCESS = re.compile(r"\b(ld|st)\.global(?:\.[a-z]+)*?(?:\.v(\d))?\.b(\d+)\b")
+# A warp's mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 or a warpgroup's wgmma.mma_async.sync.aligned.m64n64k16
+# .f32.bf16.bf16: its shape and input type.
+_MMA = re.compile(r"\b(wgmma\.mma_async|mma)\.sync\.aligned\.m(\d+)n(\d+)k(\d+)\S*?\.(bf16|f16|tf32|s8|u8|e4m3|e5m2)\.")
+# Tensor-core rate of each input type relative to bf16 on Hopper (datasheet ratios: TF32 half, 8-bit integers twice).
+BF16_COST = {"bf16": 1.0, "f16": 1.0, "tf32": 2.0, "s8": 0.5, "u8": 0.5, "e4m3": 0.5, "e5m2": 0.5}
+# Ceilings measured on this workplace's H100 (nvidia-h100-x1): an 8192^3 bf16 matrix product at 798 TFLOP/s
+# (.library device KINDS.md, 2026-11-13) and a device-to-device copy at 3023 GB/s read + written (kernels/RESULTS.md).
+H100_BF16_FLOPS = 798e12
+H100_COPY_BYTES = 3023e9
 
 
 @dataclass
@@ -46,6 +55,7 @@ class Compiled:
     stack: int  # bytes per thread of stack frame: spilled registers and local arrays
     shared: int  # bytes per block
     accesses: dict[tuple[str, int], int]  # ("ld" | "st", bytes per access) -> instructions in the PTX
+    mma_flops: dict[str, int]  # input type -> tensor-core FLOPs a program issues (all its warps)
 
 
 def _specialise(run: KernelLaunch, config: triton.Config) -> ASTSource:
@@ -96,12 +106,26 @@ def compile_launch(run: KernelLaunch, config: triton.Config, arch: int = 90) -> 
     accesses = Counter(
         (op, int(vector or 1) * int(bits) // 8) for op, vector, bits in _ACCESS.findall(kernel.asm["ptx"])
     )
-    return Compiled(fields["REG"], fields["STACK"], kernel.metadata.shared, dict(accesses))
+    return Compiled(
+        fields["REG"], fields["STACK"], kernel.metadata.shared, dict(accesses), mma_flops(kernel.asm["ptx"], config)
+    )
 
 
-def model_launches(layers: int, heads: int, dim: int, tokens: int = 256) -> dict[str, KernelLaunch]:
+def mma_flops(ptx: str, config: triton.Config) -> dict[str, int]:
+    """Tensor-core FLOPs per program, by input type, from the matrix instructions in `ptx`: an mma is one warp's, a
+    wgmma one warpgroup's, and every warp (warpgroup) runs the whole instruction stream. The kernels loop only with
+    `tl.static_range`, which is unrolled, so each instruction in the PTX runs once."""
+    flops: Counter[str] = Counter()
+    for op, m, n, k, dtype in _MMA.findall(ptx):
+        issuers = config.num_warps // 4 if op.startswith("wgmma") else config.num_warps
+        flops[dtype] += 2 * int(m) * int(n) * int(k) * issuers
+    return dict(flops)
+
+
+def model_launches(layers: int, heads: int, dim: int, tokens: int = 256) -> dict[str, tuple[KernelLaunch, float]]:
     """The encode and decode launches of keys and values of a bf16 cache of this shape (CPU tensors: only their
-    dtypes, strides and alignment matter here), at a ~4-bit random allocation."""
+    dtypes, strides and alignment matter here), at a ~4-bit random allocation, each with the bytes it moves per
+    token and head (cache row, codes, scale code, and a head's share of cos/sin for keys)."""
     from hf_scd.codec import TransformCode
     from kernels.decode import decode_launches
     from kernels.encode import encode_launches
@@ -125,7 +149,9 @@ def model_launches(layers: int, heads: int, dim: int, tokens: int = 256) -> dict
         codes = [pair[int(not rotary)] for pair in coders]
         (encode,), packed, scales = encode_launches(xs, rope, rope, rows, codes, rotary)
         (decode,) = decode_launches(packed, scales, rope, rope, rows, codes, xs, rotary)
-        launches[f"encode {kind}s"], launches[f"decode {kind}s"] = encode, decode
+        code_bytes = sum(p.shape[1] for p in packed) / (layers * heads) + 1
+        moved = dim * cache.element_size() + code_bytes + (2 * dim * rope.element_size() / heads if rotary else 0)
+        launches[f"encode {kind}s"], launches[f"decode {kind}s"] = (encode, moved), (decode, moved)
     return launches
 
 
@@ -133,6 +159,16 @@ def configs(run: KernelLaunch) -> list[triton.Config]:
     """The autotuning configs a launch of `run` would try."""
     tuned = run.tuned
     return tuned.early_config_prune(tuned.configs, dict(zip(tuned.arg_names, run.args, strict=False)), **run.meta)
+
+
+def _mma(got: Compiled, block_t: int, moved: float) -> tuple[float, str, float]:
+    """bf16-equivalent tensor-core FLOPs per token-head, their split by input type, and the ratio of the time those
+    take at the H100's bf16 rate to the time its copy bandwidth takes to move the token-head's bytes: above 1 the
+    kernel cannot reach copy bandwidth even at the tensor cores' full rate."""
+    per_row = {dtype: flops / block_t for dtype, flops in got.mma_flops.items()}
+    work = sum(BF16_COST[dtype] * flops for dtype, flops in per_row.items())
+    split = " ".join(f"{flops / 1e3:.0f}K {dtype}" for dtype, flops in sorted(per_row.items()))
+    return work, split, (work / H100_BF16_FLOPS) / (moved / H100_COPY_BYTES)
 
 
 def _accesses(accesses: dict[tuple[str, int], int], op: str) -> str:
@@ -147,19 +183,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     print(f"triton {triton.__version__}, sm_{args.arch}")
-    print("| model | kernel | BLOCK_T | warps | registers | stack (B) | shared (B) | global loads | global stores |")
-    print("|---|---|---:|---:|---:|---:|---:|---|---|")
+    print(
+        "| model | kernel | BLOCK_T | warps | registers | stack (B) | shared (B) | global loads | global stores "
+        "| MMA FLOP / token-head | compute / copy time |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---|---|---|---:|")
     rows = []
     for model, shape in SHAPES.items():
-        for name, run in model_launches(*shape).items():
+        for name, (run, moved) in model_launches(*shape).items():
             for config in configs(run)[: 1 if args.first_config else None]:
                 got = compile_launch(run, config, args.arch)
                 block, warps = config.kwargs["BLOCK_T"], config.num_warps
+                work, split, bound = _mma(got, block, moved)
                 rows.append(dict(model=model, kernel=name, block_t=block, warps=warps, **asdict(got)))
-                rows[-1]["accesses"] = [[op, width, count] for (op, width), count in got.accesses.items()]
+                rows[-1].update(accesses=[[op, width, count] for (op, width), count in got.accesses.items()],
+                                meta=run.meta, mma_per_token_head=work, compute_over_copy=bound)  # fmt: skip
                 print(
                     f"| {model} | {name} | {block} | {warps} | {got.registers} | {got.stack} | {got.shared} | "
-                    f"{_accesses(got.accesses, 'ld')} | {_accesses(got.accesses, 'st')} |",
+                    f"{_accesses(got.accesses, 'ld')} | {_accesses(got.accesses, 'st')} | {split} | {bound:.2f} |",
                     flush=True,
                 )
     if args.json:

@@ -11,27 +11,33 @@ import triton
 import triton.language as tl
 
 from hf_scd.codec import CoderPair, LayerCodes, TransformCode
+from kernels._bf16 import MMA_DTYPE
 from kernels._launch import KernelLaunch, autotuned, cache_tables, layer_pointers, unit_stride
 from kernels._rotary import load_rotary
-from kernels._tables import decode_precision
+from kernels._tables import BYTE_CHUNK, DECODER_PIECES
 
 
 @triton.jit
-def _reconstruct(unit, dec_ptr, mean_ptr, c, d, D: tl.constexpr, PRECISION: tl.constexpr):
-    """Output columns d of unit @ decoder + mean."""
-    x = tl.dot(unit, tl.load(dec_ptr + c[:, None] * D + d[None, :]), input_precision=PRECISION)
-    return x + tl.load(mean_ptr + d)[None, :]
+def _reconstruct(half_codes, scale, dec_ptr, piece_stride, mean_ptr, c, d, D: tl.constexpr, PIECES: tl.constexpr):
+    """Output columns d: scale * (half_codes @ (step * decoder)) + mean. The half-integer codes are exact in bf16,
+    so the product is as accurate as the pieces of the matrix it takes."""
+    w = dec_ptr + c[:, None] * D + d[None, :]
+    x = tl.dot(half_codes, tl.load(w).to(MMA_DTYPE))
+    for piece in tl.static_range(1, PIECES):
+        x = tl.dot(half_codes, tl.load(w + piece * piece_stride).to(MMA_DTYPE), x)
+    return x * scale[:, None] + tl.load(mean_ptr + d)[None, :]
 
 
 @triton.jit
 def _decode_kernel(
     codes_ptr, codes_off_ptr, scales_ptr, scales_off_ptr, rows_ptr, cos_ptr, sin_ptr,
-    dec_ptr, mean_ptr, byte_ptr, shift_ptr, bits_ptr, step_ptr, head_start_ptr, head_bytes_ptr, scale_table_ptr,
+    dec_ptr, dec_piece_stride, mean_ptr, byte_ptr, shift_ptr, bits_ptr, head_start_ptr, head_bytes_ptr,
+    scale_table_ptr,
     out_ptr, out_off_ptr,
     N, seq, H,
     sct, sst, sob, soh, sos, scr, ssr,
-    ROTARY: tl.constexpr, D: tl.constexpr, C: tl.constexpr, BYTES_PAD: tl.constexpr, BD: tl.constexpr,
-    OUT_ALIGN: tl.constexpr, BLOCK_T: tl.constexpr, PRECISION: tl.constexpr,
+    ROTARY: tl.constexpr, D: tl.constexpr, C: tl.constexpr, BYTES_PAD: tl.constexpr, BJ: tl.constexpr,
+    BD: tl.constexpr, PIECES: tl.constexpr, OUT_ALIGN: tl.constexpr, BLOCK_T: tl.constexpr,
 ):  # fmt: skip
     pid_t = tl.program_id(0)
     h = tl.program_id(1)
@@ -42,27 +48,30 @@ def _decode_kernel(
     t64 = t.to(tl.int64)
     c = tl.arange(0, C)
 
-    # Unpack: each token's bytes of this head are read in one contiguous load, and a component's two bytes (byte_c,
-    # byte_c + 1) are picked out of them by one-hot products on the tensor cores: bytes < 256 are exact in fp16.
+    # Unpack: each token's bytes of this head are read BJ at a time, and a component's two bytes (byte_c, byte_c + 1)
+    # are picked out of them by 8-bit integer products with one-hot matrices: bytes offset by -128 to fit int8 and
+    # the offset added back, for byte_c + 1 only where it lies in the chunks (bytes past the head's read as 0).
     byte = tl.load(byte_ptr + lh * C + c)
     shift = tl.load(shift_ptr + lh * C + c)
     bits = tl.load(bits_ptr + lh * C + c)
-    kept = bits > 0
-    j = tl.arange(0, BYTES_PAD)
     src = codes_ptr + tl.load(codes_off_ptr + layer) + t64[:, None] * sct + tl.load(head_start_ptr + lh)
-    in_head = tmask[:, None] & (j < tl.load(head_bytes_ptr + lh))[None, :]
-    raw = tl.load(src + j[None, :], mask=in_head, other=0).to(tl.float16)
-    low = tl.dot(raw, (j[:, None] == byte[None, :]).to(tl.float16))
-    high = tl.dot(raw, (j[:, None] == byte[None, :] + 1).to(tl.float16))
-    word = low.to(tl.int32) | (high.to(tl.int32) << 8)
-    q = (word >> shift[None, :]) & ((1 << bits) - 1)[None, :]
+    head_bytes = tl.load(head_bytes_ptr + lh)
+    low = tl.full((BLOCK_T, C), 128, tl.int32)
+    high = 128 * (byte + 1 < BYTES_PAD).to(tl.int32)[None, :] + tl.zeros((BLOCK_T, C), tl.int32)
+    for j0 in tl.static_range(0, BYTES_PAD, BJ):
+        j = j0 + tl.arange(0, BJ)
+        raw = tl.load(src + j[None, :], mask=tmask[:, None] & (j < head_bytes)[None, :], other=0)
+        raw = (raw.to(tl.int32) - 128).to(tl.int8)
+        low = tl.dot(raw, (j[:, None] == byte[None, :]).to(tl.int8), low)
+        high = tl.dot(raw, (j[:, None] == byte[None, :] + 1).to(tl.int8), high)
+    q = ((low | (high << 8)) >> shift[None, :]) & ((1 << bits) - 1)[None, :]
 
-    # Dequantize: (code - levels/2 + 0.5) * step * scale, 0 where the component has no bits.
+    # Dequantize: (code - levels/2 + 0.5) * step * scale; step sits in the decoder's rows (0 where no bits), the
+    # token's scale is applied after the product.
     scales_layer = scales_ptr + tl.load(scales_off_ptr + layer)
     scode = tl.load(scales_layer + t64 * sst + h, mask=tmask, other=0).to(tl.int32)
-    step = tl.load(step_ptr + lh * C + c)[None, :] * tl.load(scale_table_ptr + scode)[:, None]
-    levels = (1 << bits).to(tl.float32)[None, :]
-    unit = tl.where(kept[None, :], (q.to(tl.float32) - levels * 0.5 + 0.5) * step, 0.0)
+    scale = tl.load(scale_table_ptr + scode)
+    half_codes = (q.to(tl.float32) - (1 << bits).to(tl.float32)[None, :] * 0.5 + 0.5).to(MMA_DTYPE)
 
     row = tl.load(rows_ptr + t, mask=tmask, other=0).to(tl.int64)
     b = row // seq
@@ -77,8 +86,8 @@ def _decode_kernel(
         for k in tl.static_range(0, D // 2, BD):
             lo = k + tl.arange(0, BD)
             hi = lo + D // 2
-            x_lo = _reconstruct(unit, dec_ptr, mean_ptr, c, lo, D, PRECISION)
-            x_hi = _reconstruct(unit, dec_ptr, mean_ptr, c, hi, D, PRECISION)
+            x_lo = _reconstruct(half_codes, scale, dec_ptr, dec_piece_stride, mean_ptr, c, lo, D, PIECES)
+            x_hi = _reconstruct(half_codes, scale, dec_ptr, dec_piece_stride, mean_ptr, c, hi, D, PIECES)
             c_lo, c_hi, s_lo, s_hi = load_rotary(cos_ptr, sin_ptr, row, scr, ssr, lo, hi, tmask)
             out_lo = x_lo * c_lo - x_hi * s_lo
             out_hi = x_hi * c_hi + x_lo * s_hi
@@ -87,7 +96,7 @@ def _decode_kernel(
     else:
         for k in tl.static_range(0, D, BD):
             d = k + tl.arange(0, BD)
-            x = _reconstruct(unit, dec_ptr, mean_ptr, c, d, D, PRECISION)
+            x = _reconstruct(half_codes, scale, dec_ptr, dec_piece_stride, mean_ptr, c, d, D, PIECES)
             tl.store(dst + d[None, :], x.to(out_ptr.dtype.element_ty), mask=tmask[:, None])
 
 
@@ -132,16 +141,16 @@ def decode_launches(
     cos, sin = unit_stride(cos), unit_stride(sin)
     args = (
         code_ptrs.base, code_ptrs.offsets, scale_ptrs.base, scale_ptrs.offsets, rows, cos, sin,
-        tab.decoder, tab.out_mean, tab.byte_rel, tab.shift, tab.bits, tab.step, tab.head_start, tab.head_bytes,
-        tab.scale_table,
+        tab.decoder, tab.decoder.stride(0), tab.out_mean, tab.byte_rel, tab.shift, tab.bits, tab.head_start,
+        tab.head_bytes, tab.scale_table,
         out_ptrs.base, out_ptrs.offsets,
         n, seq, heads,
         code_ptrs.base.stride(0), scale_ptrs.base.stride(0), *out_ptrs.base.stride()[:3],
         cos.stride(0), sin.stride(0),
     )  # fmt: skip
     meta = dict(
-        ROTARY=rotary, D=dim, C=tab.comps, BYTES_PAD=tab.bytes_pad, BD=min(dim // 2 if rotary else dim, 64),
-        OUT_ALIGN=out_ptrs.align, PRECISION=decode_precision(out_ptrs.base.dtype),
+        ROTARY=rotary, D=dim, C=tab.comps, BYTES_PAD=tab.bytes_pad, BJ=BYTE_CHUNK,
+        BD=min(dim // 2 if rotary else dim, 64), PIECES=DECODER_PIECES[out_ptrs.base.dtype], OUT_ALIGN=out_ptrs.align,
     )  # fmt: skip
     return [KernelLaunch(_decode_kernel, _decode_tuned, n, heads, tab.layers, args, meta)]
 

@@ -11,28 +11,39 @@ import triton
 import triton.language as tl
 
 from hf_scd.codec import CoderPair, RowCodes, TransformCode
+from kernels._bf16 import MMA_DTYPE, round_bf16
 from kernels._launch import KernelLaunch, autotuned, cache_tables, layer_pointers, unit_stride
 from kernels._rotary import load_rotary
-from kernels._tables import PRECISION
+from kernels._tables import BYTE_CHUNK
 
 
 @triton.jit
-def _project(unit, x, mean_ptr, enc_ptr, d, c, C: tl.constexpr, PRECISION: tl.constexpr):
-    """unit += (x - mean[d]) @ encoder[d, :] for the input columns d of x."""
-    x = x - tl.load(mean_ptr + d)[None, :]
-    return tl.dot(x, tl.load(enc_ptr + d[:, None] * C + c[None, :]), unit, input_precision=PRECISION)
+def _project(unit, x, enc_ptr, piece_stride, d, c, C: tl.constexpr, X_EXACT: tl.constexpr):
+    """unit += x @ encoder[d, :] for the input columns d of x: the encoder's two bf16 pieces times x, itself split in
+    two unless it is bf16 already (hi.hi + hi.mid + lo.hi: about 2^-16 of the terms)."""
+    w = enc_ptr + d[:, None] * C + c[None, :]
+    e_hi = tl.load(w).to(MMA_DTYPE)
+    e_mid = tl.load(w + piece_stride).to(MMA_DTYPE)
+    if X_EXACT:
+        x_hi = x.to(MMA_DTYPE)
+    else:
+        x_hi = round_bf16(x)
+        unit = tl.dot(round_bf16(x - x_hi).to(MMA_DTYPE), e_hi, unit)
+        x_hi = x_hi.to(MMA_DTYPE)
+    unit = tl.dot(x_hi, e_mid, unit)
+    return tl.dot(x_hi, e_hi, unit)
 
 
 @triton.jit
 def _encode_kernel(
     x_ptr, x_off_ptr, cos_ptr, sin_ptr, rows_ptr,
-    mean_ptr, enc_ptr, byte_ptr, shift_ptr, bits_ptr, step_ptr,
+    mean_ptr, mean_code_ptr, enc_ptr, enc_piece_stride, byte_ptr, byte_count_ptr, shift_ptr, bits_ptr, step_ptr,
     head_col_ptr, head_bytes_ptr, kept_ptr, scale_table_ptr,
     codes_ptr, scales_ptr,
     N, seq, H, codes_stride, scales_stride,
     sxb, sxh, sxs, scr, ssr,
     ROTARY: tl.constexpr, D: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BYTES_PAD: tl.constexpr,
-    BJ: tl.constexpr, X_ALIGN: tl.constexpr, BLOCK_T: tl.constexpr, PRECISION: tl.constexpr,
+    BJ: tl.constexpr, X_EXACT: tl.constexpr, X_ALIGN: tl.constexpr, BLOCK_T: tl.constexpr,
 ):  # fmt: skip
     pid_t = tl.program_id(0)
     h = tl.program_id(1)
@@ -50,10 +61,10 @@ def _encode_kernel(
     enc_ptr += lh * D * C
 
     # unit = (content - mean) @ encoder[layer, h], accumulated over chunks of BK input columns.
-    unit = tl.zeros((BLOCK_T, C), dtype=tl.float32)
     if ROTARY:
         # remove_rotary: (x*cos - rotate_half(x)*sin) / (cos^2 + sin^2), where rotate_half(x) = (-x_hi, x_lo): the
         # two halves of each chunk are loaded once each and de-rotated against each other.
+        unit = tl.zeros((BLOCK_T, C), dtype=tl.float32)
         for k in tl.static_range(0, D // 2, BK):
             lo = k + tl.arange(0, BK)
             hi = lo + D // 2
@@ -62,13 +73,22 @@ def _encode_kernel(
             c_lo, c_hi, s_lo, s_hi = load_rotary(cos_ptr, sin_ptr, row, scr, ssr, lo, hi, tmask)
             content_lo = tl.math.div_rn(x_lo * c_lo + x_hi * s_lo, c_lo * c_lo + s_lo * s_lo)
             content_hi = tl.math.div_rn(x_hi * c_hi - x_lo * s_hi, c_hi * c_hi + s_hi * s_hi)
-            unit = _project(unit, content_lo, mean_ptr, enc_ptr, lo, c, C, PRECISION)
-            unit = _project(unit, content_hi, mean_ptr, enc_ptr, hi, c, C, PRECISION)
+            content_lo -= tl.load(mean_ptr + lo)[None, :]
+            content_hi -= tl.load(mean_ptr + hi)[None, :]
+            unit = _project(unit, content_lo, enc_ptr, enc_piece_stride, lo, c, C, False)
+            unit = _project(unit, content_hi, enc_ptr, enc_piece_stride, hi, c, C, False)
     else:
+        # A bf16 row is projected as it is, exactly, and mean @ encoder taken off after; others are centred first.
+        if X_EXACT:
+            unit = tl.zeros((BLOCK_T, C), dtype=tl.float32) - tl.load(mean_code_ptr + lh * C + c)[None, :]
+        else:
+            unit = tl.zeros((BLOCK_T, C), dtype=tl.float32)
         for k in tl.static_range(0, D, BK):
             d = k + tl.arange(0, BK)
-            x = tl.load(src + d[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
-            unit = _project(unit, x, mean_ptr, enc_ptr, d, c, C, PRECISION)
+            x = tl.load(src + d[None, :], mask=tmask[:, None], other=0.0)
+            if not X_EXACT:
+                x = x.to(tl.float32) - tl.load(mean_ptr + d)[None, :]
+            unit = _project(unit, x, enc_ptr, enc_piece_stride, d, c, C, X_EXACT)
 
     # Per token-head RMS over kept components -> log scale code -> per-component step.
     bits = tl.load(bits_ptr + lh * C + c)
@@ -84,21 +104,21 @@ def _encode_kernel(
     q = tl.minimum(tl.maximum(tl.floor(ratio) + levels * 0.5, 0.0), levels - 1.0)
     q = tl.where(kept, q, 0.0).to(tl.int32)
 
-    # Pack: component c adds (q << shift) & 255 to byte byte_c and (q << shift) >> 8 to byte_c + 1. Bits of
-    # different components are disjoint, so per-byte sums (< 256, exact in fp16 products / fp32 sums) are ORs.
+    # Pack: component c adds (q << shift) & 255 to byte byte_c and (q << shift) >> 8 (< 128) to byte_c + 1. Bits of
+    # different components are disjoint, so per-byte sums are ORs: 8-bit integer products with one-hot matrices,
+    # the low bytes offset by -128 to fit int8 and the offset added back per byte (byte_count components each).
     shifted = q << tl.load(shift_ptr + lh * C + c)[None, :]
-    lo_bytes = (shifted & 255).to(tl.float16)
-    hi_bytes = (shifted >> 8).to(tl.float16)
+    lo_bytes = ((shifted & 255) - 128).to(tl.int8)
+    hi_bytes = (shifted >> 8).to(tl.int8)
     byte = tl.load(byte_ptr + lh * C + c)
     head_bytes = tl.load(head_bytes_ptr + lh)
     out = codes_ptr + t.to(tl.int64)[:, None] * codes_stride + tl.load(head_col_ptr + lh)
     for j0 in tl.static_range(0, BYTES_PAD, BJ):
         j = j0 + tl.arange(0, BJ)
-        onehot_lo = (byte[:, None] == j[None, :]).to(tl.float16)
-        onehot_hi = (byte[:, None] + 1 == j[None, :]).to(tl.float16)
-        packed = tl.dot(lo_bytes, onehot_lo)
-        packed = tl.dot(hi_bytes, onehot_hi, packed)
-        tl.store(out + j[None, :], packed.to(tl.int32).to(tl.uint8), mask=tmask[:, None] & (j[None, :] < head_bytes))
+        packed = 128 * tl.load(byte_count_ptr + lh * BYTES_PAD + j)[None, :] + tl.zeros((BLOCK_T, BJ), tl.int32)
+        packed = tl.dot(lo_bytes, (byte[:, None] == j[None, :]).to(tl.int8), packed)
+        packed = tl.dot(hi_bytes, (byte[:, None] + 1 == j[None, :]).to(tl.int8), packed)
+        tl.store(out + j[None, :], packed.to(tl.uint8), mask=tmask[:, None] & (j[None, :] < head_bytes))
     tl.store(scales_ptr + t.to(tl.int64) * scales_stride + lh, scode.to(tl.uint8), mask=tmask)
 
 
@@ -141,7 +161,8 @@ def encode_launches(
         return [], *outputs
     args = (
         pointers.base, pointers.offsets, cos, sin, rows,
-        tab.mean, tab.encoder, tab.byte_rel, tab.shift, tab.bits, tab.step,
+        tab.mean, tab.mean_code, tab.encoder, tab.encoder.stride(0),
+        tab.byte_rel, tab.byte_count, tab.shift, tab.bits, tab.step,
         tab.head_col, tab.head_bytes, tab.kept, tab.scale_table,
         packed, scales,
         n, seq, heads, packed.stride(0), scales.stride(0),
@@ -149,7 +170,7 @@ def encode_launches(
     )  # fmt: skip
     meta = dict(
         ROTARY=rotary, D=dim, C=tab.comps, BK=min(dim // 2 if rotary else dim, 64), BYTES_PAD=tab.bytes_pad,
-        BJ=min(tab.bytes_pad, 64), X_ALIGN=pointers.align, PRECISION=PRECISION,
+        BJ=BYTE_CHUNK, X_EXACT=not rotary and pointers.base.dtype == torch.bfloat16, X_ALIGN=pointers.align,
     )  # fmt: skip
     return [KernelLaunch(_encode_kernel, _encode_tuned, n, heads, tab.layers, args, meta)], *outputs
 

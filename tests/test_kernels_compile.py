@@ -1,7 +1,8 @@
 """The kernels compile for an H100 (sm_90) with the arguments their real launches build, on this GPU-less machine:
 the interpreter runs their arithmetic (test_kernels.py) but not Triton's compiler, which is where shape, layout
 and type errors of a GPU build show. Also checks the cache's bf16 tensors are read and written in vectors, never
-element by element (2-byte accesses).
+element by element (2-byte accesses), and that the tensor-core work each compiled program issues is the products'
+own, in the types chosen for them: bf16 pieces and 8-bit one-hot products, no TF32, no rows computed twice.
 
 `python -m kernels.aot` runs in its own process: this one runs Triton in interpreter mode (conftest.py).
 """
@@ -36,3 +37,13 @@ def test_kernels_compile_for_sm90_with_vector_accesses(tmp_path):
         assert row["registers"] > 0
         two_byte = [access for access in row["accesses"] if access[1] == 2]
         assert not two_byte, f"{row['model']} {row['kernel']}: element-wise bf16 accesses {two_byte}"
+        assert row["mma_flops"] == _expected_mma(row), f"{row['model']} {row['kernel']}: {row['mma_flops']}"
+
+
+def _expected_mma(row: dict) -> dict[str, int]:
+    """Tensor-core FLOPs of one program from the launch's shapes: the projection (encode: 3 piece products, 2 for a
+    bf16 value row; decode: one a piece of the decoder) and two one-hot 8-bit products a byte chunk."""
+    meta, rows = row["meta"], row["block_t"]
+    dim, comps, packed = meta["D"], meta["C"], meta["BYTES_PAD"]
+    pieces = (2 if meta["X_EXACT"] else 3) if row["kernel"].startswith("encode") else meta["PIECES"]
+    return {"bf16": pieces * 2 * rows * dim * comps, "s8": 2 * 2 * rows * comps * packed}

@@ -3,6 +3,7 @@ layers), and the per-layer tensors of a cache reached from one base pointer."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -78,8 +79,16 @@ def layer_pointers(tensors: Sequence[torch.Tensor]) -> LayerPointers | None:
     if any(delta % size for delta in deltas):
         return None
     aligned = base.data_ptr() % 16 == 0 and all(delta % 16 == 0 for delta in deltas)
-    offsets = torch.tensor([delta // size for delta in deltas], dtype=torch.int64).to(first.device)
+    offsets = _device_offsets(tuple(delta // size for delta in deltas), first.device)
     return LayerPointers(base, offsets, 16 // size if aligned and size <= 16 else 1)
+
+
+@functools.lru_cache(maxsize=256)
+def _device_offsets(offsets: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """`offsets` as an int64 tensor on `device`, built once: a cache's layers sit at the same offsets from their base
+    call after call (one allocation, layer after layer), and a host-to-device copy a launch would cost more than a
+    short launch. Read-only: the kernels only load from it."""
+    return torch.tensor(offsets, dtype=torch.int64).to(device)
 
 
 def cache_tables(

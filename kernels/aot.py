@@ -114,7 +114,8 @@ def compile_launch(run: KernelLaunch, config: triton.Config, arch: int = 90) -> 
 def mma_flops(ptx: str, config: triton.Config) -> dict[str, int]:
     """Tensor-core FLOPs per program, by input type, from the matrix instructions in `ptx`: an mma is one warp's, a
     wgmma one warpgroup's, and every warp (warpgroup) runs the whole instruction stream. The kernels loop only with
-    `tl.static_range`, which is unrolled, so each instruction in the PTX runs once."""
+    `tl.static_range`, which is unrolled, so each instruction in the PTX runs once at most (the byte chunks past a
+    head's last byte are skipped at run time: an upper bound)."""
     flops: Counter[str] = Counter()
     for op, m, n, k, dtype in _MMA.findall(ptx):
         issuers = config.num_warps // 4 if op.startswith("wgmma") else config.num_warps

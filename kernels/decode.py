@@ -48,22 +48,25 @@ def _decode_kernel(
     t64 = t.to(tl.int64)
     c = tl.arange(0, C)
 
-    # Unpack: each token's bytes of this head are read BJ at a time, and a component's two bytes (byte_c, byte_c + 1)
-    # are picked out of them by 8-bit integer products with one-hot matrices: bytes offset by -128 to fit int8 and
-    # the offset added back, for byte_c + 1 only where it lies in the chunks (bytes past the head's read as 0).
+    # Unpack: each token's bytes of this head are read BJ at a time, up to the end of the chunk holding its last byte,
+    # and a component's two bytes (byte_c, byte_c + 1) are picked out of them by 8-bit integer products with one-hot
+    # matrices: bytes offset by -128 to fit int8 and the offset added back, for byte_c + 1 only where it lies in the
+    # chunks read (bytes past the head's read as 0).
     byte = tl.load(byte_ptr + lh * C + c)
     shift = tl.load(shift_ptr + lh * C + c)
     bits = tl.load(bits_ptr + lh * C + c)
     src = codes_ptr + tl.load(codes_off_ptr + layer) + t64[:, None] * sct + tl.load(head_start_ptr + lh)
     head_bytes = tl.load(head_bytes_ptr + lh)
+    read_end = tl.cdiv(head_bytes, BJ) * BJ  # chunks are padded to the launch's longest head; a shorter one stops
     low = tl.full((BLOCK_T, C), 128, tl.int32)
-    high = 128 * (byte + 1 < BYTES_PAD).to(tl.int32)[None, :] + tl.zeros((BLOCK_T, C), tl.int32)
+    high = 128 * (byte + 1 < read_end).to(tl.int32)[None, :] + tl.zeros((BLOCK_T, C), tl.int32)
     for j0 in tl.static_range(0, BYTES_PAD, BJ):
-        j = j0 + tl.arange(0, BJ)
-        raw = tl.load(src + j[None, :], mask=tmask[:, None] & (j < head_bytes)[None, :], other=0)
-        raw = (raw.to(tl.int32) - 128).to(tl.int8)
-        low = tl.dot(raw, (j[:, None] == byte[None, :]).to(tl.int8), low)
-        high = tl.dot(raw, (j[:, None] == byte[None, :] + 1).to(tl.int8), high)
+        if j0 < read_end:
+            j = j0 + tl.arange(0, BJ)
+            raw = tl.load(src + j[None, :], mask=tmask[:, None] & (j < head_bytes)[None, :], other=0)
+            raw = (raw.to(tl.int32) - 128).to(tl.int8)
+            low = tl.dot(raw, (j[:, None] == byte[None, :]).to(tl.int8), low)
+            high = tl.dot(raw, (j[:, None] == byte[None, :] + 1).to(tl.int8), high)
     q = ((low | (high << 8)) >> shift[None, :]) & ((1 << bits) - 1)[None, :]
 
     # Dequantize: (code - levels/2 + 0.5) * step * scale; step sits in the decoder's rows (0 where no bits), the

@@ -115,10 +115,12 @@ def _encode_kernel(
     out = codes_ptr + t.to(tl.int64)[:, None] * codes_stride + tl.load(head_col_ptr + lh)
     for j0 in tl.static_range(0, BYTES_PAD, BJ):
         j = j0 + tl.arange(0, BJ)
-        packed = 128 * tl.load(byte_count_ptr + lh * BYTES_PAD + j)[None, :] + tl.zeros((BLOCK_T, BJ), tl.int32)
-        packed = tl.dot(lo_bytes, (byte[:, None] == j[None, :]).to(tl.int8), packed)
-        packed = tl.dot(hi_bytes, (byte[:, None] + 1 == j[None, :]).to(tl.int8), packed)
-        tl.store(out + j[None, :], packed.to(tl.uint8), mask=tmask[:, None] & (j[None, :] < head_bytes))
+        offset = 128 * tl.load(byte_count_ptr + lh * BYTES_PAD + j)
+        if j0 < head_bytes:  # chunks are padded to the launch's longest head: a shorter one stops at its own end
+            packed = offset[None, :] + tl.zeros((BLOCK_T, BJ), tl.int32)
+            packed = tl.dot(lo_bytes, (byte[:, None] == j[None, :]).to(tl.int8), packed)
+            packed = tl.dot(hi_bytes, (byte[:, None] + 1 == j[None, :]).to(tl.int8), packed)
+            tl.store(out + j[None, :], packed.to(tl.uint8), mask=tmask[:, None] & (j[None, :] < head_bytes))
     tl.store(scales_ptr + t.to(tl.int64) * scales_stride + lh, scode.to(tl.uint8), mask=tmask)
 
 

@@ -1,6 +1,6 @@
-"""Fused decode kernel: load each token's bytes -> pick out each component's code -> dequantize -> decoder dot ->
-+ mean -> re-rotate keys -> store into the output cache rows, one pass per (block of tokens, head, layer), and one
-launch for every layer of a cache."""
+"""Fused decode kernel: load each token's bytes -> pick out each component's code (8-bit one-hot products) ->
+half-integer codes @ bf16 pieces of step * decoder -> * scale + mean -> re-rotate keys -> store into the output
+cache rows, one pass per (block of tokens, head, layer), and one launch for every layer of a cache."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""Fused encode kernel: gather rows -> de-rotate keys -> centre -> encoder dot -> RMS -> scale code -> quantize ->
-pack, in one pass per (block of tokens, head, layer). Only the packed codes and scale codes reach global memory, and
-one launch codes every layer of a cache."""
+"""Fused encode kernel: gather rows -> de-rotate keys -> centre -> encoder product (bf16 pieces) -> RMS -> scale
+code -> quantize -> pack (8-bit one-hot products), in one pass per (block of tokens, head, layer). Only the packed
+codes and scale codes reach global memory, and one launch codes every layer of a cache."""
 
 from __future__ import annotations
 

@@ -24,6 +24,7 @@ pytest.importorskip("triton")
 
 from hf_scd import codec  # noqa: E402
 from kernels import available  # noqa: E402
+from kernels.accuracy import random_cache, random_coder, random_rope  # noqa: E402
 from kernels.decode import decode_rows  # noqa: E402
 from kernels.encode import encode_rows  # noqa: E402
 
@@ -33,7 +34,6 @@ MAX_CODE_MISMATCH = 2e-3  # fraction of codes (in token-heads with equal scale c
 # Beyond the output's rounding, / max |reference|: one piece of a bf16 output measured ~2^-9, two of fp16 ~2^-18.5,
 # three of fp32 ~2^-22.
 PIECE_ATOL = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-16, torch.float32: 2.0**-20}
-STEPS = torch.tensor([0.0] + [6.0 / 2**b for b in range(1, 9)])  # covers +-3 token RMS
 
 CASES = [
     # batch, seq, heads, dim, coded rows, cache dtype, layers
@@ -43,43 +43,21 @@ CASES = [
 ]
 
 
-def _coder(heads: int, dim: int, generator: torch.Generator, zero_head: bool, comps: int) -> codec.TransformCode:
-    """Random well-conditioned encoder to `comps` coefficients, decoder its (pseudo-)inverse, random 0..8-bit
-    allocation, nonzero mean."""
-    q = torch.linalg.qr(torch.randn(heads, dim, dim, generator=generator, dtype=torch.float64))[0][..., :comps]
-    encoder = q * torch.linspace(3.0, 0.5, comps, dtype=torch.float64)  # column c scaled: unit-ish coefficients
-    decoder = torch.linalg.pinv(encoder)
-    bits = torch.randint(0, 9, (heads, comps), generator=generator).to(torch.uint8)
-    if zero_head:
-        bits[-1] = 0  # the last head keeps nothing: its dropped components point one byte past the end
-    mean = torch.randn(heads, dim, generator=generator) * 0.3
-    return codec.TransformCode(mean, encoder.float(), decoder.float(), STEPS.clone(), bits).to(DEVICE)
-
-
-def _rope(batch: int, seq: int, dim: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin (batch*seq, dim) of real RoPE angles at random positions, with a YaRN-like attention scaling."""
-    positions = torch.randint(0, 32768, (batch * seq,), generator=generator).double()
-    inv_freq = 500000.0 ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
-    angles = positions[:, None] * inv_freq
-    angles = torch.cat([angles, angles], -1)
-    return (angles.cos() * 1.1).float().to(DEVICE), (angles.sin() * 1.1).float().to(DEVICE)
-
-
-def _cache(batch: int, heads: int, seq: int, dim: int, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
-    """A non-contiguous (batch, heads, seq, dim) cache tensor, like a transposed projection output."""
-    x = torch.randn(batch, seq, heads, dim, generator=generator) * torch.linspace(2.0, 0.2, dim) + 0.5
-    return x.to(dtype).to(DEVICE).transpose(1, 2)
-
-
 def _setup(batch, seq, heads, dim, n_rows, dtype, layers, seed):
     """Per layer keys and values, and (key, value) coders; the last of several layers codes only half the
     components (its tables are padded to the others' width)."""
     generator = torch.Generator().manual_seed(seed)
     comps = [dim // 2 if layers > 1 and layer == layers - 1 else dim for layer in range(layers)]
-    coders = [(_coder(heads, dim, generator, heads > 1, c), _coder(heads, dim, generator, False, c)) for c in comps]
-    keys = [_cache(batch, heads, seq, dim, dtype, generator) for _ in range(layers)]
-    values = [_cache(batch, heads, seq, dim, dtype, generator) for _ in range(layers)]
-    cos, sin = _rope(batch, seq, dim, generator)
+    coders = [
+        (
+            random_coder(heads, dim, generator, heads > 1, c, DEVICE),
+            random_coder(heads, dim, generator, False, c, DEVICE),
+        )
+        for c in comps
+    ]
+    keys = [random_cache(batch, heads, seq, dim, dtype, generator, DEVICE) for _ in range(layers)]
+    values = [random_cache(batch, heads, seq, dim, dtype, generator, DEVICE) for _ in range(layers)]
+    cos, sin = random_rope(batch, seq, dim, generator, DEVICE)
     rows = torch.randperm(batch * seq, generator=generator)[:n_rows].to(DEVICE)
     return keys, values, cos, sin, rows, coders
 

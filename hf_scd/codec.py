@@ -260,7 +260,7 @@ def decode_rows(
 def _row_coder(reference, x: torch.Tensor):
     """The Triton kernel standing in for `reference` (`encode_rows` / `decode_rows`) on CUDA tensors, else itself."""
     if x.is_cuda:
-        import kernels
+        from . import kernels
 
         if kernels.available():
             return getattr(kernels, reference.__name__)

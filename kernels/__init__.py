@@ -23,11 +23,11 @@ def available() -> bool:
 def __getattr__(name: str):
     """`encode_rows` / `decode_rows` (same signatures as `hf_scd.codec`'s), imported with triton on first use."""
     if name == "encode_rows":
-        from kernels.encode import encode_rows
+        from .encode import encode_rows
 
         return encode_rows
     if name == "decode_rows":
-        from kernels.decode import decode_rows
+        from .decode import decode_rows
 
         return decode_rows
-    raise AttributeError(f"module 'kernels' has no attribute {name!r}")
+    raise AttributeError(f"module 'hf_scd.kernels' has no attribute {name!r}")

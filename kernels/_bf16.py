@@ -9,7 +9,7 @@ so the interpreter, which multiplies in fp32, computes what the GPU does, up to 
 import triton
 import triton.language as tl
 
-from kernels._tables import INTERPRET
+from ._tables import INTERPRET
 
 # The tensor-core operand type; the interpreter has no bf16 matmul and multiplies the (exactly bf16) values in fp32.
 MMA_DTYPE = tl.constexpr(tl.float32 if INTERPRET else tl.bfloat16)

@@ -11,7 +11,8 @@ import torch
 import triton
 
 from hf_scd.codec import TransformCode
-from kernels._tables import INTERPRET, CodeTables, tables
+
+from ._tables import INTERPRET, CodeTables, tables
 
 INTERPRET_BLOCK_T = 16
 
@@ -25,7 +26,7 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
 def autotuned(kernel, key: list[str]):
     """`kernel` autotuned over token-block sizes, keyed on the compile-time shape `key`. A block has 16 rows a warp,
     64 a warpgroup, the rows of one Hopper tensor-core instruction: with fewer, Triton gives several warps the same
-    rows of a product, and `python -m kernels.aot` counts twice the tensor-core work."""
+    rows of a product, and `python -m hf_scd.kernels.aot` counts twice the tensor-core work."""
     configs = [triton.Config({"BLOCK_T": 16 * warps}, num_warps=warps, num_stages=1) for warps in (4, 8)]
     return triton.autotune(configs=configs, prune_configs_by={"early_config_prune": _prune}, key=key)(kernel)
 

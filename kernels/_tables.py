@@ -20,7 +20,7 @@ from hf_scd.codec import TransformCode, code_to_scale
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 BYTE_CHUNK = 32  # packed bytes a head's codes are packed and unpacked in: the K of an 8-bit integer product
 # bf16 pieces of the encoder: 16 bits, 2^-17 relative; codes land one step off the fp32 reference's on 1e-5 to 5e-5
-# of components, at quantizer boundaries (`python -m kernels.accuracy`).
+# of components, at quantizer boundaries (`python -m hf_scd.kernels.accuracy`).
 ENCODER_PIECES = 2
 # bf16 pieces of step * decoder a decode into each dtype takes: one adds ~2^-9 of the data's magnitude to a bf16
 # output, about its own rounding and far below the codes' quantization error; two and three are exact to below the

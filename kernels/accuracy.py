@@ -1,4 +1,4 @@
-"""How far the kernels' results are from the torch reference's: `python -m kernels.accuracy [--rows N]`.
+"""How far the kernels' results are from the torch reference's: `python -m hf_scd.kernels.accuracy [--rows N]`.
 
 On random well-conditioned coders with a 0..8-bit allocation and real RoPE angles, for bf16, fp16 and fp32 caches,
 it prints the fraction of scale codes and codes one step off the reference's (quantizer boundaries: the bf16
@@ -15,7 +15,8 @@ import sys
 import torch
 
 from hf_scd import codec
-from kernels._tables import INTERPRET
+
+from ._tables import INTERPRET
 
 STEPS = torch.tensor([0.0] + [6.0 / 2**b for b in range(1, 9)])  # covers +-3 token RMS
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -68,8 +69,8 @@ def code_mismatch(got: codec.RowCodes, ref: codec.RowCodes, pair: codec.CoderPai
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kernels.decode import decode_rows
-    from kernels.encode import encode_rows
+    from .decode import decode_rows
+    from .encode import encode_rows
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=512, help="tokens coded, of 2 heads of 128 dims")

@@ -1,6 +1,6 @@
-"""Compile the kernels for a GPU without one: `python -m kernels.aot [--arch 90]` prints, per kernel and autotuning
-config, the registers, stack (spills) and shared memory a thread block takes, the widths of its global loads and
-stores, and the tensor-core work it issues per token and head.
+"""Compile the kernels for a GPU without one: `python -m hf_scd.kernels.aot [--arch 90]` prints, per kernel and
+autotuning config, the registers, stack (spills) and shared memory a thread block takes, the widths of its global
+loads and stores, and the tensor-core work it issues per token and head.
 
 Triton's compiler and ptxas need no GPU, so on a CPU machine this shows what a launch on an H100 would run: each
 kernel is compiled with the arguments its real launch builds (Llama-3-8B and SmolLM2 shaped caches, bf16) and the
@@ -24,7 +24,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kernels._launch import KernelLaunch
+from ._launch import KernelLaunch
 
 SHAPES = {"Llama-3-8B": (32, 8, 128), "SmolLM2-135M": (30, 3, 64)}  # layers, KV heads, head_dim
 _TYPES = {
@@ -128,8 +128,9 @@ def model_launches(layers: int, heads: int, dim: int, tokens: int = 256) -> dict
     dtypes, strides and alignment matter here), at a ~4-bit random allocation, each with the bytes it moves per
     token and head (cache row, codes, scale code, and a head's share of cos/sin for keys)."""
     from hf_scd.codec import TransformCode
-    from kernels.decode import decode_launches
-    from kernels.encode import encode_launches
+
+    from .decode import decode_launches
+    from .encode import encode_launches
 
     generator = torch.Generator().manual_seed(0)
     coders = []

@@ -1,4 +1,4 @@
-"""Benchmark of the codec kernels on model-shaped synthetic caches: `python -m kernels.bench [--out table.md]`.
+"""Benchmark of the codec kernels on model-shaped synthetic caches: `python -m hf_scd.kernels.bench [--out table.md]`.
 
 Per model shape and context length it times encode and decode of all layers (one launch for all keys, one for all
 values; median of triton's do_bench), counts the bytes each must move, and compares the achieved bandwidth with a
@@ -61,8 +61,7 @@ def _copy_bandwidth(device: torch.device) -> float:
 
 
 def _model_rows(name: str, tokens: int, device: torch.device, copy_gbps: float) -> list[dict]:
-    import kernels
-    from hf_scd import codec
+    from hf_scd import codec, kernels
 
     n_layers, heads, dim = SHAPES[name]
     generator = torch.Generator().manual_seed(0)
@@ -119,8 +118,7 @@ def _model_rows(name: str, tokens: int, device: torch.device, copy_gbps: float) 
 
 def _agreement(keys, values, cos, sin, rows, coders, codes) -> dict[str, str]:
     """Kernel vs torch path on the first layer: off-by-one code fractions (encode), max relative error (decode)."""
-    import kernels
-    from hf_scd import codec
+    from hf_scd import codec, kernels
 
     args = ([keys[0]], [values[0]], cos, sin, rows, coders[:1])
     (encoded,), (ref,) = kernels.encode_rows(*args), codec.encode_rows(*args)
@@ -194,10 +192,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-prefill", action="store_true", help="skip the Llama-3-8B prefill comparison")
     args = parser.parse_args(argv)
 
-    import kernels
+    from hf_scd import kernels
 
     if not kernels.available():
-        print("kernels.bench: needs triton and a CUDA GPU; none here, nothing to benchmark.")
+        print("hf_scd.kernels.bench: needs triton and a CUDA GPU; none here, nothing to benchmark.")
         return 0
     device = torch.device("cuda")
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)

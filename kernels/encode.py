@@ -11,10 +11,11 @@ import triton
 import triton.language as tl
 
 from hf_scd.codec import CoderPair, RowCodes, TransformCode
-from kernels._bf16 import MMA_DTYPE, round_bf16
-from kernels._launch import KernelLaunch, autotuned, cache_tables, layer_pointers, unit_stride
-from kernels._rotary import load_rotary
-from kernels._tables import BYTE_CHUNK
+
+from ._bf16 import MMA_DTYPE, round_bf16
+from ._launch import KernelLaunch, autotuned, cache_tables, layer_pointers, unit_stride
+from ._rotary import load_rotary
+from ._tables import BYTE_CHUNK
 
 
 @triton.jit

@@ -22,11 +22,12 @@ if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("without a GPU these tests need TRITON_INTERPRET=1 (conftest.py sets it)", allow_module_level=True)
 pytest.importorskip("triton")
 
+from hf_scd.kernels import available  # noqa: E402
+from hf_scd.kernels.accuracy import random_cache, random_coder, random_rope  # noqa: E402
+from hf_scd.kernels.decode import decode_rows  # noqa: E402
+from hf_scd.kernels.encode import encode_rows  # noqa: E402
+
 from hf_scd import codec  # noqa: E402
-from kernels import available  # noqa: E402
-from kernels.accuracy import random_cache, random_coder, random_rope  # noqa: E402
-from kernels.decode import decode_rows  # noqa: E402
-from kernels.encode import encode_rows  # noqa: E402
 
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 MAX_SCALE_MISMATCH = 0.02  # fraction of token-heads whose scale code is off by 1 (never more than 1)

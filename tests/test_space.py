@@ -88,6 +88,10 @@ def _answer(page, element: str) -> str:
 
 
 def _upload(page, path) -> None:
+    """Upload `path` in the second tab, in place of the file there if any."""
+    clear = page.locator("#resume-upload button[aria-label='Clear']")
+    if clear.count():
+        clear.click()
     page.locator("#resume-upload input[type=file]").set_input_files(str(path))
     page.locator("#resume-upload", has_text=path.stem).wait_for()
 
@@ -126,11 +130,9 @@ def test_ship_download_and_continue_in_a_browser(page, tmp_path):
 
     truncated = tmp_path / "truncated.scd"
     truncated.write_bytes(blob[: len(blob) // 2])
-    page.locator("#resume-upload button[aria-label='Clear']").click()
     _upload(page, truncated)
     assert "it was cut short" in _refusal(page, "TruncatedPayloadError")
 
-    page.locator("#resume-upload button[aria-label='Clear']").click()
     _upload(page, payload)
     page.locator("#resume-route input").fill("fine-tuned")
     page.get_by_role("option", name=re.compile("fine-tuned")).click()

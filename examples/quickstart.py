@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from hf_scd import SCDArtifacts, SCDCache, SCDPayload
+from hf_scd.compat import with_cache
 from hf_scd.models import load_model
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "hub_artifacts" / "smollm2-135m-instruct"
@@ -44,7 +45,7 @@ def main() -> None:
 
     # Producer: an ordinary prefill into an SCDCache, then codes on the wire.
     producer = SCDCache(artifacts, model=model, ratio=args.ratio)
-    model(prefix, past_key_values=producer)
+    model(prefix, **with_cache(model, producer))
     blob = producer.encode().to_bytes()
 
     # Consumer: rebuild the cache from bytes and continue.
@@ -54,7 +55,7 @@ def main() -> None:
     start = time.perf_counter()
     model(prefix, logits_to_keep=1)
     prefill_s = time.perf_counter() - start
-    scd = model.generate(prompt, past_key_values=consumer, max_new_tokens=args.max_new_tokens, do_sample=False)
+    scd = model.generate(prompt, **with_cache(model, consumer), max_new_tokens=args.max_new_tokens, do_sample=False)
     oracle = model.generate(prompt, max_new_tokens=args.max_new_tokens, do_sample=False)
 
     tokens = prefix.shape[1]

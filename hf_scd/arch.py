@@ -5,11 +5,11 @@ from __future__ import annotations
 import hashlib
 import weakref
 from dataclasses import dataclass
-from functools import cached_property
 
 import torch
 from torch import nn
 
+from .compat import with_cache
 from .errors import UnsupportedModelError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -18,6 +18,9 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 # recomputes them (the attention sink) does so once per model, weights, dtype, device and token ids.
 _PREFIX_MEMO: weakref.WeakKeyDictionary[nn.Module, dict[tuple, list]] = weakref.WeakKeyDictionary()
 PREFIX_MEMO_SIZE = 256
+# Hashing the weights reads every parameter; a cache is made per request, so the fingerprint is kept per model with
+# the state of its weights it was computed from.
+_FINGERPRINTS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, str]] = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -77,10 +80,20 @@ class ModelHandle:
     def attention(self, layer_idx: int) -> nn.Module:
         return self.layers[layer_idx].self_attn
 
-    @cached_property
+    @property
     def fingerprint(self) -> str:
-        """The weights' fingerprint (`model_fingerprint`), computed once per handle."""
-        return model_fingerprint(self.model)
+        """The weights' fingerprint (`model_fingerprint`), computed once per model and again only after its weights
+        change: any in-place write (`copy_`, `load_state_dict`, an optimizer step) bumps a parameter's version
+        counter, and a replaced parameter or storage changes its identity or address."""
+        parameters = list(self.model.parameters())
+        if any(p.is_inference() for p in parameters):  # made under inference_mode: no version counter to watch
+            return model_fingerprint(self.model)
+        state = tuple((id(p), p.data_ptr(), p._version) for p in parameters)
+        known = _FINGERPRINTS.get(self.model)
+        if known is None or known[0] != state:
+            known = (state, model_fingerprint(self.model))
+            _FINGERPRINTS[self.model] = known
+        return known[1]
 
     @torch.no_grad()
     def prefix_cache(self, input_ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -97,7 +110,7 @@ class ModelHandle:
                 memo.clear()
             cache = DynamicCache(config=self.model.config)
             ids = torch.tensor([key[-1] for key in missing], dtype=torch.long, device=input_ids.device)
-            self.decoder(input_ids=ids, past_key_values=cache, use_cache=True)
+            self.decoder(input_ids=ids, **with_cache(self.decoder, cache), use_cache=True)
             for row, key in enumerate(missing):
                 memo[key] = [(layer.keys[row : row + 1], layer.values[row : row + 1]) for layer in cache.layers]
         rows = [memo[key] for key in keys]

@@ -10,13 +10,14 @@ with the consumer's own rotary embedding; generation then continues as with any 
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from .artifacts import SCDArtifacts
 from .codec import LayerCodes, TransformCode, decode_layers, encode_layers, flat_rows, scatter_rows
+from .compat import integration_error
 from .errors import ArtifactMismatchError, CacheStateError
 from .patch import Aligner, decode_patch_layer, encode_patch_layer
 from .payload import SCDPayload
@@ -108,6 +109,18 @@ class TokenRecord:
         return (self.input_ids, self.position_ids, self.cos, self.sin, self.attention_mask, self.hidden)
 
 
+@dataclass
+class _ForwardNote:
+    """What the model's hooks saw of the forward now running, until `SCDCache.update()` claims it."""
+
+    input_ids: torch.Tensor | None
+    attention_mask: torch.Tensor | None
+    hidden_states: torch.Tensor | None = None
+    position_ids: torch.Tensor | None = None
+    rotary: tuple[torch.Tensor, torch.Tensor] | None = None
+    patch_inputs: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
 class SCDCache(Cache):
     """A KV cache bound to a model and to its SCD artifacts.
 
@@ -137,60 +150,96 @@ class SCDCache(Cache):
         # Layers whose attention input the producer records, so any operating point can make them Patch layers.
         has_patches = self.role == "producer" and "patch.layers" in artifacts.tensors
         self.patch_candidates: list[int] = artifacts.tensors["patch.layers"].tolist() if has_patches else []
-        self._pending: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+        self._patch_slots = {layer: slot for slot, layer in enumerate(self.patch_candidates)}
+        self._note: _ForwardNote | None = None
         self._observe(model)
 
     # ---- recording what the model did --------------------------------------------------------------------------
 
     def _observe(self, model: torch.nn.Module) -> None:
-        """Pre-hooks on the decoder (ids, mask) and on its first attention module (positions, cos/sin).
+        """Pre-hooks that note what each forward of the model passes (ids and mask to the decoder, positions and
+        rotary (cos, sin) to the first attention module, the normalized input of Patch candidates); `update()` then
+        claims the note.
 
-        The hooks hold the cache weakly and are removed when it is garbage-collected.
+        Why `update()` decides, not the hooks: the hooks cannot tell whether a forward runs with *this* cache without
+        knowing the keyword transformers passes it under, and that keyword changed (`past_key_values` became `cache`
+        in 5.24; the old check then matched nothing and the cache shipped empty). `Cache.update(keys, values,
+        layer_idx)` is the contract every attention layer of every release calls on the cache it was handed, so a
+        note claimed there belongs to this cache whatever the keyword. A note that is missing when `update()` runs
+        is a loud `CacheStateError`, never a silently empty record. The hooks hold the cache weakly and are removed
+        when it is garbage-collected.
         """
         ref = weakref.ref(self)
 
         def on_decoder(_module, args, kwargs):
             cache = ref()
-            if cache is not None and kwargs.get("past_key_values") is cache:
+            if cache is not None:
                 ids = kwargs.get("input_ids", args[0] if args else None)
-                cache._pending = (ids, kwargs.get("attention_mask"))
+                cache._note = _ForwardNote(ids, kwargs.get("attention_mask"))
 
-        def on_attention(_module, args, kwargs):
+        def after_decoder(_module, _args, _kwargs, _output):
             cache = ref()
-            if cache is not None and kwargs.get("past_key_values") is cache:
-                hidden = kwargs.get("hidden_states", args[0] if args else None)
-                cache._record_forward(hidden, kwargs.get("position_ids"), kwargs["position_embeddings"])
+            if cache is not None:
+                cache._note = None
 
-        def on_patch_input(slot):
+        def on_attention(layer: int):
             def hook(_module, args, kwargs):
                 cache = ref()
-                if cache is not None and kwargs.get("past_key_values") is cache:
-                    hidden = kwargs.get("hidden_states", args[0] if args else None)
-                    cache.record.hidden[:, -hidden.shape[1] :, slot] = hidden
+                if cache is None or cache._note is None:
+                    return
+                hidden = kwargs.get("hidden_states", args[0] if args else None)
+                if layer == 0:
+                    cache._note.hidden_states = hidden
+                    cache._note.position_ids = kwargs.get("position_ids")
+                    cache._note.rotary = kwargs.get("position_embeddings")
+                if layer in cache._patch_slots:
+                    cache._note.patch_inputs[layer] = hidden
 
             return hook
 
         hooks = [
             self.handle.decoder.register_forward_pre_hook(on_decoder, with_kwargs=True),
-            self.handle.attention(0).register_forward_pre_hook(on_attention, with_kwargs=True),
+            self.handle.decoder.register_forward_hook(after_decoder, with_kwargs=True),
         ]
-        for slot, layer in enumerate(self.patch_candidates):
+        for layer in sorted({0, *self.patch_candidates}):
             attention = self.handle.attention(layer)
-            hooks.append(attention.register_forward_pre_hook(on_patch_input(slot), with_kwargs=True))
+            hooks.append(attention.register_forward_pre_hook(on_attention(layer), with_kwargs=True))
         weakref.finalize(self, lambda: [hook.remove() for hook in hooks])
 
-    def _record_forward(
-        self, hidden: torch.Tensor, position_ids: torch.Tensor | None, rotary: tuple[torch.Tensor, torch.Tensor]
-    ) -> None:
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store a layer's new K/V (as `Cache.update`), first claiming what the hooks noted of this forward."""
+        if layer_idx == 0:
+            self._record_forward(key_states.shape[2])
+        if layer_idx in self._patch_slots:
+            hidden = self._note.patch_inputs.pop(layer_idx, None) if self._note is not None else None
+            if hidden is None:
+                raise integration_error(
+                    f"the attention input of layer {layer_idx} never reached SCDCache's hook in this forward."
+                )
+            self.record.hidden[:, -hidden.shape[1] :, self._patch_slots[layer_idx]] = hidden
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def _record_forward(self, seq: int) -> None:
+        """Record the tokens of the forward whose first layer is being cached: `seq` new tokens."""
+        note = self._note
+        if note is None or note.rotary is None:
+            raise integration_error(
+                "SCDCache.update() was called, but the forward hooks on the model the cache was made for saw no "
+                "rotary positions for it: was the cache passed to another model, or does this transformers call "
+                "its attention modules differently?"
+            )
+        hidden, position_ids = note.hidden_states, note.position_ids
         batch = hidden.shape[0]
         # Without explicit position_ids the model computes one row of positions and (cos, sin) for the whole batch.
-        cos, sin = (t.expand(batch, *t.shape[1:]) for t in rotary)
-        seq = cos.shape[1]
+        cos, sin = (t.expand(batch, *t.shape[1:]) for t in note.rotary)
+        if cos.shape[1] != seq:
+            raise integration_error(f"the first layer cached {seq} tokens but its attention saw {cos.shape[1]}.")
         if position_ids is None:
             raise CacheStateError("the model's attention got no position_ids; SCDCache needs them to ship positions")
         position_ids = position_ids.expand(batch, seq)
-        ids, mask = self._pending
-        self._pending = (None, None)
+        ids, mask = note.input_ids, note.attention_mask
         if ids is None or ids.shape[-1] != seq:
             ids = torch.full((batch, seq), -1, dtype=torch.long, device=position_ids.device)
         if mask is None or mask.ndim != 2:
@@ -223,8 +272,13 @@ class SCDCache(Cache):
 
         `point` names another operating point of the artifacts to encode at, instead of the cache's own.
         """
-        if self.record is None or self.get_seq_length() == 0:
-            raise CacheStateError("the cache is empty: run the model on a prompt with past_key_values=cache first")
+        if self.get_seq_length() == 0:
+            raise CacheStateError("the cache is empty: run the model on a prompt with cache=cache first")
+        if self.record is None:
+            raise integration_error(
+                f"the cache holds {self.get_seq_length()} tokens that SCDCache.update() never saw, so nothing was "
+                "recorded of them: transformers filled the cache's layers without calling Cache.update()."
+            )
         if bool((self.record.input_ids < 0).any()):
             raise CacheStateError(
                 "the cache was filled from inputs_embeds, so its token ids are unknown; use input_ids"
@@ -242,8 +296,8 @@ class SCDCache(Cache):
         kv_shape = (self.handle.shape.num_kv_heads, self.handle.shape.head_dim)
         for index, layer in enumerate(self.layers):
             if layer.get_seq_length() != tokens.shape[1]:
-                raise CacheStateError(
-                    f"layer {index} holds {layer.get_seq_length()} tokens but {tokens.shape[1]} were recorded"
+                raise integration_error(
+                    f"layer {index} holds {layer.get_seq_length()} tokens but {tokens.shape[1]} were recorded."
                 )
         coded = [index for index in range(len(self.layers)) if index not in patches]
         layers: list[LayerCodes | None] = [None] * len(self.layers)
@@ -273,7 +327,7 @@ class SCDCache(Cache):
 
     @classmethod
     def from_payload(cls, payload: SCDPayload, artifacts: SCDArtifacts, model: torch.nn.Module) -> SCDCache:
-        """Rebuild a cache on the consumer, ready for `model.generate(..., past_key_values=cache)`."""
+        """Rebuild a cache on the consumer, ready for `model.generate(..., cache=cache)`."""
         if payload.artifacts_id != artifacts.artifacts_id:
             raise ArtifactMismatchError(
                 f"payload was made with artifacts {payload.artifacts_id}, these are {artifacts.artifacts_id}: "

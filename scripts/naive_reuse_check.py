@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
+from hf_scd.compat import with_cache
 from hf_scd.eval.corpus import evaluation_texts, token_documents
 from hf_scd.eval.metrics import mean_nll, next_token_kl, top1_agreement
 from hf_scd.models import load_model
@@ -46,8 +47,9 @@ def check(base_model, variant, docs: list[list[int]]) -> dict[str, dict[str, flo
         # Scored positions predict cont[1:]; cont[0] is predicted by the prefill, whoever runs it.
         oracles.append(variant(ids, logits_to_keep=CONT).logits[0, :-1])
         targets.append(cont[0, 1:])
-        base_cache = base_model(prefix, past_key_values=DynamicCache(config=base_model.config)).past_key_values
-        rows["naive"].append(variant(cont, past_key_values=copy.deepcopy(base_cache)).logits[0, :-1])
+        base_cache = DynamicCache(config=base_model.config)
+        base_model(prefix, **with_cache(base_model, base_cache))
+        rows["naive"].append(variant(cont, **with_cache(variant, copy.deepcopy(base_cache))).logits[0, :-1])
         rows["no_prefix"].append(variant(cont).logits[0, :-1])
         rows["base_model"].append(base_model(ids, logits_to_keep=CONT).logits[0, :-1])
     oracle, target = torch.cat(oracles), torch.cat(targets)

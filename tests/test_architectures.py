@@ -11,6 +11,7 @@ from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2Fo
 from hf_scd import SCDCache, SCDPayload
 from hf_scd.calibrate import calibrate
 from hf_scd.codec import remove_rotary
+from hf_scd.compat import with_cache
 
 TINY = dict(
     hidden_size=64,
@@ -49,7 +50,7 @@ def test_tiny_model_calibrates_and_round_trips(kind):
     hook = model.model.layers[1].self_attn.k_proj.register_forward_hook(lambda m, i, o: captured.append(o))
     producer = SCDCache(artifacts, model, point="2x")
     ids = torch.tensor(docs[5][:40])[None]
-    model(ids, past_key_values=producer, position_ids=torch.arange(7, 47)[None])
+    model(ids, **with_cache(model, producer), position_ids=torch.arange(7, 47)[None])
     hook.remove()
     cos, sin = producer.record.cos.unsqueeze(1), producer.record.sin.unsqueeze(1)
     content = remove_rotary(producer.layers[1].keys, cos, sin)

@@ -15,6 +15,7 @@ from hf_scd import (
     UnsupportedModelError,
 )
 from hf_scd.codec import remove_rotary
+from hf_scd.compat import with_cache
 from hf_scd.eval.metrics import next_token_kl, top1_agreement
 
 NEAR_LOSSLESS = "2.5x"
@@ -32,7 +33,7 @@ def test_keys_are_derotated_with_the_positions_the_model_used(smollm2, artifacts
     hook = model.model.layers[3].self_attn.k_proj.register_forward_hook(lambda m, i, o: captured.append(o))
     cache = SCDCache(artifacts, model)
     ids = torch.randint(100, 1000, (1, 12))
-    model(ids, past_key_values=cache, position_ids=torch.arange(40, 52)[None])  # not arange from 0
+    model(ids, **with_cache(model, cache), position_ids=torch.arange(40, 52)[None])  # not arange from 0
     hook.remove()
     keys = cache.layers[3].keys.float()
     content = remove_rotary(keys, cache.record.cos.unsqueeze(1).float(), cache.record.sin.unsqueeze(1).float())
@@ -47,10 +48,10 @@ def test_near_lossless_transfer_continues_like_the_oracle(smollm2, artifacts, ch
     model, tokenizer = smollm2
     prefix = chat_ids[:, :-1]
     producer = SCDCache(artifacts, model, point=NEAR_LOSSLESS)
-    model(prefix, past_key_values=producer)
+    model(prefix, **with_cache(model, producer))
     consumer = ship(producer, artifacts, model)
     assert torch.equal(consumer.input_ids, prefix)
-    out = model.generate(chat_ids, past_key_values=consumer, max_new_tokens=24, do_sample=False)
+    out = model.generate(chat_ids, **with_cache(model, consumer), max_new_tokens=24, do_sample=False)
     oracle = model.generate(chat_ids, max_new_tokens=24, do_sample=False)
     assert tokenizer.decode(out[0]) == tokenizer.decode(oracle[0])
 
@@ -67,8 +68,8 @@ def test_compressed_points_meet_fidelity_floors(smollm2, artifacts, point, max_k
     ids = torch.tensor([doc])
     oracle = model(ids).logits[:, 320:-1]
     producer = SCDCache(artifacts, model, point=point)
-    model(ids[:, :320], past_key_values=producer)
-    logits = model(ids[:, 320:], past_key_values=ship(producer, artifacts, model)).logits[:, :-1]
+    model(ids[:, :320], **with_cache(model, producer))
+    logits = model(ids[:, 320:], **with_cache(model, ship(producer, artifacts, model))).logits[:, :-1]
     assert next_token_kl(oracle, logits) <= max_kl
     assert top1_agreement(oracle, logits) >= min_top1
 
@@ -81,13 +82,13 @@ def test_batch_with_left_padding(smollm2, artifacts):
     batch = tokenizer(texts, return_tensors="pt", padding=True)
     positions = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
     producer = SCDCache(artifacts, model, point=NEAR_LOSSLESS)
-    model(**batch, position_ids=positions, past_key_values=producer)
+    model(**batch, position_ids=positions, **with_cache(model, producer))
     consumer = ship(producer, artifacts, model)
     assert torch.equal(consumer.attention_mask, batch.attention_mask)
     new_ids = torch.tensor([tokenizer.encode(" Paris")[:1], tokenizer.encode(" young")[:1]])
     full = torch.cat([consumer.input_ids, new_ids], 1)
     mask = torch.cat([consumer.attention_mask, torch.ones_like(new_ids)], 1)
-    out = model.generate(full, attention_mask=mask, past_key_values=consumer, max_new_tokens=6, do_sample=False)
+    out = model.generate(full, attention_mask=mask, **with_cache(model, consumer), max_new_tokens=6, do_sample=False)
     oracle = model.generate(full, attention_mask=mask, max_new_tokens=6, do_sample=False)
     assert out.tolist() == oracle.tolist()
 
@@ -99,7 +100,7 @@ def test_multi_turn_continuation_and_reencoding(smollm2, artifacts):
     turn1 = [{"role": "user", "content": "Name a fruit that is yellow."}]
     ids1 = tokenizer.apply_chat_template(turn1, add_generation_prompt=True, return_tensors="pt")["input_ids"]
     producer = SCDCache(artifacts, model, point=NEAR_LOSSLESS)
-    answer1 = model.generate(ids1, past_key_values=producer, max_new_tokens=10, do_sample=False)
+    answer1 = model.generate(ids1, **with_cache(model, producer), max_new_tokens=10, do_sample=False)
     consumer = ship(producer, artifacts, model)
     assert consumer.get_seq_length() == answer1.shape[1] - 1  # the last sampled token is not cached yet
     turn2 = tokenizer(
@@ -108,11 +109,11 @@ def test_multi_turn_continuation_and_reencoding(smollm2, artifacts):
         add_special_tokens=False,
     ).input_ids
     ids2 = torch.cat([answer1, turn2], 1)
-    answer2 = model.generate(ids2, past_key_values=consumer, max_new_tokens=10, do_sample=False)
+    answer2 = model.generate(ids2, **with_cache(model, consumer), max_new_tokens=10, do_sample=False)
     assert answer2.tolist() == model.generate(ids2, max_new_tokens=10, do_sample=False).tolist()
     third = ship(consumer, artifacts, model)
     assert torch.equal(third.input_ids, answer2[:, :-1])
-    sampled = model.generate(answer2, past_key_values=third, max_new_tokens=5, do_sample=True, top_k=20)
+    sampled = model.generate(answer2, **with_cache(model, third), max_new_tokens=5, do_sample=True, top_k=20)
     assert sampled.shape[1] == answer2.shape[1] + 5
 
 
@@ -120,13 +121,13 @@ def test_multi_turn_continuation_and_reencoding(smollm2, artifacts):
 def test_beam_search_runs_on_a_shipped_cache(smollm2, artifacts, chat_ids):
     model, _ = smollm2
     producer = SCDCache(artifacts, model, point=NEAR_LOSSLESS)
-    model(chat_ids[:, :-1], past_key_values=producer)
+    model(chat_ids[:, :-1], **with_cache(model, producer))
     consumer = ship(producer, artifacts, model)
     with pytest.raises(CacheStateError, match="batch_repeat_interleave"):
-        model.generate(chat_ids, past_key_values=consumer, max_new_tokens=4, num_beams=2, do_sample=False)
+        model.generate(chat_ids, **with_cache(model, consumer), max_new_tokens=4, num_beams=2, do_sample=False)
     consumer = ship(producer, artifacts, model)
     consumer.batch_repeat_interleave(2)
-    out = model.generate(chat_ids, past_key_values=consumer, max_new_tokens=4, num_beams=2, do_sample=False)
+    out = model.generate(chat_ids, **with_cache(model, consumer), max_new_tokens=4, num_beams=2, do_sample=False)
     oracle = model.generate(chat_ids, max_new_tokens=4, num_beams=2, do_sample=False)
     assert out.tolist() == oracle.tolist()
 
@@ -135,9 +136,9 @@ def test_beam_search_runs_on_a_shipped_cache(smollm2, artifacts, chat_ids):
 def test_repeating_the_cached_prefix_is_a_clear_error(smollm2, artifacts, chat_ids):
     model, _ = smollm2
     cache = SCDCache(artifacts, model)
-    model(chat_ids, past_key_values=cache)
+    model(chat_ids, **with_cache(model, cache))
     with pytest.raises(CacheStateError, match="at least one new token"):
-        model.generate(chat_ids, past_key_values=cache, max_new_tokens=2)
+        model.generate(chat_ids, **with_cache(model, cache), max_new_tokens=2)
 
 
 def test_unsupported_architecture_is_refused(artifacts):
@@ -171,7 +172,7 @@ def test_artifacts_refuse_other_models(smollm2, artifacts):
 def test_payload_from_other_artifacts_is_refused(smollm2, artifacts, chat_ids):
     model, _ = smollm2
     cache = SCDCache(artifacts, model)
-    model(chat_ids, past_key_values=cache)
+    model(chat_ids, **with_cache(model, cache))
     payload = cache.encode()
     payload.artifacts_id = "0" * 16
     with pytest.raises(ArtifactMismatchError, match="load the same artifacts"):
@@ -184,11 +185,11 @@ def test_batch_without_attention_mask_ships_every_row(smollm2, artifacts):
     model, _ = smollm2
     ids = torch.randint(100, 1000, (2, 9))
     producer = SCDCache(artifacts, model, point=NEAR_LOSSLESS)
-    model(ids, past_key_values=producer)
+    model(ids, **with_cache(model, producer))
     consumer = ship(producer, artifacts, model)
     assert torch.equal(consumer.input_ids, ids)
     oracle = model(torch.cat([ids, ids[:, :1]], 1)).logits[:, -1]
-    logits = model(ids[:, :1], past_key_values=consumer).logits[:, -1]
+    logits = model(ids[:, :1], **with_cache(model, consumer)).logits[:, -1]
     assert top1_agreement(oracle, logits) == 1.0
 
 
@@ -197,11 +198,11 @@ def test_crop_drops_tokens_and_generation_continues_from_the_rest(smollm2, artif
     model, _ = smollm2
     prefix = chat_ids[:, :-1]
     producer = SCDCache(artifacts, model, point=NEAR_LOSSLESS)
-    model(prefix, past_key_values=producer)
+    model(prefix, **with_cache(model, producer))
     consumer = ship(producer, artifacts, model)
     keep = prefix.shape[1] - 4
     consumer.crop(-4)  # negative: tokens to remove, in every transformers 5.x
     assert consumer.get_seq_length() == keep and torch.equal(consumer.input_ids, prefix[:, :keep])
     prompt = chat_ids[:, : keep + 1]
-    out = model.generate(prompt, past_key_values=consumer, max_new_tokens=8, do_sample=False)
+    out = model.generate(prompt, **with_cache(model, consumer), max_new_tokens=8, do_sample=False)
     assert out.tolist() == model.generate(prompt, max_new_tokens=8, do_sample=False).tolist()

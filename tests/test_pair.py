@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from hf_scd import ArtifactMismatchError, SCDArtifacts, SCDCache, SCDPayload
+from hf_scd.compat import with_cache
 from hf_scd.eval.baselines import prefill
 from hf_scd.eval.corpus import evaluation_texts, token_documents
 from hf_scd.eval.metrics import next_token_kl, top1_agreement
@@ -42,11 +43,11 @@ def test_scd_beats_naive_reuse_and_generation_continues(smollm2, variant, pair_a
         oracle = variant(ids).logits[:, PREFIX:-1]
         naive = prefill(producer, ids[:, :PREFIX], None)
         shipped = SCDCache(pair_artifacts, producer)
-        producer(ids[:, :PREFIX], past_key_values=shipped)
+        producer(ids[:, :PREFIX], **with_cache(producer, shipped))
         blob = shipped.encode().to_bytes()
         rebuilt = SCDCache.from_payload(SCDPayload.from_bytes(blob), pair_artifacts, variant)
         for name, cache in (("naive", naive), ("scd", rebuilt)):
-            logits = variant(ids[:, PREFIX:], past_key_values=cache).logits[:, :-1]
+            logits = variant(ids[:, PREFIX:], **with_cache(variant, cache)).logits[:, :-1]
             kl[name].append(next_token_kl(oracle, logits))
             top1[name].append(top1_agreement(oracle, logits))
     mean = {name: (sum(kl[name]) / DOCS, sum(top1[name]) / DOCS) for name in kl}
@@ -54,9 +55,9 @@ def test_scd_beats_naive_reuse_and_generation_continues(smollm2, variant, pair_a
     assert mean["scd"][1] > mean["naive"][1], mean
 
     shipped = SCDCache(pair_artifacts, producer)
-    producer(chat_ids[:, :-1], past_key_values=shipped)
+    producer(chat_ids[:, :-1], **with_cache(producer, shipped))
     rebuilt = SCDCache.from_payload(SCDPayload.from_bytes(shipped.encode().to_bytes()), pair_artifacts, variant)
-    out = variant.generate(chat_ids, past_key_values=rebuilt, max_new_tokens=12, do_sample=False)
+    out = variant.generate(chat_ids, **with_cache(variant, rebuilt), max_new_tokens=12, do_sample=False)
     assert tokenizer.decode(out[0, chat_ids.shape[1] :], skip_special_tokens=True).strip()
 
 
@@ -66,12 +67,12 @@ def test_wrong_models_and_payloads_are_refused(smollm2, variant, pair_artifacts,
     with pytest.raises(ArtifactMismatchError, match="fine-tuned variant"):
         SCDCache(artifacts, variant)  # same-model artifacts of the base, on the variant
     shipped = SCDCache(pair_artifacts, producer)
-    producer(chat_ids, past_key_values=shipped)
+    producer(chat_ids, **with_cache(producer, shipped))
     with pytest.raises(ArtifactMismatchError, match="consumer of a pair"):
         SCDCache.from_payload(shipped.encode(), pair_artifacts, producer)
     with pytest.raises(ArtifactMismatchError, match="fitted on"):  # another pair's artifacts
         SCDCache(SCDArtifacts.from_pretrained(HUB / "qwen2.5-coder-0.5b-instruct-stdlib-pair"), producer)
     same_model = SCDCache(artifacts, producer)
-    producer(chat_ids, past_key_values=same_model)
+    producer(chat_ids, **with_cache(producer, same_model))
     with pytest.raises(ArtifactMismatchError, match="load the same artifacts"):
         SCDCache.from_payload(same_model.encode(), pair_artifacts, variant)

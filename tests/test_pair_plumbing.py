@@ -16,6 +16,7 @@ from hf_scd.arch import ModelHandle
 from hf_scd.calibrate import calibrate_pair
 from hf_scd.calibrate.collect import KVMoments
 from hf_scd.calibrate.fit import fit_layer_basis
+from hf_scd.compat import with_cache
 
 TINY = dict(
     hidden_size=64,
@@ -74,7 +75,7 @@ def _own_cache(model, ids):
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
-    model(ids, past_key_values=cache)
+    model(ids, **with_cache(model, cache))
     return cache
 
 
@@ -85,7 +86,7 @@ def test_reuse_and_patch_rebuild_the_consumers_own_cache(pair):
     (patched,) = artifacts.point("1.5x+p1").patch_layers
     ids = torch.tensor(docs[11][:48])[None]
     shipped = SCDCache(artifacts, producer)
-    producer(ids, past_key_values=shipped)
+    producer(ids, **with_cache(producer, shipped))
     raw, own = _own_cache(producer, ids), _own_cache(consumer, ids)
     for point in ("1.5x", "1.5x+p1"):
         payload = SCDPayload.from_bytes(shipped.encode(point).to_bytes())
@@ -106,7 +107,9 @@ def test_reuse_and_patch_rebuild_the_consumers_own_cache(pair):
             assert payload.layers[patched].key_codes.shape[1] == 0 and payload.layers[patched].hidden_codes.shape[1] > 0
     # Generation continues from the rebuilt cache.
     new = torch.tensor([[5, 6]])
-    out = consumer.generate(torch.cat([ids, new], 1), past_key_values=rebuilt, max_new_tokens=3, do_sample=False)
+    out = consumer.generate(
+        torch.cat([ids, new], 1), **with_cache(consumer, rebuilt), max_new_tokens=3, do_sample=False
+    )
     assert out.shape[1] == ids.shape[1] + 2 + 3
 
 
@@ -147,7 +150,7 @@ def test_a_stored_aligner_corrects_the_patch_layers_input(pair):
 
     ids = torch.tensor(docs[11][:40])[None]
     shipped = SCDCache(aligned, producer, point="1.5x+p1")
-    producer(ids, past_key_values=shipped)
+    producer(ids, **with_cache(producer, shipped))
     payload = shipped.encode()
     rebuilt = SCDCache.from_payload(payload, aligned, consumer)
     hidden = code.decode(payload.layers[layer].hidden_codes, payload.layers[layer].hidden_scales)[:, 0]
@@ -164,12 +167,12 @@ def test_each_side_refuses_the_other_role(pair):
     producer, consumer, artifacts, docs = pair
     ids = torch.tensor(docs[11][:20])[None]
     shipped = SCDCache(artifacts, producer)
-    producer(ids, past_key_values=shipped)
+    producer(ids, **with_cache(producer, shipped))
     payload = shipped.encode()
     with pytest.raises(ArtifactMismatchError, match="consumer of a pair"):
         SCDCache.from_payload(payload, artifacts, producer)
     on_consumer = SCDCache(artifacts, consumer)
-    consumer(ids, past_key_values=on_consumer)
+    consumer(ids, **with_cache(consumer, on_consumer))
     with pytest.raises(CacheStateError, match="only their producer can encode"):
         on_consumer.encode()
     stranger = LlamaForCausalLM(LlamaConfig(**TINY)).eval()
@@ -215,7 +218,7 @@ def test_joint_svd_reuse_only_pair_round_trips(pair, tmp_path):
     assert loaded.config["codec"]["reuse"] == "joint-svd"
     ids = torch.tensor(docs[11][:48])[None]
     shipped = SCDCache(loaded, producer)
-    producer(ids, past_key_values=shipped)
+    producer(ids, **with_cache(producer, shipped))
     rebuilt = SCDCache.from_payload(SCDPayload.from_bytes(shipped.encode().to_bytes()), loaded, consumer)
     own, raw = _own_cache(consumer, ids), _own_cache(producer, ids)
     for layer, mine, theirs in zip(rebuilt.layers, own.layers, raw.layers, strict=True):

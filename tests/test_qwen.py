@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from hf_scd import SCDArtifacts, SCDCache, SCDPayload
+from hf_scd.compat import with_cache
 from hf_scd.eval.corpus import evaluation_texts, token_documents
 from hf_scd.eval.metrics import next_token_kl, top1_agreement
 from hf_scd.models import PACKAGED_MODELS
@@ -37,17 +38,17 @@ def test_qwen_transfer_meets_floors_and_continues_generation(qwen):
     ids = torch.tensor([doc])
     oracle = model(ids).logits[:, 320:-1]
     producer = SCDCache(artifacts, model, point="4x")
-    model(ids[:, :320], past_key_values=producer)
+    model(ids[:, :320], **with_cache(model, producer))
     blob = producer.encode().to_bytes()
     consumer = SCDCache.from_payload(SCDPayload.from_bytes(blob), artifacts, model)
-    logits = model(ids[:, 320:], past_key_values=consumer).logits[:, :-1]
+    logits = model(ids[:, 320:], **with_cache(model, consumer)).logits[:, :-1]
     kl, top1 = next_token_kl(oracle, logits), top1_agreement(oracle, logits)
     assert kl <= KL_FLOOR and top1 >= TOP1_FLOOR, (kl, top1)
 
     messages = [{"role": "user", "content": "Write a Python function that returns the square of a number."}]
     chat = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")["input_ids"]
     producer = SCDCache(artifacts, model, point="3x")
-    model(chat[:, :-1], past_key_values=producer)
+    model(chat[:, :-1], **with_cache(model, producer))
     consumer = SCDCache.from_payload(SCDPayload.from_bytes(producer.encode().to_bytes()), artifacts, model)
-    out = model.generate(chat, past_key_values=consumer, max_new_tokens=12, do_sample=False)
+    out = model.generate(chat, **with_cache(model, consumer), max_new_tokens=12, do_sample=False)
     assert out.shape[1] == chat.shape[1] + 12

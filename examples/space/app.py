@@ -26,6 +26,7 @@ import gradio as gr
 import torch
 
 from hf_scd import SCDArtifacts, SCDCache, SCDError, SCDPayload
+from hf_scd.compat import with_cache
 from hf_scd.models import HUB_ARTIFACTS, load_model
 
 PRODUCER = "smollm2-135m-instruct"
@@ -98,7 +99,7 @@ class Demo:
         turn = [{"role": "user", "content": f"{passage.strip()}\n\n{question.strip()}".strip()}]
         ids = tokenizer.apply_chat_template(turn, return_tensors="pt")["input_ids"]
         cache = SCDCache(artifacts(route.artifacts), model=producer, point=point)
-        producer(ids, past_key_values=cache)
+        producer(ids, **with_cache(producer, cache))
         start = time.perf_counter()
         blob = cache.encode().to_bytes()
         return blob, (time.perf_counter() - start) * 1e3, ids.shape[1]
@@ -116,7 +117,7 @@ class Demo:
         prefill_ms = (time.perf_counter() - start) * 1e3
         ids = torch.cat([prefix, assistant_header(tokenizer).expand(prefix.shape[0], -1)], dim=1)
         settings = {"max_new_tokens": max_new_tokens, "do_sample": False}
-        scd = consumer.generate(ids, past_key_values=cache, **settings)[0, ids.shape[1] :]
+        scd = consumer.generate(ids, **with_cache(consumer, cache), **settings)[0, ids.shape[1] :]
         oracle = consumer.generate(ids, **settings)[0, ids.shape[1] :]
         same = 0
         while same < min(len(scd), len(oracle)) and scd[same] == oracle[same]:

@@ -93,10 +93,10 @@ from hf_scd import SCDArtifacts, SCDCache, SCDPayload
 
 artifacts = SCDArtifacts.from_pretrained("<this repo>")
 cache = SCDCache(artifacts, model=model, ratio=4)  # or max_kl=0.01, or point="4x"
-model(prompt_ids, past_key_values=cache)
+model(prompt_ids, cache=cache)  # past_key_values=cache before transformers 5.24
 blob = cache.encode().to_bytes()
 # on the consumer
 cache = SCDCache.from_payload(SCDPayload.from_bytes(blob), artifacts, model=model)
-model.generate(full_ids, past_key_values=cache, max_new_tokens=64)
+model.generate(full_ids, cache=cache, max_new_tokens=64)
 ```
 """

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from ..arch import ModelShape, model_fingerprint
 from ..artifacts import KINDS, SCDArtifacts
 from ..codec import BitLayout
+from ..compat import with_cache
 from ..eval.metrics import next_token_kl, top1_agreement
 from .fit import LayerBasis, allocate_bits
 
@@ -118,9 +119,9 @@ def validate_points(
         ids = torch.tensor([doc], device=device)
         oracle = model(ids).logits[:, prefix_len:-1]
         shipped = SCDCache(artifacts, producer)
-        producer(ids[:, :prefix_len], past_key_values=shipped, logits_to_keep=1)
+        producer(ids[:, :prefix_len], **with_cache(producer, shipped), logits_to_keep=1)
         for point in artifacts.points:
             consumer = SCDCache.from_payload(shipped.encode(point.name), artifacts, model)
-            logits = model(ids[:, prefix_len:], past_key_values=consumer).logits[:, :-1]
+            logits = model(ids[:, prefix_len:], **with_cache(model, consumer)).logits[:, :-1]
             results[point.name].append((next_token_kl(oracle, logits), top1_agreement(oracle, logits)))
     return [tuple(sum(v) / len(v) for v in zip(*results[p.name], strict=True)) for p in artifacts.points]

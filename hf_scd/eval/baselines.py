@@ -14,6 +14,8 @@ from typing import Protocol, runtime_checkable
 import torch
 from transformers import Cache, DynamicCache
 
+from ..compat import with_cache
+
 FP16_BYTES = 2
 
 
@@ -43,7 +45,7 @@ def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
-        past_key_values=cache,
+        **with_cache(model, cache),
         use_cache=True,
         logits_to_keep=1,
     )

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
+from ..compat import with_cache
 from .baselines import KVTransfer
 from .corpus import evaluation_texts, token_documents
 from .metrics import mean_nll, next_token_kl, top1_agreement
@@ -57,7 +58,9 @@ def teacher_forced_scores_many(
             nll_oracle = mean_nll(oracle, targets)
             for method in methods:
                 cache, nbytes = method.transfer(model, prefix, None)
-                logits = model(input_ids=cont, past_key_values=cache, logits_to_keep=cont_len).logits[:, :-1].float()
+                logits = (
+                    model(input_ids=cont, **with_cache(model, cache), logits_to_keep=cont_len).logits[:, :-1].float()
+                )
                 acc = sums[method.name]
                 acc["kl"] += next_token_kl(oracle, logits) * count
                 acc["top1"] += top1_agreement(oracle, logits) * count
@@ -121,7 +124,7 @@ def _generate_answers(
             attention_mask = torch.cat([prefix_mask, torch.ones_like(suffix_ids)], dim=1)
             kwargs = {}
             if method is not None:
-                kwargs["past_key_values"], _ = method.transfer(model, prefix_ids, prefix_mask)
+                kwargs = with_cache(model, method.transfer(model, prefix_ids, prefix_mask)[0])
             out = model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,

@@ -20,9 +20,10 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from .arch import ModelHandle, ModelShape
-from .codec import TransformCode
+from .codes import TransformCode
 from .errors import ArtifactError, ArtifactMismatchError, OperatingPointError
 from .patch import Aligner
+from .plan import PatchLayer, Plan, ReuseLayer, SinkPolicy
 
 ARTIFACTS_FORMAT_VERSION = 3
 TENSORS_FILE = "codec.safetensors"
@@ -63,8 +64,7 @@ class SCDArtifacts(
             OperatingPoint(**{**point, "patch_layers": tuple(point.get("patch_layers", ()))})
             for point in config["operating_points"]
         ]
-        self._codes: dict[tuple[str, str], list[tuple[TransformCode, TransformCode]]] = {}
-        self._patches: dict[tuple[str, str], dict[int, tuple[TransformCode, Aligner | None]]] = {}
+        self._plans: dict[tuple[str, str], Plan] = {}
 
     # ---- identity ---------------------------------------------------------------------------------------------
 
@@ -78,14 +78,9 @@ class SCDArtifacts(
         return self.config["model"]["fingerprint"]
 
     @property
-    def exact_tokens(self) -> int:
-        """Leading real tokens of each row shipped exactly (bf16) instead of coded: the attention sink."""
-        return int(self.config["codec"]["exact_tokens"])
-
-    @property
-    def recomputed_tokens(self) -> int:
-        """Leading real tokens of each row whose K/V the consumer computes itself (cross-variant: its own sink)."""
-        return int(self.config["codec"].get("recomputed_tokens", 0))
+    def patch_candidates(self) -> list[int]:
+        """Layers that some operating point may patch: the producer records their attention input."""
+        return self.tensors["patch.layers"].tolist() if "patch.layers" in self.tensors else []
 
     @property
     def is_pair(self) -> bool:
@@ -149,53 +144,50 @@ class SCDArtifacts(
             f"operating point {name!r} is not in these artifacts: {[p.name for p in self.points]}"
         )
 
-    def layer_codes(self, point: str, device: torch.device | str = "cpu") -> list[tuple[TransformCode, TransformCode]]:
-        """Per layer, the (key, value) coders at an operating point, on `device` (kept for reuse)."""
+    def plan(self, point: str, device: torch.device | str = "cpu") -> Plan:
+        """The plan of an operating point, its tensors on `device` (built once per point and device): Reuse coders
+        for most layers, Patch coders for the point's `patch_layers`, and the sink policy."""
         cache_key = (point, str(device))
-        if cache_key not in self._codes:
-            self.point(point)
-            bits = self.tensors[f"points.{point}.bits"]
-            self._codes[cache_key] = [
-                tuple(
-                    TransformCode(
-                        mean=self.tensors["mean"][layer, index],
-                        encoder=self.tensors["encoder"][layer, index],
-                        decoder=self.tensors["decoder"][layer, index],
-                        steps=self.tensors["steps"][layer, index],
-                        bits=bits[layer, index],
-                        out_mean=self.tensors["out_mean"][layer, index] if "out_mean" in self.tensors else None,
-                    ).to(device)
-                    for index in range(len(KINDS))
-                )
+        if cache_key not in self._plans:
+            patch_layers = self.point(point).patch_layers
+            layers = tuple(
+                self._patch_layer(point, layer, device)
+                if layer in patch_layers
+                else self._reuse_layer(point, layer, device)
                 for layer in range(self.shape.num_layers)
-            ]
-        return self._codes[cache_key]
+            )
+            sink = SinkPolicy(
+                exact=int(self.config["codec"]["exact_tokens"]),
+                recomputed=int(self.config["codec"].get("recomputed_tokens", 0)),
+            )
+            self._plans[cache_key] = Plan(point, layers, sink, (self.shape.num_kv_heads, self.shape.head_dim))
+        return self._plans[cache_key]
 
-    def patch_codes(
-        self, point: str, device: torch.device | str = "cpu"
-    ) -> dict[int, tuple[TransformCode, Aligner | None]]:
-        """Per Patch layer of an operating point, the coder of its attention input and the consumer's aligner (None
-        where calibration kept the linear prediction)."""
-        cache_key = (point, str(device))
-        if cache_key not in self._patches:
-            layers = self.point(point).patch_layers
-            candidates = self.tensors["patch.layers"].tolist() if layers else []
-            patches = {}
-            for layer in layers:
-                slot = candidates.index(layer)
-                code = TransformCode(
-                    **{
-                        f: self.tensors[f"patch.{f}"][slot] for f in ("mean", "out_mean", "encoder", "decoder", "steps")
-                    },
-                    bits=self.tensors[f"points.{point}.hidden_bits"][slot],
-                )
-                aligner = None
-                if f"aligner.{layer}.w_in" in self.tensors:
-                    parts = (self.tensors[f"aligner.{layer}.{f.name}"] for f in fields(Aligner))
-                    aligner = Aligner(*parts).to(device)
-                patches[layer] = (code.to(device), aligner)
-            self._patches[cache_key] = patches
-        return self._patches[cache_key]
+    def _reuse_layer(self, point: str, layer: int, device: torch.device | str) -> ReuseLayer:
+        bits = self.tensors[f"points.{point}.bits"]
+        key, value = (
+            TransformCode(
+                mean=self.tensors["mean"][layer, index],
+                encoder=self.tensors["encoder"][layer, index],
+                decoder=self.tensors["decoder"][layer, index],
+                steps=self.tensors["steps"][layer, index],
+                bits=bits[layer, index],
+                out_mean=self.tensors["out_mean"][layer, index] if "out_mean" in self.tensors else None,
+            ).to(device)
+            for index in range(len(KINDS))
+        )
+        return ReuseLayer(key, value)
+
+    def _patch_layer(self, point: str, layer: int, device: torch.device | str) -> PatchLayer:
+        slot = self.patch_candidates.index(layer)
+        hidden = TransformCode(
+            **{f: self.tensors[f"patch.{f}"][slot] for f in ("mean", "out_mean", "encoder", "decoder", "steps")},
+            bits=self.tensors[f"points.{point}.hidden_bits"][slot],
+        )
+        aligner = None
+        if f"aligner.{layer}.w_in" in self.tensors:
+            aligner = Aligner(*(self.tensors[f"aligner.{layer}.{f.name}"] for f in fields(Aligner))).to(device)
+        return PatchLayer(hidden.to(device), aligner)
 
     # ---- persistence ------------------------------------------------------------------------------------------
 

@@ -15,7 +15,8 @@ from dataclasses import dataclass, fields
 import torch
 from torch import nn
 
-from .codec import LayerCodes, TransformCode, rotated_keys, scatter_rows
+from .codec import decode_vectors, encode_vectors, rotated_keys, scatter_rows
+from .codes import LayerCodes, TransformCode
 
 
 @dataclass
@@ -46,7 +47,7 @@ def encode_patch_layer(
     The layer's K/V parts are zero-width; `kv_shape` (kv_heads, head_dim) shapes its (empty) exact-token tensors.
     """
     rows = hidden.reshape(-1, 1, hidden.shape[-1])[coded_rows]
-    codes, scales = code.encode(rows)
+    codes, scales = encode_vectors(code, rows)
     empty = torch.empty(coded_rows.numel(), 0, dtype=torch.uint8, device=hidden.device)
     no_exact = torch.empty(0, *kv_shape, dtype=torch.bfloat16, device=hidden.device)
     return LayerCodes(empty, empty, empty, empty, no_exact, no_exact, codes, scales)
@@ -69,7 +70,7 @@ def decode_patch_layer(
     back as zeros."""
     batch, seq = shape
     heads, dim = kv_shape
-    predicted = code.decode(codes.hidden_codes, codes.hidden_scales)[:, 0]
+    predicted = decode_vectors(code, codes.hidden_codes, codes.hidden_scales)[:, 0]
     if aligner is not None:
         predicted = aligner(predicted)
     weight_dtype = attention.k_proj.weight.dtype

@@ -1,6 +1,7 @@
 """Triton kernels for the codec's hot paths: `encode_rows` and `decode_rows` on CUDA tensors.
 
-`hf_scd.codec` is the reference; these functions have exactly its signatures and dispatch there for CUDA tensors.
+`hf_scd.codec` is the reference; these functions have exactly its signatures, and `hf_scd.backend` calls them
+instead of it for CUDA tensors.
 Nothing heavy is imported here, so `available()` answers False cheaply on machines without Triton or a GPU.
 """
 

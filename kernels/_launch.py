@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from hf_scd.codec import TransformCode
+from hf_scd.codes import TransformCode
 
 from ._tables import INTERPRET, CodeTables, tables
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from hf_scd.codec import TransformCode, code_to_scale
+from hf_scd.codes import TransformCode, code_to_scale
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 BYTE_CHUNK = 32  # packed bytes a head's codes are packed and unpacked in: the K of an 8-bit integer product

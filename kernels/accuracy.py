@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from hf_scd import codec
+from hf_scd import codec, codes
 
 from ._tables import INTERPRET
 
@@ -24,7 +24,7 @@ DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 def random_coder(
     heads: int, dim: int, generator: torch.Generator, zero_head: bool, comps: int, device: torch.device
-) -> codec.TransformCode:
+) -> codes.TransformCode:
     """Random well-conditioned encoder to `comps` coefficients, decoder its (pseudo-)inverse, random 0..8-bit
     allocation, nonzero mean; with `zero_head`, the last head keeps nothing."""
     q = torch.linalg.qr(torch.randn(heads, dim, dim, generator=generator, dtype=torch.float64))[0][..., :comps]
@@ -34,7 +34,7 @@ def random_coder(
     if zero_head:
         bits[-1] = 0  # its dropped components point one byte past the end
     mean = torch.randn(heads, dim, generator=generator) * 0.3
-    return codec.TransformCode(mean, encoder.float(), decoder.float(), STEPS.clone(), bits).to(device)
+    return codes.TransformCode(mean, encoder.float(), decoder.float(), STEPS.clone(), bits).to(device)
 
 
 def random_rope(
@@ -56,7 +56,7 @@ def random_cache(
     return x.to(dtype).to(device).transpose(1, 2)
 
 
-def code_mismatch(got: codec.RowCodes, ref: codec.RowCodes, pair: codec.CoderPair) -> list[tuple[float, float]]:
+def code_mismatch(got: codes.RowCodes, ref: codes.RowCodes, pair: codes.CoderPair) -> list[tuple[float, float]]:
     """(scale codes off, codes off in token-heads of equal scale code) for keys and values, as fractions."""
     out = []
     for part, code in ((0, pair[0]), (2, pair[1])):
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         got = encode_rows([keys], [values], cos, sin, rows, [pair])[0]
         ref = codec.encode_rows([keys], [values], cos, sin, rows, [pair])[0]
         (key_scale, key_codes), (value_scale, value_codes) = code_mismatch(got, ref, pair)
-        layer = [codec.LayerCodes(*ref, None, None, None, None)]
+        layer = [codes.LayerCodes(*ref, None, None, None, None)]
         exact = [torch.zeros(keys.shape, dtype=torch.float32, device=device) for _ in range(2)]
         codec.decode_rows(layer, cos, sin, rows, [pair], exact[:1], exact[1:])
         out = [torch.zeros(keys.shape, dtype=dtype, device=device) for _ in range(2)]

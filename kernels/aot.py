@@ -127,7 +127,7 @@ def model_launches(layers: int, heads: int, dim: int, tokens: int = 256) -> dict
     """The encode and decode launches of keys and values of a bf16 cache of this shape (CPU tensors: only their
     dtypes, strides and alignment matter here), at a ~4-bit random allocation, each with the bytes it moves per
     token and head (cache row, codes, scale code, and a head's share of cos/sin for keys)."""
-    from hf_scd.codec import TransformCode
+    from hf_scd.codes import TransformCode
 
     from .decode import decode_launches
     from .encode import encode_launches

@@ -28,7 +28,7 @@ PREFILL_TOKENS = 8192
 
 def _coder(heads: int, dim: int, generator: torch.Generator, device: torch.device):
     """Random orthogonal encoder/decoder and a ~4 bits/component allocation falling with the component index."""
-    from hf_scd.codec import TransformCode
+    from hf_scd.codes import TransformCode
 
     q = torch.linalg.qr(torch.randn(heads, dim, dim, generator=generator))[0]
     profile = 8.0 * (1.0 - torch.arange(dim) / dim) + torch.rand(heads, dim, generator=generator) * 2 - 1
@@ -61,7 +61,7 @@ def _copy_bandwidth(device: torch.device) -> float:
 
 
 def _model_rows(name: str, tokens: int, device: torch.device, copy_gbps: float) -> list[dict]:
-    from hf_scd import codec, kernels
+    from hf_scd import backend, codec, codes, kernels
 
     n_layers, heads, dim = SHAPES[name]
     generator = torch.Generator().manual_seed(0)
@@ -71,7 +71,7 @@ def _model_rows(name: str, tokens: int, device: torch.device, copy_gbps: float) 
     cos, sin = _rope(tokens, dim, device)
     rows = torch.arange(tokens, device=device)
     codes = [
-        codec.LayerCodes(*e, None, None, None, None) for e in kernels.encode_rows(keys, values, cos, sin, rows, coders)
+        codes.LayerCodes(*e, None, None, None, None) for e in kernels.encode_rows(keys, values, cos, sin, rows, coders)
     ]
     out = torch.empty_like(kv)
     out_keys, out_values = list(out[0].unbind(0)), list(out[1].unbind(0))
@@ -100,13 +100,13 @@ def _model_rows(name: str, tokens: int, device: torch.device, copy_gbps: float) 
     # What a consumer runs: allocation, both launches and the exact (sink) tokens, through the library's entry.
     sink = torch.arange(4, device=device)
     layer_codes = [
-        codec.LayerCodes(*e, None, None, None, None)
+        codes.LayerCodes(*e, None, None, None, None)
         for e in kernels.encode_rows(keys, values, cos, sin, rows[4:], coders)
     ]
     for layer, k, v in zip(layer_codes, keys, values, strict=True):
         layer.exact_keys, layer.exact_values = codec.flat_rows(k, sink), codec.flat_rows(v, sink)
     library_ms = _bench(
-        lambda: codec.decode_layers(layer_codes, cos, sin, rows[4:], sink, coders, (1, tokens), torch.bfloat16)
+        lambda: backend.decode_layers(layer_codes, cos, sin, rows[4:], sink, coders, (1, tokens), torch.bfloat16)
     )
     result.append(dict(result[-1], kernel="decode_layers", ms=library_ms, gbps=moved / (library_ms * 1e-3) / 1e9))
     result[-1]["copy_frac"] = result[-1]["gbps"] / copy_gbps
@@ -118,7 +118,7 @@ def _model_rows(name: str, tokens: int, device: torch.device, copy_gbps: float) 
 
 def _agreement(keys, values, cos, sin, rows, coders, codes) -> dict[str, str]:
     """Kernel vs torch path on the first layer: off-by-one code fractions (encode), max relative error (decode)."""
-    from hf_scd import codec, kernels
+    from hf_scd import codec, codes, kernels
 
     args = ([keys[0]], [values[0]], cos, sin, rows, coders[:1])
     (encoded,), (ref,) = kernels.encode_rows(*args), codec.encode_rows(*args)

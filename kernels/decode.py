@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hf_scd.codec import CoderPair, LayerCodes, TransformCode
+from hf_scd.codes import CoderPair, LayerCodes, TransformCode
 
 from ._bf16 import MMA_DTYPE
 from ._launch import KernelLaunch, autotuned, cache_tables, layer_pointers, unit_stride

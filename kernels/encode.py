@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hf_scd.codec import CoderPair, RowCodes, TransformCode
+from hf_scd.codes import CoderPair, RowCodes, TransformCode
 
 from ._bf16 import MMA_DTYPE, round_bf16
 from ._launch import KernelLaunch, autotuned, cache_tables, layer_pointers, unit_stride

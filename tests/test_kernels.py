@@ -27,7 +27,7 @@ from hf_scd.kernels.accuracy import random_cache, random_coder, random_rope  # n
 from hf_scd.kernels.decode import decode_rows  # noqa: E402
 from hf_scd.kernels.encode import encode_rows  # noqa: E402
 
-from hf_scd import codec  # noqa: E402
+from hf_scd import codec, codes  # noqa: E402
 
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 MAX_SCALE_MISMATCH = 0.02  # fraction of token-heads whose scale code is off by 1 (never more than 1)
@@ -63,7 +63,7 @@ def _setup(batch, seq, heads, dim, n_rows, dtype, layers, seed):
     return keys, values, cos, sin, rows, coders
 
 
-def _check_codes(got_codes, got_scales, ref_codes, ref_scales, code: codec.TransformCode) -> float:
+def _check_codes(got_codes, got_scales, ref_codes, ref_scales, code: codes.TransformCode) -> float:
     """Assert the kernel's codes match the reference's up to the stated off-by-one fractions; return the code
     mismatch fraction."""
     assert got_codes.dtype == torch.uint8 and got_scales.dtype == torch.uint8
@@ -99,8 +99,8 @@ def test_encode_matches_reference(batch, seq, heads, dim, n_rows, dtype, layers)
             assert (got_layer[1][:, -1] == 0).all() and (ref_layer[1][:, -1] == 0).all()
 
 
-def _layer_codes(encoded: list[codec.RowCodes]) -> list[codec.LayerCodes]:
-    return [codec.LayerCodes(*layer, None, None, None, None) for layer in encoded]
+def _layer_codes(encoded: list[codes.RowCodes]) -> list[codes.LayerCodes]:
+    return [codes.LayerCodes(*layer, None, None, None, None) for layer in encoded]
 
 
 @pytest.mark.parametrize(PARAMS, CASES)

@@ -16,6 +16,7 @@ from hf_scd.arch import ModelHandle
 from hf_scd.calibrate import calibrate_pair
 from hf_scd.calibrate.collect import KVMoments
 from hf_scd.calibrate.fit import fit_layer_basis
+from hf_scd.codec import decode_vectors
 from hf_scd.compat import with_cache
 
 TINY = dict(
@@ -145,15 +146,16 @@ def test_a_stored_aligner_corrects_the_patch_layers_input(pair):
     }
     tensors = artifacts.tensors | {f"aligner.{layer}.{name}": t for name, t in aligner.items()}
     aligned = SCDArtifacts.build(artifacts.config, tensors)
-    code, stored = aligned.patch_codes("1.5x+p1")[layer]
-    assert stored is not None and artifacts.patch_codes("1.5x+p1")[layer][1] is None
+    patched = aligned.plan("1.5x+p1").layers[layer]
+    code, stored = patched.hidden, patched.aligner
+    assert stored is not None and artifacts.plan("1.5x+p1").layers[layer].aligner is None
 
     ids = torch.tensor(docs[11][:40])[None]
     shipped = SCDCache(aligned, producer, point="1.5x+p1")
     producer(ids, **with_cache(producer, shipped))
     payload = shipped.encode()
     rebuilt = SCDCache.from_payload(payload, aligned, consumer)
-    hidden = code.decode(payload.layers[layer].hidden_codes, payload.layers[layer].hidden_scales)[:, 0]
+    hidden = decode_vectors(code, payload.layers[layer].hidden_codes, payload.layers[layer].hidden_scales)[:, 0]
     heads, head_dim = TINY["num_key_value_heads"], dim // TINY["num_attention_heads"]
     expected = consumer.model.layers[layer].self_attn.v_proj(stored(hidden)).reshape(-1, heads, head_dim)
     unaligned = consumer.model.layers[layer].self_attn.v_proj(hidden).reshape(-1, heads, head_dim)

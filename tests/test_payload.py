@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hf_scd import CorruptPayloadError, PayloadVersionError, SCDPayload, TruncatedPayloadError
-from hf_scd.codec import LayerCodes
+from hf_scd.codes import LayerCodes
 
 
 def _payload(layers: int = 2, tokens: int = 5, exact: int = 1) -> SCDPayload:

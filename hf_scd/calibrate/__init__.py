@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 
 from ..arch import ModelHandle
 from ..artifacts import SCDArtifacts
-from ..codec import MAX_BITS
+from ..codes import MAX_BITS
 from .card import model_card
 from .collect import collect_kv_moments
 from .fit import allocation_order, fit_layer_basis, key_metric, value_metric

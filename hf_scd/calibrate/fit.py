@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..codec import MAX_BITS
+from ..codes import MAX_BITS
 from .collect import KVMoments
 
 COARSE_STEPS = torch.exp2(torch.linspace(-7, 2, 37))

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from ..arch import ModelHandle
 from ..artifacts import KINDS, SCDArtifacts
-from ..codec import MAX_BITS
+from ..codes import MAX_BITS
 from ..patch import Aligner
 from .card import model_card
 from .collect import KVMoments, collect_kv_moments

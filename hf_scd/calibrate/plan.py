@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from ..arch import ModelShape, model_fingerprint
 from ..artifacts import KINDS, SCDArtifacts
-from ..codec import BitLayout
+from ..codes import BitLayout
 from ..compat import with_cache
 from ..eval.metrics import next_token_kl, top1_agreement
 from .fit import LayerBasis, allocate_bits

@@ -1,0 +1,127 @@
+"""What a code is: the data the reference (`codec.py`) and the Triton kernels (`kernels/`) both read and write.
+
+A `TransformCode` is one layer's calibrated coder of keys or values at one bit allocation, a `BitLayout` where each
+component's bits sit in a token's packed codes, the per-token scale codes are 1/16-octave log codes, and a `LayerCodes`
+is what one layer puts on the wire. No math on vectors lives here, so the kernels depend on the format alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from functools import cached_property
+
+import torch
+
+MAX_BITS = 8
+# Per-token scales are shipped as uint8 codes of log2(rms) in steps of 1/SCALE_CODE_STEPS octave.
+SCALE_CODE_STEPS = 16
+SCALE_CODE_ZERO = 128
+
+
+def scale_to_code(rms: torch.Tensor) -> torch.Tensor:
+    """Per-token RMS -> uint8 log code (1/16-octave steps, 2^-8 .. 2^8)."""
+    code = torch.floor(torch.log2(rms.clamp(min=2.0**-8)) * SCALE_CODE_STEPS + 0.5) + SCALE_CODE_ZERO
+    return code.clamp(0, 255).to(torch.uint8)
+
+
+def code_to_scale(code: torch.Tensor) -> torch.Tensor:
+    return torch.exp2((code.float() - SCALE_CODE_ZERO) / SCALE_CODE_STEPS)
+
+
+@dataclass(frozen=True)
+class BitLayout:
+    """Where each component's bits sit in a token's packed codes, for one bit allocation (heads, dim).
+
+    Each head's components are laid out in order, least significant bit first, and each head's run is padded to
+    a whole byte, so a component's code (at most 8 bits) spans at most two bytes and heads never share a byte.
+    """
+
+    bits: torch.Tensor  # (heads, dim) uint8
+
+    @cached_property
+    def head_bytes(self) -> torch.Tensor:
+        """(heads,) int64 bytes of each head's run, padded to a whole byte."""
+        return (self.bits.long().sum(-1) + 7) // 8
+
+    @cached_property
+    def head_start(self) -> torch.Tensor:
+        """(heads,) int64 each head's first byte within a token's packed codes."""
+        return torch.cumsum(self.head_bytes, 0) - self.head_bytes
+
+    @cached_property
+    def offsets(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(byte, shift) of every component's first bit within a token's packed codes, each (heads, dim) int32.
+
+        Components with 0 bits point at their head's first byte with shift 0, so every offset stays in range.
+        """
+        bits = self.bits.long()
+        start_in_head = torch.where(bits > 0, torch.cumsum(bits, -1) - bits, 0)
+        byte = self.head_start.unsqueeze(-1) + start_in_head // 8
+        return byte.to(torch.int32), (start_in_head % 8).to(torch.int32)
+
+    @property
+    def bytes_per_token(self) -> int:
+        return int(self.head_bytes.sum())
+
+
+@dataclass
+class TransformCode:
+    """Calibrated transform coder of one layer's keys or values (all KV heads), at one bit allocation.
+
+    mean (H, d); encoder (H, d, C) maps a centred vector to C unit-spread coefficients, most important first;
+    decoder (H, C, d) maps coefficients back; steps (MAX_BITS + 1,) the quantizer step per bit width for a unit
+    coefficient of a unit-RMS token; bits (H, C) the plan's bits per component. out_mean (H, d) is added back after
+    decoding: the same as `mean` when a model codes its own cache, the consumer's mean when the decoder predicts
+    another model's vectors (cross-variant Reuse).
+    """
+
+    mean: torch.Tensor
+    encoder: torch.Tensor
+    decoder: torch.Tensor
+    steps: torch.Tensor
+    bits: torch.Tensor
+    out_mean: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.out_mean is None:
+            self.out_mean = self.mean
+
+    @cached_property
+    def layout(self) -> BitLayout:
+        return BitLayout(self.bits.to(torch.uint8).cpu())
+
+    def to(self, device: torch.device) -> TransformCode:
+        return TransformCode(*(getattr(self, f.name).to(device) for f in fields(self)))
+
+    def component_steps(self) -> torch.Tensor:
+        """Quantizer step (H, C) of every component for a unit-RMS token; 0 where the component gets 0 bits."""
+        return self.steps.float()[self.bits.long()]
+
+    def bytes_per_token(self) -> int:
+        """Bytes of packed codes and scale codes this coder emits per token."""
+        return self.layout.bytes_per_token + self.bits.shape[0]
+
+
+@dataclass
+class LayerCodes:
+    """What one layer puts on the wire: codes and scale codes for K and V, and the exact (sink) tokens in bf16.
+
+    A Patch layer of a cross-variant plan ships, instead of K/V codes, codes of the producer's normalised attention
+    input (`hidden_*`); its K/V codes are then zero-width. Other layers' hidden codes are zero-width.
+    """
+
+    key_codes: torch.Tensor  # (coded tokens, key bytes) uint8
+    key_scales: torch.Tensor  # (coded tokens, H) uint8
+    value_codes: torch.Tensor
+    value_scales: torch.Tensor
+    exact_keys: torch.Tensor  # (exact tokens, H, d) bf16, de-rotated
+    exact_values: torch.Tensor
+    hidden_codes: torch.Tensor  # (coded tokens, hidden bytes) uint8
+    hidden_scales: torch.Tensor  # (coded tokens, 1 or 0) uint8
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in vars(self).values())
+
+
+CoderPair = tuple[TransformCode, TransformCode]
+RowCodes = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]

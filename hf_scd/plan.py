@@ -1,0 +1,171 @@
+"""Plan: what one operating point does with every layer of a cache and with its first tokens.
+
+Each layer has one coder: a `ReuseLayer` transform-codes its K/V (a model's own cache, or, across variants, a
+prediction of the consumer's), a `PatchLayer` codes the producer's normalized attention input so the consumer
+recomputes K/V with its own projections. The `SinkPolicy` says how the first real tokens of each row travel. Same-model
+transfer is a plan of Reuse layers with an exact sink; a cross-variant plan adds Patch layers and a recomputed sink.
+The plan encodes a recorded cache into payload layers, checks a payload's layers against itself, and decodes them;
+the cache only holds what comes out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from . import backend
+from .arch import ModelHandle
+from .codec import flat_rows, scatter_rows
+from .codes import LayerCodes, TransformCode
+from .compat import integration_error
+from .errors import ArtifactMismatchError, CacheStateError
+from .patch import Aligner, decode_patch_layer, encode_patch_layer
+from .recording import TokenRecord
+
+KV = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class SinkPolicy:
+    """How the first real tokens of each row, the attention sink that draws most of the attention mass, travel:
+    `exact` of them ship exactly in bf16 (same model); the consumer computes `recomputed` of them itself, with its
+    own weights (cross-variant, where the producer's exact K/V would be the wrong model's)."""
+
+    exact: int = 0
+    recomputed: int = 0
+
+
+@dataclass(frozen=True)
+class ReuseLayer:
+    """K/V transform-coded per KV head: the same model's own, or (cross-variant Reuse) predicted for the consumer."""
+
+    key: TransformCode
+    value: TransformCode
+
+    def widths(self) -> tuple[int, int, int]:
+        """Bytes per coded token of the (key, value, hidden) codes this layer puts on the wire."""
+        return (self.key.layout.bytes_per_token, self.value.layout.bytes_per_token, 0)
+
+
+@dataclass(frozen=True)
+class PatchLayer:
+    """The producer's normalized attention input, coded; the consumer predicts its own (`aligner` corrects the linear
+    prediction where calibration found that it helps) and recomputes K/V with its own projections."""
+
+    hidden: TransformCode
+    aligner: Aligner | None
+
+    def widths(self) -> tuple[int, int, int]:
+        return (0, 0, self.hidden.layout.bytes_per_token)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One operating point: a coder for every layer, the sink policy, and the KV shape (kv_heads, head_dim)."""
+
+    point: str
+    layers: tuple[ReuseLayer | PatchLayer, ...]
+    sink: SinkPolicy
+    kv_shape: tuple[int, int]
+
+    @property
+    def reuse_layers(self) -> list[int]:
+        return [index for index, coder in enumerate(self.layers) if isinstance(coder, ReuseLayer)]
+
+    @property
+    def patch_layers(self) -> list[int]:
+        return [index for index, coder in enumerate(self.layers) if isinstance(coder, PatchLayer)]
+
+    def encode(
+        self, kv: Sequence[KV], record: TokenRecord, patch_input: Callable[[int], torch.Tensor]
+    ) -> list[LayerCodes]:
+        """Every layer's post-RoPE (keys, values) (batch, H, seq, d) -> its payload codes; `patch_input(layer)` is the
+        producer's recorded attention input (batch, seq, hidden) at a Patch layer."""
+        tokens = record.layout(self.sink.exact)
+        for index, (keys, _) in enumerate(kv):
+            if keys.shape[2] != tokens.shape[1]:
+                raise integration_error(
+                    f"layer {index} holds {keys.shape[2]} tokens but {tokens.shape[1]} were recorded."
+                )
+        reuse = self.reuse_layers
+        encoded = backend.encode_layers(
+            [kv[index][0] for index in reuse],
+            [kv[index][1] for index in reuse],
+            tokens.cos,
+            tokens.sin,
+            tokens.coded,
+            tokens.sink,
+            [(self.layers[index].key, self.layers[index].value) for index in reuse],
+        )
+        layers: list[LayerCodes | None] = [None] * len(self.layers)
+        for index, layer_codes in zip(reuse, encoded, strict=True):
+            layers[index] = layer_codes
+        for index in self.patch_layers:
+            layers[index] = encode_patch_layer(
+                patch_input(index), tokens.coded, self.layers[index].hidden, self.kv_shape
+            )
+        return layers
+
+    def check(self, layers: Sequence[LayerCodes], record: TokenRecord) -> None:
+        """Refuse payload layers that this plan did not make: their number, code widths and token counts."""
+        if len(layers) != len(self.layers):
+            raise ArtifactMismatchError(f"payload has {len(layers)} layers, the artifacts' model {len(self.layers)}")
+        coded = record.layout(self.sink.exact).coded.numel()
+        for index, (layer_codes, coder) in enumerate(zip(layers, self.layers, strict=True)):
+            widths = tuple(getattr(layer_codes, f"{kind}_codes").shape[-1] for kind in ("key", "value", "hidden"))
+            if widths != coder.widths():
+                raise ArtifactMismatchError(f"layer {index} codes do not match the artifacts' bit allocation")
+            if layer_codes.key_codes.shape[0] != coded or layer_codes.exact_keys.shape[1:] != self.kv_shape:
+                raise ArtifactMismatchError(f"layer {index} of the payload does not match the artifacts' layout")
+
+    def decode(
+        self, layers: Sequence[LayerCodes], record: TokenRecord, handle: ModelHandle, dtype: torch.dtype
+    ) -> list[KV]:
+        """Payload layers (checked with `check`) -> every layer's post-RoPE (keys, values) (batch, H, seq, d) in
+        `dtype`, keys rotated with the consumer's own (cos, sin) in `record`."""
+        tokens = record.layout(self.sink.exact)
+        reuse = self.reuse_layers
+        decoded = backend.decode_layers(
+            [layers[index] for index in reuse],
+            tokens.cos,
+            tokens.sin,
+            tokens.coded,
+            tokens.sink,
+            [(self.layers[index].key, self.layers[index].value) for index in reuse],
+            tokens.shape,
+            dtype,
+        )
+        kv: list[KV | None] = [None] * len(self.layers)
+        for index, keys_values in zip(reuse, decoded, strict=True):
+            kv[index] = keys_values
+        for index in self.patch_layers:
+            coder = self.layers[index]
+            kv[index] = decode_patch_layer(
+                layers[index],
+                tokens.cos,
+                tokens.sin,
+                tokens.coded,
+                coder.hidden,
+                coder.aligner,
+                handle.attention(index),
+                tokens.shape,
+                self.kv_shape,
+                dtype,
+            )
+        if self.sink.recomputed:
+            self._recompute_sink(kv, record, handle)
+        return kv
+
+    def _recompute_sink(self, kv: list[KV], record: TokenRecord, handle: ModelHandle) -> None:
+        """Overwrite each row's first `sink.recomputed` real tokens with the consumer's own K/V for them."""
+        batch = record.input_ids.shape[0]
+        rows = record.layout(self.sink.recomputed).sink
+        if rows.numel() != batch * self.sink.recomputed:
+            raise CacheStateError(f"every row needs at least {self.sink.recomputed} real tokens")
+        own = handle.prefix_cache(record.input_ids.reshape(-1)[rows].reshape(batch, -1))
+        every = torch.arange(rows.numel(), device=rows.device)
+        for (keys, values), (own_keys, own_values) in zip(kv, own, strict=True):
+            scatter_rows(keys, rows, flat_rows(own_keys, every))
+            scatter_rows(values, rows, flat_rows(own_values, every))

@@ -11,35 +11,23 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import torch
 from huggingface_hub import ModelHubMixin, snapshot_download
+from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .arch import ModelHandle, ModelShape
+from .arch import ModelHandle
 from .codes import TransformCode
 from .errors import ArtifactError, ArtifactMismatchError, OperatingPointError
 from .patch import Aligner
 from .plan import PatchLayer, Plan, ReuseLayer, SinkPolicy
+from .schema import ARTIFACTS_FORMAT_VERSION, KINDS, ArtifactsConfig, OperatingPoint, TensorKeys
 
-ARTIFACTS_FORMAT_VERSION = 3
 TENSORS_FILE = "codec.safetensors"
-KINDS = ("k", "v")
-
-
-@dataclass(frozen=True)
-class OperatingPoint:
-    """One point of the plan: a bit allocation with its measured size and fidelity on validation text."""
-
-    name: str
-    bytes_per_token: float  # K/V codes and scales, all layers
-    ratio_vs_bf16: float
-    val_kl: float
-    val_top1: float
-    patch_layers: tuple[int, ...] = ()  # cross-variant: layers whose K/V the consumer recomputes
 
 
 class SCDArtifacts(
@@ -50,20 +38,12 @@ class SCDArtifacts(
 ):
     """Calibration artifacts for one model: bases, quantizer steps and the bit-allocation plan."""
 
-    def __init__(self, config: dict, tensors: dict[str, torch.Tensor], card: str | None = None):
-        if config.get("format_version") != ARTIFACTS_FORMAT_VERSION:
-            raise ArtifactError(
-                f"artifacts format version {config.get('format_version')!r}; this hf-scd reads "
-                f"{ARTIFACTS_FORMAT_VERSION}. Upgrade hf-scd or re-run `hf-scd calibrate`."
-            )
+    def __init__(self, config: ArtifactsConfig, tensors: dict[str, torch.Tensor], card: str | None = None):
         self.config = config
         self.tensors = tensors
         self.card = card
-        self.shape = ModelShape(**config["model"]["shape"])
-        self.points = [
-            OperatingPoint(**{**point, "patch_layers": tuple(point.get("patch_layers", ()))})
-            for point in config["operating_points"]
-        ]
+        self.shape = config.model.shape
+        self.points = list(config.operating_points)
         self._plans: dict[tuple[str, str], Plan] = {}
 
     # ---- identity ---------------------------------------------------------------------------------------------
@@ -71,43 +51,42 @@ class SCDArtifacts(
     @property
     def artifacts_id(self) -> str:
         """Content hash of the tensors: payloads name the artifacts they were made with by it."""
-        return self.config["tensors_sha256"][:16]
+        return self.config.tensors_sha256[:16]
 
     @property
     def model_fingerprint(self) -> str:
-        return self.config["model"]["fingerprint"]
+        return self.config.model.fingerprint
 
     @property
     def patch_candidates(self) -> list[int]:
         """Layers that some operating point may patch: the producer records their attention input."""
-        return self.tensors["patch.layers"].tolist() if "patch.layers" in self.tensors else []
+        return self.tensors[TensorKeys.PATCH_LAYERS].tolist() if TensorKeys.PATCH_LAYERS in self.tensors else []
 
     @property
     def is_pair(self) -> bool:
         """Whether these artifacts ship a producer's cache to a different consumer model."""
-        return "consumer" in self.config
+        return self.config.consumer is not None
 
     def describe(self) -> str:
         """ "model" or "producer -> consumer": what these artifacts were fitted for."""
-        name = self.config["model"]["name"]
-        return f"{name} -> {self.config['consumer']['name']}" if self.is_pair else name
+        name = self.config.model.name
+        return f"{name} -> {self.config.consumer.name}" if self.is_pair else name
 
     def identify(self, model: torch.nn.Module) -> tuple[ModelHandle, str]:
         """The model's handle and its role: "producer" for the model these artifacts were fitted on (which, for
         same-model artifacts, also rebuilds), "consumer" for the fine-tune of a pair; a clear error for any other."""
         handle = ModelHandle(model)
-        entry = self.config["model"]
         if handle.shape != self.shape:
             raise ArtifactMismatchError(
                 f"artifacts were fitted on a {self.shape} model ({self.describe()}); this model is "
                 f"{handle.shape}. Load the artifacts published for this model."
             )
         fingerprint = handle.fingerprint
-        roles = {"producer": entry} | ({"consumer": self.config["consumer"]} if self.is_pair else {})
+        roles = {"producer": self.config.model} | ({"consumer": self.config.consumer} if self.is_pair else {})
         for role, fitted in roles.items():
-            if fitted["fingerprint"] == fingerprint:
+            if fitted.fingerprint == fingerprint:
                 return handle, role
-        fitted_on = " or ".join(f"{e['name']} (weights fingerprint {e['fingerprint']})" for e in roles.values())
+        fitted_on = " or ".join(f"{e.name} (weights fingerprint {e.fingerprint})" for e in roles.values())
         raise ArtifactMismatchError(
             f"artifacts were fitted on {fitted_on}; this model's weights differ (fingerprint {fingerprint}), e.g. a "
             "fine-tuned variant or the model of another pair. Use artifacts calibrated for these weights "
@@ -122,8 +101,11 @@ class SCDArtifacts(
         With a ratio, the most faithful point that reaches it; with only a KL bound, the smallest point within it;
         with neither, the plan's default point.
         """
+        for name, value in (("ratio", ratio), ("max_kl", max_kl)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or value != value):
+                raise OperatingPointError(f"{name} must be a number, got {value!r}")
         if ratio is None and max_kl is None:
-            return self.point(self.config["default_point"])
+            return self.point(self.config.default_point)
         candidates = [
             p
             for p in self.points
@@ -156,15 +138,12 @@ class SCDArtifacts(
                 else self._reuse_layer(point, layer, device)
                 for layer in range(self.shape.num_layers)
             )
-            sink = SinkPolicy(
-                exact=int(self.config["codec"]["exact_tokens"]),
-                recomputed=int(self.config["codec"].get("recomputed_tokens", 0)),
-            )
+            sink = SinkPolicy(exact=self.config.codec.exact_tokens, recomputed=self.config.codec.recomputed_tokens)
             self._plans[cache_key] = Plan(point, layers, sink, (self.shape.num_kv_heads, self.shape.head_dim))
         return self._plans[cache_key]
 
     def _reuse_layer(self, point: str, layer: int, device: torch.device | str) -> ReuseLayer:
-        bits = self.tensors[f"points.{point}.bits"]
+        bits = self.tensors[TensorKeys.bits(point)]
         key, value = (
             TransformCode(
                 mean=self.tensors["mean"][layer, index],
@@ -181,45 +160,51 @@ class SCDArtifacts(
     def _patch_layer(self, point: str, layer: int, device: torch.device | str) -> PatchLayer:
         slot = self.patch_candidates.index(layer)
         hidden = TransformCode(
-            **{f: self.tensors[f"patch.{f}"][slot] for f in ("mean", "out_mean", "encoder", "decoder", "steps")},
-            bits=self.tensors[f"points.{point}.hidden_bits"][slot],
+            **{f: self.tensors[TensorKeys.patch(f)][slot] for f in TensorKeys.REUSE_FIELDS},
+            bits=self.tensors[TensorKeys.hidden_bits(point)][slot],
         )
         aligner = None
-        if f"aligner.{layer}.w_in" in self.tensors:
-            aligner = Aligner(*(self.tensors[f"aligner.{layer}.{f.name}"] for f in fields(Aligner))).to(device)
+        if TensorKeys.aligner(layer, "w_in") in self.tensors:
+            aligner = Aligner(*(self.tensors[TensorKeys.aligner(layer, f.name)] for f in fields(Aligner))).to(device)
         return PatchLayer(hidden.to(device), aligner)
 
     # ---- persistence ------------------------------------------------------------------------------------------
 
     @classmethod
-    def build(cls, config: dict, tensors: dict[str, torch.Tensor], card: str | None = None) -> SCDArtifacts:
+    def build(cls, config: ArtifactsConfig, tensors: dict[str, torch.Tensor], card: str | None = None) -> SCDArtifacts:
         """Artifacts from freshly fitted parts; stamps the format version and the tensors' hash into the config."""
         blob = st_save({k: v.contiguous() for k, v in tensors.items()})
-        config = {**config, "format_version": ARTIFACTS_FORMAT_VERSION, "tensors_sha256": _sha256(blob)}
+        config = replace(config, format_version=ARTIFACTS_FORMAT_VERSION, tensors_sha256=_sha256(blob))
         return cls(config, st_load(blob), card)
 
     def _save_pretrained(self, save_directory: Path) -> None:
         save_directory = Path(save_directory)
         (save_directory / TENSORS_FILE).write_bytes(st_save({k: v.contiguous() for k, v in self.tensors.items()}))
-        (save_directory / "config.json").write_text(json.dumps(self.config, indent=2) + "\n")
+        (save_directory / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
         if self.card is not None:
             (save_directory / "README.md").write_text(self.card)
 
     @classmethod
-    def _from_pretrained(
+    def from_pretrained(
         cls,
+        pretrained_model_name_or_path: str | Path,
         *,
-        model_id: str,
-        revision: str | None,
-        cache_dir: str | Path | None,
-        force_download: bool,
-        local_files_only: bool,
-        token: str | bool | None,
-        config: dict | None = None,
-        **kwargs,
+        force_download: bool = False,
+        token: str | bool | None = None,
+        cache_dir: str | Path | None = None,
+        local_files_only: bool = False,
+        revision: str | None = None,
     ) -> SCDArtifacts:
+        """Artifacts from a local folder or a Hub repo id (`ModelHubMixin.from_pretrained`'s signature).
+
+        Reads and checks `config.json` itself, so a malformed file is an `ArtifactError` naming what is wrong, and a
+        local path that does not exist fails at once instead of being tried as a Hub id.
+        """
+        model_id = str(pretrained_model_name_or_path)
         folder = Path(model_id)
         if not folder.is_dir():
+            if _looks_like_a_path(str(model_id)):
+                raise ArtifactError(f"{model_id} is not a folder: no hf-scd artifacts there (a Hub id is 'owner/name')")
             folder = Path(
                 snapshot_download(
                     repo_id=model_id,
@@ -230,23 +215,39 @@ class SCDArtifacts(
                     token=token,
                 )
             )
-        if config is None:
-            config_path = folder / "config.json"
-            if not config_path.exists():
-                raise ArtifactError(f"{folder} has no config.json: not an hf-scd artifact folder")
-            config = json.loads(config_path.read_text())
+        config_path = folder / "config.json"
+        if not config_path.is_file():
+            raise ArtifactError(f"{folder} has no config.json: not an hf-scd artifact folder")
+        try:
+            config = ArtifactsConfig.from_dict(json.loads(config_path.read_bytes().decode("utf-8")))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise ArtifactError(f"{config_path} is not valid UTF-8 JSON: {exc}") from exc
         tensors_path = folder / TENSORS_FILE
-        if not tensors_path.exists():
+        if not tensors_path.is_file():
             raise ArtifactError(f"{folder} has no {TENSORS_FILE}: not an hf-scd artifact folder")
         blob = tensors_path.read_bytes()
-        if _sha256(blob) != config.get("tensors_sha256"):
+        if _sha256(blob) != config.tensors_sha256:
             raise ArtifactError(f"{tensors_path} does not match the hash in config.json: the download is corrupted")
+        try:
+            tensors = st_load(blob)
+        except (SafetensorError, ValueError) as exc:
+            raise ArtifactError(f"{tensors_path} is not a valid safetensors file: {exc}") from exc
         card = (folder / "README.md").read_text() if (folder / "README.md").exists() else None
-        return cls(config, st_load(blob), card)
+        return cls(config, tensors, card)
 
     def summary(self) -> dict:
-        models = {"model": self.config["model"]} | ({"consumer": self.config["consumer"]} if self.is_pair else {})
+        config = self.config.to_dict()
+        models = {"model": config["model"]} | ({"consumer": config["consumer"]} if self.is_pair else {})
         return models | {"operating_points": [asdict(p) for p in self.points]}
+
+
+def _looks_like_a_path(model_id: str) -> bool:
+    """A local path rather than a Hub repo id ("owner/name" or "name"), which would only waste a Hub round trip:
+    absolute, home- or dot-relative, more than two parts, or inside a folder that exists here."""
+    if model_id.startswith((".", "/", "~")) or "\\" in model_id or model_id.count("/") > 1:
+        return True
+    parent = Path(model_id).parent
+    return parent != Path(".") and parent.is_dir()
 
 
 def _sha256(blob: bytes) -> str:

@@ -105,7 +105,7 @@ class SCDCache(Cache):
             )
         if self.role != "producer":
             raise CacheStateError(
-                f"this cache runs on {self.artifacts.config['consumer']['name']}, the consumer of these pair "
+                f"this cache runs on {self.artifacts.config.consumer.name}, the consumer of these pair "
                 "artifacts; only their producer can encode with them"
             )
         plan = self.artifacts.plan(point or self.operating_point.name, self.layers[0].keys.device)
@@ -133,7 +133,7 @@ class SCDCache(Cache):
             cache.close()
             raise ArtifactMismatchError(
                 f"this model is the producer of the pair {artifacts.describe()}; rebuild the payload on the "
-                f"consumer of a pair, {artifacts.config['consumer']['name']}"
+                f"consumer of a pair, {artifacts.config.consumer.name}"
             )
         try:
             cache._rebuild(payload)

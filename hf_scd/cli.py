@@ -96,7 +96,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         )
     artifacts.save_pretrained(args.out)
     print(json.dumps(artifacts.summary()["operating_points"], indent=2))
-    print(f"artifacts written to {args.out}; default point {artifacts.config['default_point']}")
+    print(f"artifacts written to {args.out}; default point {artifacts.config.default_point}")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:

@@ -102,6 +102,11 @@ class TransformCode:
         return self.layout.bytes_per_token + self.bits.shape[0]
 
 
+# Coded parts of a layer (the prefixes of LayerCodes' fields): K and V codes, or (Patch layers of a cross-variant plan)
+# codes of the attention input.
+CODED_KINDS = ("key", "value", "hidden")
+
+
 @dataclass
 class LayerCodes:
     """What one layer puts on the wire: codes and scale codes for K and V, and the exact (sink) tokens in bf16.
@@ -118,9 +123,6 @@ class LayerCodes:
     exact_values: torch.Tensor
     hidden_codes: torch.Tensor  # (coded tokens, hidden bytes) uint8
     hidden_scales: torch.Tensor  # (coded tokens, 1 or 0) uint8
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in vars(self).values())
 
 
 CoderPair = tuple[TransformCode, TransformCode]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,13 +20,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .codes import LayerCodes
+from .codes import CODED_KINDS, LayerCodes
 from .errors import CorruptPayloadError, PayloadVersionError, TruncatedPayloadError
 
 MAGIC = b"HFSCD\0"
 FORMAT_VERSION = 3
-# Coded parts of a layer: K and V codes, or (Patch layers of a cross-variant plan) codes of the attention input.
-CODED_KINDS = ("key", "value", "hidden")
 _HEADER = struct.Struct("<6sHIQ")
 _CODE_DTYPES = {
     "key_codes": torch.uint8,
@@ -51,19 +49,19 @@ class SCDPayload:
     position_ids: torch.Tensor  # (batch, seq) int64, the rotary positions the producer used
     attention_mask: torch.Tensor  # (batch, seq) bool, False for padding (which carries no codes)
     layers: list[LayerCodes]
+    _wire: dict[str, tuple[torch.Tensor, list[int] | None]] | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_tokens(self) -> int:
         """Real (non-padding) tokens whose K/V the payload carries, coded or exact."""
         return int(self.attention_mask.sum())
 
-    def kv_nbytes(self) -> int:
-        """Bytes of K/V codes and scales alone, without ids, positions and format overhead."""
-        return sum(layer.nbytes() for layer in self.layers)
-
     def _joined(self, device: torch.device | str) -> dict[str, tuple[torch.Tensor, list[int] | None]]:
         """Each part of all layers as one tensor on `device`: codes and scales side by side (with the layers'
-        widths), exact K/V stacked (widths None)."""
+        widths), exact K/V stacked (widths None). A payload read from bytes already holds them so: its layers are
+        views of the tensors that came over the wire, and nothing is joined again."""
+        if self._wire is not None:
+            return {name: (tensor.to(device), widths) for name, (tensor, widths) in self._wire.items()}
         joined = {}
         for name in _CODE_DTYPES:
             per_layer = [getattr(layer, name) for layer in self.layers]
@@ -140,13 +138,14 @@ class SCDPayload:
             for name, dtype in _CODE_DTYPES.items():
                 if tensors[name].dtype != dtype:
                     raise CorruptPayloadError(f"payload {name} has dtype {tensors[name].dtype}, expected {dtype}")
-            split = {}
+            split, wire = {}, {}
             for name in (f"{kind}_{part}" for kind in CODED_KINDS for part in ("codes", "scales")):
                 widths = [int(w) for w in metadata[f"{name}_widths"].split(",")]
                 tensor = tensors[name]
                 if tensor.ndim != 2 or sum(widths) != tensor.shape[1]:
                     raise CorruptPayloadError(f"payload {name} do not match the layer widths it declares")
                 split[name] = tensor.split(widths, 1)
+                wire[name] = (tensor, widths)
             num_layers = len(split["key_codes"])
             if any(len(parts) != num_layers for parts in split.values()):
                 raise CorruptPayloadError("payload declares a different number of layers for different parts")
@@ -170,6 +169,7 @@ class SCDPayload:
                 position_ids=position_ids,
                 attention_mask=attention_mask,
                 layers=layers,
+                _wire=wire | {name: (tensors[name], None) for name in ("exact_keys", "exact_values")},
             )
         except KeyError as exc:
             raise CorruptPayloadError(f"payload is missing the field {exc}") from exc

@@ -18,7 +18,7 @@ import torch
 from . import backend
 from .arch import ModelHandle
 from .codec import flat_rows, scatter_rows
-from .codes import LayerCodes, TransformCode
+from .codes import CODED_KINDS, LayerCodes, TransformCode
 from .compat import integration_error
 from .errors import ArtifactMismatchError, CacheStateError
 from .patch import Aligner, decode_patch_layer, encode_patch_layer
@@ -114,7 +114,7 @@ class Plan:
             raise ArtifactMismatchError(f"payload has {len(layers)} layers, the artifacts' model {len(self.layers)}")
         coded = record.layout(self.sink.exact).coded.numel()
         for index, (layer_codes, coder) in enumerate(zip(layers, self.layers, strict=True)):
-            widths = tuple(getattr(layer_codes, f"{kind}_codes").shape[-1] for kind in ("key", "value", "hidden"))
+            widths = tuple(getattr(layer_codes, f"{kind}_codes").shape[-1] for kind in CODED_KINDS)
             if widths != coder.widths():
                 raise ArtifactMismatchError(f"layer {index} codes do not match the artifacts' bit allocation")
             if layer_codes.key_codes.shape[0] != coded or layer_codes.exact_keys.shape[1:] != self.kv_shape:

@@ -35,3 +35,14 @@ def chat_ids(smollm2):
     _, tokenizer = smollm2
     messages = [{"role": "user", "content": "Explain in two sentences why the sky looks blue during the day."}]
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")["input_ids"]
+
+
+# Fixtures that load a real model, calibrate, build a wheel or start a server: a test using any of them is `slow`,
+# so `pytest -m "not slow"` stays a loop of seconds for whoever works on the code (CI runs everything).
+SLOW_FIXTURES = {"smollm2", "variant", "qwen", "pair", "real", "wheel", "server"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -214,10 +214,10 @@ def test_joint_svd_reuse_only_pair_round_trips(pair, tmp_path):
         producer, consumer, docs[:10], docs[10:], producer_name="tiny", consumer_name="tiny-variant",
         ratios=(1.5,), patch_counts=(0,), reuse="joint-svd", validation_prefix=64, progress=False,
     )  # fmt: skip
-    assert [p.name for p in artifacts.points] == ["1.5x"] and "patch.layers" not in artifacts.tensors
+    assert [p.name for p in artifacts.points] == ["1.5x"] and not artifacts.patch_candidates
     artifacts.save_pretrained(tmp_path)
     loaded = SCDArtifacts.from_pretrained(tmp_path)
-    assert loaded.config["codec"]["reuse"] == "joint-svd"
+    assert loaded.config.codec.reuse == "joint-svd"
     ids = torch.tensor(docs[11][:48])[None]
     shipped = SCDCache(loaded, producer)
     producer(ids, **with_cache(producer, shipped))

@@ -1,0 +1,222 @@
+"""The artifacts' schema, defined once: typed `config.json` and the tensor names of `codec.safetensors`.
+
+Calibration writes through these types and names and `SCDArtifacts` reads through them, so a field or a key is
+spelled in one place. Reading a config checks every field's presence and type and raises `ArtifactError` naming the
+field, so a malformed or hand-edited file never fails later as a `KeyError` deep in a rebuild.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import MISSING, dataclass, fields
+from typing import Any
+
+from .arch import ModelShape
+from .errors import ArtifactError
+
+ARTIFACTS_FORMAT_VERSION = 3
+KINDS = ("k", "v")  # the two coders of a Reuse layer, in the order they are stacked
+
+
+class TensorKeys:
+    """Names of the tensors in `codec.safetensors`."""
+
+    # Reuse coders, each stacked over (layer, K/V): `out_mean` only in cross-variant artifacts.
+    REUSE_FIELDS = ("mean", "out_mean", "encoder", "decoder", "steps")
+    PATCH_LAYERS = "patch.layers"  # (candidates,) int64: layers whose attention input the producer can code
+
+    @staticmethod
+    def patch(field: str) -> str:
+        """A Patch coder's tensor (one of REUSE_FIELDS), stacked over the candidates."""
+        return f"patch.{field}"
+
+    @staticmethod
+    def bits(point: str) -> str:
+        """(layers, K/V, kv_heads, head_dim) uint8 bits per component of an operating point."""
+        return f"points.{point}.bits"
+
+    @staticmethod
+    def hidden_bits(point: str) -> str:
+        """(candidates, 1, hidden) uint8 bits per component of the Patch codes of an operating point."""
+        return f"points.{point}.hidden_bits"
+
+    @staticmethod
+    def aligner(layer: int, field: str) -> str:
+        """One tensor of the aligner MLP of a Patch layer (a field of `patch.Aligner`)."""
+        return f"aligner.{layer}.{field}"
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A model the artifacts were fitted on: the weights' fingerprint is what gets checked."""
+
+    name: str
+    base_model: str | None
+    shape: ModelShape
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class CodecConfig:
+    """How the codes are made: `exact_tokens` sink tokens of each row ship in bf16, `recomputed_tokens` are
+    recomputed by the consumer (cross-variant); `reuse` names the cross-variant Reuse fit ("rrr", "joint-svd")."""
+
+    max_bits: int
+    token_scale: str
+    exact_tokens: int
+    recomputed_tokens: int = 0
+    reuse: str | None = None
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """One point of the plan: a bit allocation with its measured size and fidelity on validation text."""
+
+    name: str
+    bytes_per_token: float  # K/V codes and scales, all layers
+    ratio_vs_bf16: float
+    val_kl: float
+    val_top1: float
+    patch_layers: tuple[int, ...] = ()  # cross-variant: layers whose K/V the consumer recomputes
+
+
+@dataclass(frozen=True)
+class ArtifactsConfig:
+    """`config.json`: the model(s), the codec, the operating points and the calibration report (free-form)."""
+
+    model: ModelEntry
+    codec: CodecConfig
+    operating_points: tuple[OperatingPoint, ...]
+    default_point: str
+    calibration: dict[str, Any]
+    consumer: ModelEntry | None = None
+    format_version: int = ARTIFACTS_FORMAT_VERSION
+    tensors_sha256: str = ""
+
+    @classmethod
+    def from_dict(cls, data: Any) -> ArtifactsConfig:
+        """A checked config from parsed JSON; `ArtifactError` names the first field that is missing or mistyped."""
+        data = _mapping(data, "config")
+        version = data.get("format_version")
+        if version != ARTIFACTS_FORMAT_VERSION:
+            raise ArtifactError(
+                f"artifacts format version {version!r}; this hf-scd reads {ARTIFACTS_FORMAT_VERSION}. "
+                "Upgrade hf-scd or re-run `hf-scd calibrate`."
+            )
+        points = tuple(
+            OperatingPoint(
+                **_typed(OperatingPoint, _mapping(point, f"operating_points[{index}]"), f"operating_points[{index}]")
+            )
+            for index, point in enumerate(_field(data, "operating_points", list, "config"))
+        )
+        names = [point.name for point in points]
+        if not points or len(set(names)) != len(names):
+            raise ArtifactError(f"config.operating_points must be non-empty with distinct names, got {names}")
+        config = cls(
+            model=_model_entry(data.get("model"), "model"),
+            codec=CodecConfig(**_typed(CodecConfig, _mapping(data.get("codec"), "codec"), "codec")),
+            operating_points=points,
+            default_point=_field(data, "default_point", str, "config"),
+            calibration=_mapping(data.get("calibration", {}), "calibration"),
+            consumer=_model_entry(data["consumer"], "consumer") if data.get("consumer") is not None else None,
+            format_version=version,
+            tensors_sha256=_field(data, "tensors_sha256", str, "config"),
+        )
+        if config.default_point not in names:
+            raise ArtifactError(f"config.default_point {config.default_point!r} is not one of {names}")
+        if config.codec.exact_tokens < 0 or config.codec.recomputed_tokens < 0:
+            raise ArtifactError("config.codec exact_tokens and recomputed_tokens must be >= 0")
+        if config.consumer is not None and config.consumer.shape != config.model.shape:
+            raise ArtifactError("config.consumer must have the producer's KV shape")
+        return config
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form; optional fields at their defaults are left out."""
+        out: dict[str, Any] = {"model": _entry_dict(self.model)}
+        if self.consumer is not None:
+            out["consumer"] = _entry_dict(self.consumer)
+        codec = {f.name: getattr(self.codec, f.name) for f in fields(CodecConfig)}
+        out["codec"] = {k: v for k, v in codec.items() if v is not None and not (k == "recomputed_tokens" and v == 0)}
+        out["calibration"] = self.calibration
+        out["operating_points"] = [_point_dict(point) for point in self.operating_points]
+        out["default_point"] = self.default_point
+        out["format_version"] = self.format_version
+        out["tensors_sha256"] = self.tensors_sha256
+        return out
+
+
+def _point_dict(point: OperatingPoint) -> dict[str, Any]:
+    out = {f.name: getattr(point, f.name) for f in fields(OperatingPoint)}
+    out["patch_layers"] = list(point.patch_layers)
+    return out
+
+
+def _entry_dict(entry: ModelEntry) -> dict[str, Any]:
+    return {
+        "name": entry.name,
+        "base_model": entry.base_model,
+        "shape": entry.shape.to_dict(),
+        "fingerprint": entry.fingerprint,
+    }
+
+
+# What each annotated type of the config's dataclasses accepts from JSON.
+_JSON_TYPES: dict[str, tuple[type, ...]] = {
+    "str": (str,),
+    "str | None": (str, type(None)),
+    "int": (int,),
+    "float": (int, float),
+    "tuple[int, ...]": (list,),
+}
+
+
+def _typed(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
+    """`data`'s fields of dataclass `cls`, each checked against its annotation; unknown keys are ignored."""
+    out = {}
+    for f in fields(cls):
+        if f.name not in data:
+            if f.default is not MISSING:
+                continue
+            raise ArtifactError(f"config.{where} has no field {f.name!r}")
+        value = data[f.name]
+        accepted = _JSON_TYPES[f.type]
+        if isinstance(value, bool) or not isinstance(value, accepted):
+            raise ArtifactError(f"config.{where}.{f.name} must be {f.type}, got {value!r}")
+        if f.type == "tuple[int, ...]":
+            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+                raise ArtifactError(f"config.{where}.{f.name} must be a list of layer indices, got {value!r}")
+            value = tuple(value)
+        if f.type == "float" and f.name in ("bytes_per_token", "ratio_vs_bf16") and not math.isfinite(value):
+            raise ArtifactError(f"config.{where}.{f.name} must be finite, got {value!r}")
+        out[f.name] = value
+    return out
+
+
+def _model_entry(data: Any, where: str) -> ModelEntry:
+    data = _mapping(data, where)
+    shape = _mapping(data.get("shape"), f"{where}.shape")
+    dims = {}
+    for name in ("num_layers", "num_kv_heads", "head_dim"):
+        value = shape.get(name)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= 1 << 16:
+            raise ArtifactError(f"config.{where}.shape.{name} must be a positive integer, got {value!r}")
+        dims[name] = value
+    return ModelEntry(
+        name=_field(data, "name", str, where),
+        base_model=data.get("base_model") if isinstance(data.get("base_model"), str) else None,
+        shape=ModelShape(model_type=_field(shape, "model_type", str, f"{where}.shape"), **dims),
+        fingerprint=_field(data, "fingerprint", str, where),
+    )
+
+
+def _mapping(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ArtifactError(f"config.{where} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _field(data: dict[str, Any], name: str, kind: type, where: str) -> Any:
+    value = data.get(name)
+    if not isinstance(value, kind):
+        raise ArtifactError(f"config.{where}.{name} must be a {kind.__name__}, got {value!r}")
+    return value

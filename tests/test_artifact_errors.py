@@ -1,0 +1,70 @@
+"""Malformed artifacts and bad arguments end in typed errors that say what is wrong, never a KeyError deep inside."""
+
+import json
+import time
+
+import pytest
+
+from hf_scd import ArtifactError, OperatingPointError, SCDArtifacts
+
+
+@pytest.fixture
+def folder(artifacts, tmp_path):
+    artifacts.save_pretrained(tmp_path / "arts")
+    return tmp_path / "arts"
+
+
+def _rewrite(folder, edit) -> None:
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    path.write_text(json.dumps(edit(config)))
+
+
+def _drop(config: dict, *path: str) -> dict:
+    target = config
+    for key in path[:-1]:
+        target = target[key]
+    del target[path[-1]]
+    return config
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda c: [c], "config must be a JSON object"),
+        (lambda c: None, "config must be a JSON object"),
+        (lambda c: _drop(c, "model", "fingerprint"), "model.fingerprint must be a str"),
+        (lambda c: _drop(c, "codec"), "config.codec must be a JSON object"),
+        (lambda c: {**c, "codec": {**c["codec"], "exact_tokens": "1"}}, "codec.exact_tokens must be int"),
+        (lambda c: {**c, "codec": {**c["codec"], "exact_tokens": -1}}, "must be >= 0"),
+        (lambda c: {**c, "operating_points": c["operating_points"] * 2}, "distinct names"),
+        (lambda c: {**c, "default_point": "99x"}, "default_point '99x' is not one of"),
+        (lambda c: _drop(c, "operating_points", 0, "val_kl"), "has no field 'val_kl'"),
+        (lambda c: {**c, "model": {**c["model"], "shape": {**c["model"]["shape"], "num_layers": 0}}}, "num_layers"),
+    ],
+)
+def test_malformed_config_is_an_artifact_error_naming_the_field(folder, edit, message):
+    _rewrite(folder, edit)
+    with pytest.raises(ArtifactError, match=message):
+        SCDArtifacts.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"\xff\xfe\x00garbage"])
+def test_undecodable_config_is_an_artifact_error(folder, content):
+    (folder / "config.json").write_bytes(content)
+    with pytest.raises(ArtifactError, match="not valid UTF-8 JSON"):
+        SCDArtifacts.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("path", ["/nonexistent/hf-scd/arts", "./missing-arts", "tests/no-such-artifacts"])
+def test_a_missing_local_path_fails_fast_without_the_hub(path):
+    start = time.monotonic()
+    with pytest.raises(ArtifactError, match="is not a folder"):
+        SCDArtifacts.from_pretrained(path)
+    assert time.monotonic() - start < 1.0  # no Hub round trip (which takes tens of seconds offline)
+
+
+@pytest.mark.parametrize(("kwargs", "name"), [({"ratio": "4"}, "ratio"), ({"max_kl": float("nan")}, "max_kl")])
+def test_a_target_that_is_not_a_number_is_an_operating_point_error(artifacts, kwargs, name):
+    with pytest.raises(OperatingPointError, match=f"{name} must be a number"):
+        artifacts.select_point(**kwargs)

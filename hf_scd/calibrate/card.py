@@ -4,8 +4,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from huggingface_hub import ModelCard, ModelCardData
+
 if TYPE_CHECKING:
     from ..artifacts import SCDArtifacts
+
+LIBRARY_NAME = "hf-scd"
+LICENSE = "apache-2.0"
+TAGS = ("hf-scd", "kv-cache", "kv-cache-compression")
 
 
 def _what(artifacts: SCDArtifacts) -> str:
@@ -46,47 +52,35 @@ def _sink(config: dict) -> str:
     )
 
 
-def model_card(artifacts: SCDArtifacts) -> str:
-    config = artifacts.config
-    model = config["model"]
+def _calibration(config: dict) -> str:
     calibration = config["calibration"]
-    rows = "\n".join(
-        f"| `{p.name}` | {p.bytes_per_token:.0f} | {p.ratio_vs_bf16:.2f}x | {p.val_kl:.4f} | {p.val_top1:.3f} |"
-        + (f" {', '.join(map(str, p.patch_layers)) or '–'} |" if artifacts.is_pair else "")
-        + (" default |" if p.name == config["default_point"] else " |")
-        for p in artifacts.points
-    )
-    patch_column = (" Patch layers |", "---|") if artifacts.is_pair else ("", "")
-    base = f"base_model: {model['base_model']}\n" if model.get("base_model") else ""
-    title = artifacts.describe()
-    return f"""---
-library_name: hf-scd
-{base}license: apache-2.0
-tags:
-- hf-scd
-- kv-cache
-- kv-cache-compression
----
-
-# SCD artifacts for {title}
-
-{_what(artifacts)}
-
-## Calibration data
+    return f"""## Calibration data
 
 {calibration["data"]} ({calibration["documents"]} documents, {calibration["tokens"]} tokens). Operating points were
-validated on {calibration["validation_documents"]} held-out documents that share no text with the calibration data.
+validated on {calibration["validation_documents"]} held-out documents that share no text with the calibration data."""
 
-## Operating points
+
+def _points(artifacts: SCDArtifacts) -> str:
+    """The table of operating points: size and validation fidelity, Patch layers for a pair, the default marked."""
+    pair, default = artifacts.is_pair, artifacts.config["default_point"]
+    rows = "\n".join(
+        f"| `{p.name}` | {p.bytes_per_token:.0f} | {p.ratio_vs_bf16:.2f}x | {p.val_kl:.4f} | {p.val_top1:.3f} |"
+        + (f" {', '.join(map(str, p.patch_layers)) or '–'} |" if pair else "")
+        + (" default |" if p.name == default else " |")
+        for p in artifacts.points
+    )
+    patch_column = (" Patch layers |", "---|") if pair else ("", "")
+    return f"""## Operating points
 
 KL(oracle || SCD) and top-1 agreement of next-token predictions on held-out text, the consumer continuing from the
-shipped cache; bytes are K/V codes and scales per token. {_sink(config)}
+shipped cache; bytes are K/V codes and scales per token. {_sink(artifacts.config)}
 
 | point | bytes/token | vs BF16 | val KL | val top-1 |{patch_column[0]} |
 |---|---|---|---|---|{patch_column[1]}---|
-{rows}
+{rows}"""
 
-## Use
+
+USAGE = """## Use
 
 ```python
 from hf_scd import SCDArtifacts, SCDCache, SCDPayload
@@ -100,3 +94,21 @@ cache = SCDCache.from_payload(SCDPayload.from_bytes(blob), artifacts, model=mode
 model.generate(full_ids, cache=cache, max_new_tokens=64)
 ```
 """
+
+
+def card_data(artifacts: SCDArtifacts) -> ModelCardData:
+    """The card's Hub metadata: what the Hub files the repo under, and the model it was fitted on."""
+    return ModelCardData(
+        library_name=LIBRARY_NAME,
+        base_model=artifacts.config["model"].get("base_model"),
+        license=LICENSE,
+        tags=list(TAGS),
+    )
+
+
+def model_card(artifacts: SCDArtifacts) -> str:
+    """The README.md of an artifact repo: Hub metadata and what the artifacts are, what they were fitted on, their
+    operating points and how to use them."""
+    sections = (f"# SCD artifacts for {artifacts.describe()}", _what(artifacts), _calibration(artifacts.config))
+    body = "\n\n".join((*sections, _points(artifacts), USAGE))
+    return str(ModelCard(f"---\n{card_data(artifacts).to_yaml()}\n---\n\n{body}"))

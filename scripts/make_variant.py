@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from hf_scd.eval.corpus import CALIBRATION_MODULES, calibration_texts, evaluation_texts, token_documents
-from hf_scd.models import PACKAGED_MODELS, load_model
+from hf_scd.models import PACKAGED_MODELS, load_model, load_with_lora
 
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 HELD_OUT_DOCS = 8
@@ -131,16 +131,6 @@ def greedy_sample(model, tokenizer) -> str:
     )
     out = model.generate(**prompt, max_new_tokens=SAMPLE_TOKENS, do_sample=False)
     return tokenizer.decode(out[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True).strip()
-
-
-def load_variant(base: str, adapter: Path):
-    """Base in fp32 with the saved (bf16) adapter merged: exactly what ``hf_scd.models.load_model`` ships."""
-    from peft import PeftModel
-
-    model, tokenizer = load_model(base, dtype=torch.float32)
-    model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    model.eval()
-    return model, tokenizer
 
 
 def adapter_to_bf16(out: Path) -> int:
@@ -312,7 +302,7 @@ def main() -> None:
         return
 
     del model
-    variant, tokenizer = load_variant(args.model, args.out)
+    variant, tokenizer = load_with_lora(args.model, args.out, torch.float32)
     info["variant_nll"] = held_out_nll(variant, tokenizer)
     info["variant_sample"] = greedy_sample(variant, tokenizer)
     print(f"held-out NLL base {info['base_nll']:.4f} variant {info['variant_nll']:.4f}")

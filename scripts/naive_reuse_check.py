@@ -21,7 +21,7 @@ from transformers import DynamicCache
 from hf_scd.compat import with_cache
 from hf_scd.eval.corpus import evaluation_texts, token_documents
 from hf_scd.eval.metrics import mean_nll, next_token_kl, top1_agreement
-from hf_scd.models import load_model
+from hf_scd.models import load_model, load_with_lora
 
 PREFIX, CONT = 512, 256
 
@@ -30,10 +30,7 @@ def load_pair(base: str, variant: str | None, adapter: Path | None):
     base_model, tokenizer = load_model(base, dtype=torch.float32)
     if adapter is None:
         return base_model, load_model(variant, dtype=torch.float32)[0], tokenizer
-    from peft import PeftModel
-
-    model = PeftModel.from_pretrained(load_model(base, dtype=torch.float32)[0], adapter).merge_and_unload()
-    return base_model, model.eval(), tokenizer
+    return base_model, load_with_lora(base, adapter, torch.float32)[0], tokenizer
 
 
 @torch.inference_mode()

@@ -4,8 +4,10 @@ import json
 import shutil
 
 import pytest
+from huggingface_hub import ModelCard
 
 from hf_scd import ArtifactError, OperatingPointError, SCDArtifacts
+from hf_scd.calibrate.card import model_card
 
 
 def test_save_and_reload_keeps_identity(artifacts, tmp_path):
@@ -17,9 +19,16 @@ def test_save_and_reload_keeps_identity(artifacts, tmp_path):
 
 
 def test_model_card_has_hub_metadata(artifacts):
-    card = artifacts.card
-    assert card.startswith("---\nlibrary_name: hf-scd\nbase_model: HuggingFaceTB/SmolLM2-135M-Instruct\n")
-    assert "license: apache-2.0" in card and "| `4x` |" in card
+    card = ModelCard(model_card(artifacts))
+    assert card.data.to_dict() == {
+        "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "library_name": "hf-scd",
+        "license": "apache-2.0",
+        "tags": ["hf-scd", "kv-cache", "kv-cache-compression"],
+    }
+    default = artifacts.config.default_point
+    assert f"| `{default}` |" in card.text and card.text.count(" default |") == 1
+    assert str(card) == artifacts.card  # the shipped card is the one calibration writes
 
 
 def test_corrupted_tensors_and_unknown_version(artifacts, tmp_path):

@@ -4,8 +4,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from huggingface_hub import ModelCard, ModelCardData
+
+from ..schema import ArtifactsConfig, CodecConfig
+
 if TYPE_CHECKING:
     from ..artifacts import SCDArtifacts
+
+LIBRARY_NAME = "hf-scd"
+LICENSE = "apache-2.0"
+TAGS = ("hf-scd", "kv-cache", "kv-cache-compression")
 
 
 def _what(artifacts: SCDArtifacts) -> str:
@@ -20,73 +28,61 @@ def _what(artifacts: SCDArtifacts) -> str:
 and KV head, a principal basis of the de-rotated keys (weighted by query energy) and of the values (weighted by the
 output projection), quantizer steps, and a bit-allocation plan, so that a {cache} ships as compact codes.
 
-Fitted on weights with fingerprint `{config["model"]["fingerprint"]}`; using these artifacts with other weights (for
+Fitted on weights with fingerprint `{config.model.fingerprint}`; using these artifacts with other weights (for
 example a fine-tuned variant) raises `ArtifactMismatchError`."""
-    producer, consumer = config["model"], config["consumer"]
+    producer, consumer = config.model, config.consumer
     return f"""Cross-variant calibration for [hf-scd](https://github.com/hf-scd/hf-scd) (Semantic Cache Distillation): a
-{cache} prefilled by **{producer["name"]}** (the producer) ships as compact codes to **{consumer["name"]}** (the
+{cache} prefilled by **{producer.name}** (the producer) ships as compact codes to **{consumer.name}** (the
 consumer, a fine-tune with other weights), which continues from it. Per layer, a Reuse coder reads the producer's
-de-rotated keys and values and its decoder predicts the consumer's ({config["codec"]["reuse"]}); on the Patch layers
+de-rotated keys and values and its decoder predicts the consumer's ({config.codec.reuse}); on the Patch layers
 of a point, the producer ships a code of its normalised attention input instead and the consumer recomputes K/V
 with its own projections. The plan (Patch layers, bits per component) was validated point by point.
 
-Producer weights fingerprint `{producer["fingerprint"]}`, consumer `{consumer["fingerprint"]}`: other weights on
+Producer weights fingerprint `{producer.fingerprint}`, consumer `{consumer.fingerprint}`: other weights on
 either side raise `ArtifactMismatchError`, as does the producer rebuilding a payload meant for the consumer."""
 
 
-def _sink(config: dict) -> str:
-    if config["codec"].get("recomputed_tokens"):
+def _sink(codec: CodecConfig) -> str:
+    if codec.recomputed_tokens:
         return (
-            f"The consumer recomputes the first {config['codec']['recomputed_tokens']} token(s) of each sequence "
+            f"The consumer recomputes the first {codec.recomputed_tokens} token(s) of each sequence "
             "(the attention sink) itself."
         )
     return (
-        f"The first {config['codec']['exact_tokens']} token(s) of each sequence (the attention sink) ship exactly in "
+        f"The first {codec.exact_tokens} token(s) of each sequence (the attention sink) ship exactly in "
         "BF16 on top of that."
     )
 
 
-def model_card(artifacts: SCDArtifacts) -> str:
-    config = artifacts.config
-    model = config["model"]
-    calibration = config["calibration"]
-    rows = "\n".join(
-        f"| `{p.name}` | {p.bytes_per_token:.0f} | {p.ratio_vs_bf16:.2f}x | {p.val_kl:.4f} | {p.val_top1:.3f} |"
-        + (f" {', '.join(map(str, p.patch_layers)) or '–'} |" if artifacts.is_pair else "")
-        + (" default |" if p.name == config["default_point"] else " |")
-        for p in artifacts.points
-    )
-    patch_column = (" Patch layers |", "---|") if artifacts.is_pair else ("", "")
-    base = f"base_model: {model['base_model']}\n" if model.get("base_model") else ""
-    title = artifacts.describe()
-    return f"""---
-library_name: hf-scd
-{base}license: apache-2.0
-tags:
-- hf-scd
-- kv-cache
-- kv-cache-compression
----
-
-# SCD artifacts for {title}
-
-{_what(artifacts)}
-
-## Calibration data
+def _calibration(config: ArtifactsConfig) -> str:
+    calibration = config.calibration
+    return f"""## Calibration data
 
 {calibration["data"]} ({calibration["documents"]} documents, {calibration["tokens"]} tokens). Operating points were
-validated on {calibration["validation_documents"]} held-out documents that share no text with the calibration data.
+validated on {calibration["validation_documents"]} held-out documents that share no text with the calibration data."""
 
-## Operating points
+
+def _points(artifacts: SCDArtifacts) -> str:
+    """The table of operating points: size and validation fidelity, Patch layers for a pair, the default marked."""
+    pair, default = artifacts.is_pair, artifacts.config.default_point
+    rows = "\n".join(
+        f"| `{p.name}` | {p.bytes_per_token:.0f} | {p.ratio_vs_bf16:.2f}x | {p.val_kl:.4f} | {p.val_top1:.3f} |"
+        + (f" {', '.join(map(str, p.patch_layers)) or '–'} |" if pair else "")
+        + (" default |" if p.name == default else " |")
+        for p in artifacts.points
+    )
+    patch_column = (" Patch layers |", "---|") if pair else ("", "")
+    return f"""## Operating points
 
 KL(oracle || SCD) and top-1 agreement of next-token predictions on held-out text, the consumer continuing from the
-shipped cache; bytes are K/V codes and scales per token. {_sink(config)}
+shipped cache; bytes are K/V codes and scales per token. {_sink(artifacts.config.codec)}
 
 | point | bytes/token | vs BF16 | val KL | val top-1 |{patch_column[0]} |
 |---|---|---|---|---|{patch_column[1]}---|
-{rows}
+{rows}"""
 
-## Use
+
+USAGE = """## Use
 
 ```python
 from hf_scd import SCDArtifacts, SCDCache, SCDPayload
@@ -100,3 +96,21 @@ cache = SCDCache.from_payload(SCDPayload.from_bytes(blob), artifacts, model=mode
 model.generate(full_ids, cache=cache, max_new_tokens=64)
 ```
 """
+
+
+def card_data(artifacts: SCDArtifacts) -> ModelCardData:
+    """The card's Hub metadata: what the Hub files the repo under, and the model it was fitted on."""
+    return ModelCardData(
+        library_name=LIBRARY_NAME,
+        base_model=artifacts.config.model.base_model,
+        license=LICENSE,
+        tags=list(TAGS),
+    )
+
+
+def model_card(artifacts: SCDArtifacts) -> str:
+    """The README.md of an artifact repo: Hub metadata and what the artifacts are, what they were fitted on, their
+    operating points and how to use them."""
+    sections = (f"# SCD artifacts for {artifacts.describe()}", _what(artifacts), _calibration(artifacts.config))
+    body = "\n\n".join((*sections, _points(artifacts), USAGE))
+    return str(ModelCard(f"---\n{card_data(artifacts).to_yaml()}\n---\n\n{body}"))

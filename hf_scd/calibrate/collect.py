@@ -14,8 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..arch import ModelHandle
-
-KINDS = ("k", "v")
+from ..schema import KINDS
 
 
 @dataclass

@@ -18,14 +18,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..arch import ModelHandle
-from ..artifacts import KINDS, SCDArtifacts
-from ..codes import MAX_BITS
+from ..artifacts import SCDArtifacts
 from ..patch import Aligner
-from .card import model_card
-from .collect import KVMoments, collect_kv_moments
-from .fit import LayerBasis, _sqrt_and_inverse, allocation_order, fit_layer_basis, key_metric, value_metric
-from .plan import default_point, model_entry, plan_points, stack_bases, validate_points
-from .sensitivity import layer_sensitivity
+from ..schema import KINDS, TensorKeys
+from .collect import KVMoments
+from .fit import LayerBasis, _sqrt_and_inverse, fit_layer_basis
+from .pipeline import Calibration, Job, Step, run_pipeline
 
 REUSE_METHODS = ("rrr", "joint-svd")
 ALIGNER_LOSSES = ("l2", "kv")
@@ -108,6 +106,82 @@ def _naive_error(moments: KVMoments, metric: torch.Tensor) -> float:
     return float((metric * diff_cov).sum() + torch.einsum("hd,hde,he->", diff_mean, metric, diff_mean))
 
 
+def rank_patch_layers(run: Calibration) -> None:
+    """Per layer, the weighted error of naive reuse and of Reuse for the config's report; when patching, also of a
+    linear Patch coder, and the best `max(patch_counts)` layers by the error Patch removes over Reuse."""
+    run.report = []
+    for layer in tqdm(run.layers, desc="ranking Patch layers" if run.job.patching else "naive error",
+                      disable=not run.job.progress):  # fmt: skip
+        keys = [(layer, kind) for kind in KINDS]
+        reuse_error = sum(run.bases[key].residual * run.weights[key] for key in keys)
+        naive = sum(_naive_error(run.moments[key], run.metrics[key]) * run.weights[key] for key in keys)
+        run.report.append({"layer": layer, "naive": naive, "reuse": reuse_error})
+        if run.job.patching:
+            run.report[layer]["patch_linear"] = _linear_patch_error(run, layer)
+    if not run.job.patching:
+        return
+    # Patch candidates, best first: the layers where Patch removes the most error over Reuse.
+    gain = sorted(run.layers, key=lambda layer: run.report[layer]["patch_linear"] - run.report[layer]["reuse"])
+    by_gain = gain[: max(run.job.patch_counts)]
+    run.candidates = sorted(by_gain)
+    run.patch_sets = {count: sorted(by_gain[:count]) for count in run.job.patch_counts}
+    # Components beyond the K/V width carry no weight in the hidden metric: keep the code no wider than that.
+    shape = run.handle.shape
+    run.hidden_width = min(run.moments[(run.candidates[0], "h")].dim // 2, 2 * shape.num_kv_heads * shape.head_dim)
+
+
+def _linear_patch_error(run: Calibration, layer: int) -> float:
+    """Weighted K/V error per token of a linear Patch coder on `layer`; keeps the layer's hidden metric (in a
+    unit-mean scale) and its scale, the layer's allocation weight."""
+    keys = [(layer, kind) for kind in KINDS]
+    metric = hidden_metric(
+        run.handle.attention(layer), tuple(run.metrics[key] for key in keys), tuple(run.weights[key] for key in keys)
+    )
+    # Fit in a unit-mean metric (sensitivity-weighted errors are tiny: float32 would go denormal and crawl); the
+    # scale comes back as the layer's allocation weight.
+    scale = float(metric.diagonal(dim1=-2, dim2=-1).mean())
+    run.hidden_metrics[layer], run.weights[(layer, "h")] = metric / scale, scale
+    return fit_layer_basis(run.moments[(layer, "h")], run.hidden_metrics[layer], cross="rrr").residual * scale
+
+
+def fit_patch_coders(run: Calibration) -> None:
+    """A coder of the attention input and an aligner for each Patch candidate, and their tensors."""
+    for layer in tqdm(run.candidates, desc="fitting Patch coders", disable=not run.job.progress):
+        basis, aligner = _fit_patch(run, layer)
+        run.bases[(layer, "h")] = basis
+        if aligner is not None:  # stored only where the MLP beat the linear prediction
+            tensors = {TensorKeys.aligner(layer, f.name): getattr(aligner, f.name) for f in fields(aligner)}
+            run.patch_tensors.update(tensors)
+    if run.candidates:
+        patch = {TensorKeys.PATCH_LAYERS: torch.tensor(run.candidates, dtype=torch.int64)}
+        for name in TensorKeys.REUSE_FIELDS:
+            stacked = torch.stack([getattr(run.bases[(layer, "h")], name) for layer in run.candidates])
+            patch[TensorKeys.patch(name)] = stacked
+        run.patch_tensors = patch | run.patch_tensors
+
+
+def _fit_patch(run: Calibration, layer: int) -> tuple[LayerBasis, Aligner | None]:
+    """The layer's Patch coder (no wider than `hidden_width`) and its best aligner, both refitted without held-out
+    rows so the aligner and the linear prediction are compared on unseen tokens."""
+    kept, held_out = run.moments[(layer, "h")].hold_out(ALIGNER_HELD_OUT)
+    basis = fit_layer_basis(kept, run.hidden_metrics[layer], cross="rrr")
+    width = run.hidden_width
+    basis = LayerBasis(
+        basis.mean, basis.out_mean, basis.encoder[..., :width], basis.decoder[:, :width], basis.steps,
+        basis.distortion[:, :width], basis.residual,
+    )  # fmt: skip
+    metric = run.hidden_metrics[layer]
+    trained = {loss: fit_aligner(basis, kept.samples(), held_out, metric, loss) for loss in ALIGNER_LOSSES}
+    best = min(ALIGNER_LOSSES, key=lambda loss: trained[loss][1])
+    scale = run.weights[(layer, "h")]
+    errors = {f"patch_{loss}": trained[loss][1] * scale for loss in ALIGNER_LOSSES}
+    run.report[layer].update(errors, aligner_loss=best if trained[best][0] is not None else None)
+    return basis, trained[best][0]
+
+
+PAIR_STEPS: tuple[Step, ...] = (rank_patch_layers, fit_patch_coders)
+
+
 def calibrate_pair(
     producer: nn.Module,
     consumer: nn.Module,
@@ -131,114 +205,25 @@ def calibrate_pair(
     <= `target_kl`, or the most faithful one at least `target_ratio` x below BF16 (neither: the most faithful)."""
     if reuse not in REUSE_METHODS:
         raise ValueError(f"reuse must be one of {REUSE_METHODS}, got {reuse!r}")
-    handle = ModelHandle(consumer)
-    shape = handle.shape
+    shape = ModelHandle(consumer).shape
     if ModelHandle(producer).shape != shape:
         raise ValueError(f"producer {ModelHandle(producer).shape} and consumer {shape} do not share a KV layout")
-    layers = tuple(range(shape.num_layers))
-    patching = max(patch_counts) > 0  # a Reuse-only plan needs no attention inputs
-    moments, queries = collect_kv_moments(
-        producer, calibration_docs, skip_tokens=RECOMPUTED_TOKENS, progress=progress, consumer=consumer,
-        hidden_layers=layers if patching else (),
-    )  # fmt: skip
-    metrics = {}
-    for layer in layers:
-        metrics[(layer, "k")] = key_metric(queries[layer].mean())
-        metrics[(layer, "v")] = value_metric(handle.attention(layer).o_proj.weight, shape.num_kv_heads, shape.head_dim)
-    rms = {
-        key: math.sqrt(float(m.covariance()[..., m.dim // 2 :, m.dim // 2 :].diagonal(dim1=-2, dim2=-1).mean()))
-        for key, m in moments.items()
-        if key[1] in KINDS
-    }
-    docs = [doc[:256] for doc in validation_docs[:2]]
-    weights = layer_sensitivity(consumer, docs, rms, metrics, skip_tokens=RECOMPUTED_TOKENS, progress=progress)
-    bases = {
-        key: fit_layer_basis(moments[key], metrics[key], cross=reuse)
-        for key in tqdm(list(metrics), desc="fitting Reuse coders", disable=not progress)
-    }
-    report, hidden_metrics, hidden_scales = [], {}, {}
-    for layer in tqdm(layers, desc="ranking Patch layers" if patching else "naive error", disable=not progress):
-        reuse_error = sum(bases[(layer, kind)].residual * weights[(layer, kind)] for kind in KINDS)
-        naive = sum(
-            _naive_error(moments[(layer, kind)], metrics[(layer, kind)]) * weights[(layer, kind)] for kind in KINDS
-        )
-        report.append({"layer": layer, "naive": naive, "reuse": reuse_error})
-        if not patching:
-            continue
-        metric = hidden_metric(
-            handle.attention(layer),
-            (metrics[(layer, "k")], metrics[(layer, "v")]),
-            (weights[(layer, "k")], weights[(layer, "v")]),
-        )
-        # Fit in a unit-mean metric (sensitivity-weighted errors are tiny: float32 would go denormal and crawl);
-        # the scale comes back as the layer's allocation weight.
-        hidden_scales[layer] = float(metric.diagonal(dim1=-2, dim2=-1).mean())
-        hidden_metrics[layer] = metric / hidden_scales[layer]
-        linear = fit_layer_basis(moments[(layer, "h")], hidden_metrics[layer], cross="rrr")
-        report[layer]["patch_linear"] = linear.residual * hidden_scales[layer]
-    # Patch candidates, best first: the layers where Patch removes the most error over Reuse.
-    gain = sorted(layers, key=lambda layer: report[layer]["patch_linear"] - report[layer]["reuse"]) if patching else []
-    by_gain = gain[: max(patch_counts)]
-    candidates = sorted(by_gain)
-    # Components beyond the K/V width carry no weight in the hidden metric: keep the code no wider than that.
-    width = min(moments[(candidates[0], "h")].dim // 2, 2 * shape.num_kv_heads * shape.head_dim) if patching else 0
-    patches: dict[int, tuple[LayerBasis, Aligner | None]] = {}
-    for layer in tqdm(candidates, desc="fitting Patch coders", disable=not progress):
-        # Refitted without the held-out rows, so the aligner and the linear prediction are compared on unseen tokens.
-        kept, held_out = moments[(layer, "h")].hold_out(ALIGNER_HELD_OUT)
-        basis = fit_layer_basis(kept, hidden_metrics[layer], cross="rrr")
-        basis = LayerBasis(
-            basis.mean, basis.out_mean, basis.encoder[..., :width], basis.decoder[:, :width], basis.steps,
-            basis.distortion[:, :width], basis.residual,
-        )  # fmt: skip
-        trained = {
-            loss: fit_aligner(basis, kept.samples(), held_out, hidden_metrics[layer], loss) for loss in ALIGNER_LOSSES
-        }
-        best = min(ALIGNER_LOSSES, key=lambda loss: trained[loss][1])
-        errors = {f"patch_{loss}": trained[loss][1] * hidden_scales[layer] for loss in ALIGNER_LOSSES}
-        report[layer].update(errors, aligner_loss=best if trained[best][0] is not None else None)
-        patches[layer] = (basis, trained[best][0])
-        bases[(layer, "h")] = basis
-        weights[(layer, "h")] = hidden_scales[layer]
-    del moments
-
-    order = allocation_order(bases, weights)
-    tensors = stack_bases(bases, shape.num_layers, ("mean", "out_mean", "encoder", "decoder", "steps"))
-    if candidates:
-        tensors["patch.layers"] = torch.tensor(candidates, dtype=torch.int64)
-        for field in ("mean", "out_mean", "encoder", "decoder", "steps"):
-            tensors[f"patch.{field}"] = torch.stack([getattr(patches[layer][0], field) for layer in candidates])
-    for layer in candidates:
-        if (aligner := patches[layer][1]) is not None:  # stored only where the MLP beat the linear prediction
-            tensors.update({f"aligner.{layer}.{f.name}": getattr(aligner, f.name) for f in fields(aligner)})
-    patch_sets = {count: sorted(by_gain[:count]) for count in patch_counts}
-    points, bits = plan_points(order, shape, ratios, patch_sets, candidates, width)
-    tensors.update(bits)
-    config = {
-        "model": model_entry(producer_name, base_model, shape, producer),
-        "consumer": model_entry(consumer_name, base_model, shape, consumer),
-        "codec": {
-            "max_bits": MAX_BITS,
-            "token_scale": "log2-uint8",
-            "exact_tokens": 0,
-            "recomputed_tokens": RECOMPUTED_TOKENS,
-            "reuse": reuse,
-        },
-        "calibration": {
-            "documents": len(calibration_docs),
-            "tokens": sum(map(len, calibration_docs)),
-            "data": data_description,
-            "validation_documents": len(validation_docs),
-            "layers": report,
-        },
-        "operating_points": points,
-        "default_point": points[0]["name"],
-    }
-    draft = SCDArtifacts.build(config, tensors)
-    results = validate_points(consumer, draft, validation_docs, validation_prefix, progress, producer=producer)
-    for point, (kl, top1) in zip(points, results, strict=True):
-        point["val_kl"], point["val_top1"] = kl, top1
-    config["default_point"] = default_point(points, target_kl, target_ratio)
-    final = SCDArtifacts.build(config, tensors)
-    final.card = model_card(final)
-    return final
+    job = Job(
+        producer,
+        consumer,
+        calibration_docs,
+        validation_docs,
+        model_name=producer_name,
+        ratios=ratios,
+        consumer_name=consumer_name,
+        base_model=base_model,
+        data_description=data_description,
+        recomputed_tokens=RECOMPUTED_TOKENS,
+        reuse=reuse,
+        patch_counts=patch_counts,
+        validation_prefix=validation_prefix,
+        default_max_kl=target_kl,
+        default_min_ratio=target_ratio,
+        progress=progress,
+    )
+    return run_pipeline(job, PAIR_STEPS)

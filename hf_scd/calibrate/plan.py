@@ -12,10 +12,11 @@ import torch
 from tqdm.auto import tqdm
 
 from ..arch import ModelShape, model_fingerprint
-from ..artifacts import KINDS, SCDArtifacts
+from ..artifacts import SCDArtifacts
 from ..codes import BitLayout
 from ..compat import with_cache
 from ..eval.metrics import next_token_kl, top1_agreement
+from ..schema import KINDS, ModelEntry, OperatingPoint, TensorKeys
 from .fit import LayerBasis, allocate_bits
 
 
@@ -36,7 +37,7 @@ def plan_points(
     patch_sets: dict[int, list[int]],
     candidates: list[int],
     hidden_width: int,
-) -> tuple[list[dict], dict[str, torch.Tensor]]:
+) -> tuple[list[OperatingPoint], dict[str, torch.Tensor]]:
     """One point per (ratio, Patch set): water-filled bits within the budget, as config entries and bit tensors.
 
     `order` covers K/V components of every layer ("k", "v") and hidden components of the Patch `candidates` ("h");
@@ -60,43 +61,43 @@ def plan_points(
             for (layer, kind), value in bits.items():
                 if kind in KINDS:
                     kv_bits[layer, KINDS.index(kind)] = value
-            tensors[f"points.{name}.bits"] = kv_bits
+            tensors[TensorKeys.bits(name)] = kv_bits
             if candidates:
                 hidden_bits = torch.zeros(len(candidates), 1, hidden_width, dtype=torch.uint8)
                 for layer in patch:
                     hidden_bits[candidates.index(layer)] = bits[(layer, "h")]
-                tensors[f"points.{name}.hidden_bits"] = hidden_bits
+                tensors[TensorKeys.hidden_bits(name)] = hidden_bits
             per_token = sum(BitLayout(b).bytes_per_token for b in bits.values()) + scale_bytes
             points.append(
-                {
-                    "name": name,
-                    "bytes_per_token": float(per_token),
-                    "ratio_vs_bf16": shape.bf16_bytes_per_token() / per_token,
-                    "val_kl": float("nan"),
-                    "val_top1": float("nan"),
-                    "patch_layers": list(patch),
-                }
+                OperatingPoint(
+                    name=name,
+                    bytes_per_token=float(per_token),
+                    ratio_vs_bf16=shape.bf16_bytes_per_token() / per_token,
+                    val_kl=float("nan"),
+                    val_top1=float("nan"),
+                    patch_layers=tuple(patch),
+                )
             )
     return points, tensors
 
 
-def default_point(points: list[dict], max_kl: float | None, min_ratio: float | None) -> str:
+def default_point(points: list[OperatingPoint], max_kl: float | None, min_ratio: float | None) -> str:
     """The smallest point with validation KL <= `max_kl`, or the most faithful at least `min_ratio` x below BF16;
     the most faithful point when nothing qualifies."""
     if max_kl is not None:
-        within = [p for p in points if p["val_kl"] <= max_kl]
+        within = [p for p in points if p.val_kl <= max_kl]
         if within:
-            return max(within, key=lambda p: p["ratio_vs_bf16"])["name"]
+            return max(within, key=lambda p: p.ratio_vs_bf16).name
     if min_ratio is not None:
-        within = [p for p in points if p["ratio_vs_bf16"] >= min_ratio]
+        within = [p for p in points if p.ratio_vs_bf16 >= min_ratio]
         if within:
-            return min(within, key=lambda p: p["val_kl"])["name"]
-    return min(points, key=lambda p: p["val_kl"])["name"]
+            return min(within, key=lambda p: p.val_kl).name
+    return min(points, key=lambda p: p.val_kl).name
 
 
-def model_entry(name: str, base_model: str | None, shape: ModelShape, model: torch.nn.Module) -> dict:
+def model_entry(name: str, base_model: str | None, shape: ModelShape, model: torch.nn.Module) -> ModelEntry:
     """How artifacts name a model they were fitted on: the weights' fingerprint is what gets checked."""
-    return {"name": name, "base_model": base_model, "shape": shape.to_dict(), "fingerprint": model_fingerprint(model)}
+    return ModelEntry(name=name, base_model=base_model, shape=shape, fingerprint=model_fingerprint(model))
 
 
 @torch.inference_mode()

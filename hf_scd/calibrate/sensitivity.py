@@ -12,12 +12,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..arch import ModelHandle
-from .collect import KINDS
-
-
-def _kl(reference: torch.Tensor, logits: torch.Tensor) -> float:
-    ref = reference.float().log_softmax(-1)
-    return float((ref.exp() * (ref - logits.float().log_softmax(-1))).sum(-1).mean())
+from ..eval.metrics import next_token_kl
+from ..schema import KINDS
 
 
 @torch.inference_mode()
@@ -54,7 +50,7 @@ def layer_sensitivity(
 
         hook = proj.register_forward_hook(add_noise)
         try:
-            kl = _kl(clean, model(batch, use_cache=False).logits)
+            kl = next_token_kl(clean, model(batch, use_cache=False).logits)
         finally:
             hook.remove()
         per_token_error = std**2 * float(metrics[(layer, kind)].diagonal(dim1=-2, dim2=-1).sum())

@@ -53,15 +53,13 @@ def _hub_id(name: str) -> str | None:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
-    if (args.producer is None) != (args.consumer is None):
-        raise SystemExit("--producer and --consumer go together")
     common = {"validation_prefix": args.validation_prefix} | ({"ratios": tuple(args.ratios)} if args.ratios else {})
-    if args.producer is None:
+    if args.consumer is None or _model_name(args.consumer) == _model_name(args.producer):
         from .calibrate import calibrate
 
-        model, tokenizer = _load(args.model)
+        model, tokenizer = _load(args.producer)
         calibration_docs, validation, description = _calibration_split(tokenizer, args)
-        name = _model_name(args.model)
+        name = _model_name(args.producer)
         artifacts = calibrate(
             model,
             calibration_docs,
@@ -101,33 +99,30 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from .artifacts import SCDArtifacts
-    from .eval.baselines import KIVI, Int8KV, RawKV
+    from .eval.baselines import KIVI, Int8KV, ProducerKV, RawKV
+    from .eval.droidspeak import SelectiveRecompute, critical_layers
     from .eval.fidelity import format_table, run_fidelity
+    from .eval.scd_method import SCDTransfer
 
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         raise SystemExit("--plot needs matplotlib: pip install 'hf-scd[pair]'")
     artifacts = SCDArtifacts.from_pretrained(args.artifacts)
     points = args.points or [p.name for p in artifacts.points]
+    # Another consumer adds the cross-variant baselines and the consumer-cost columns; the methods are the same.
+    cross = args.consumer is not None and _model_name(args.consumer) != _model_name(args.producer)
     coders = {coder.name: coder for coder in (RawKV(), Int8KV(), KIVI(bits=4), KIVI(bits=2))}
-    chosen = args.baselines if args.baselines is not None else (PAIR_BASELINES if args.pair else list(coders))
+    chosen = args.baselines if args.baselines is not None else (PAIR_BASELINES if cross else list(coders))
     unknown = sorted(set(chosen) - set(coders))
     if unknown:
         raise SystemExit(f"unknown baselines {unknown}; choose from {sorted(coders)}")
-    if args.pair:
-        from .eval.pair import ProducerKV, SCDPairTransfer, SelectiveRecompute, critical_layers
-
-        producer, tokenizer = _load(args.pair[0])
-        model, _ = _load(args.pair[1])
-        methods = [ProducerKV(producer, coders[name]) for name in chosen]
-        methods += [SelectiveRecompute(producer, critical_layers(artifacts, k)) for k in args.droidspeak_layers]
-        methods += [SCDPairTransfer(producer, artifacts, p) for p in points]
-    else:
-        from .eval.scd_method import SCDTransfer
-
-        model, tokenizer = _load(args.model)
-        methods = [coders[name] for name in chosen] + [SCDTransfer(artifacts, p) for p in points]
+    droidspeak = args.droidspeak_layers if args.droidspeak_layers is not None else ([6] if cross else [])
+    producer, tokenizer = _load(args.producer)
+    consumer = _load(args.consumer)[0] if cross else producer
+    methods = [ProducerKV(producer, coders[name], f"reuse-{name}" if cross else name) for name in chosen]
+    methods += [SelectiveRecompute(producer, critical_layers(artifacts, k)) for k in droidspeak]
+    methods += [SCDTransfer(producer, artifacts, p) for p in points]
     rows = run_fidelity(
-        model,
+        consumer,
         tokenizer,
         methods,
         n_docs=args.docs,
@@ -135,8 +130,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
         cont_len=args.continuation,
         n_questions=args.questions,
     )
-    if args.pair:
-        _add_consumer_cost(rows, methods, model, tokenizer, args.prefix)
+    if cross:
+        from .eval.cost import add_consumer_cost
+
+        add_consumer_cost(rows, methods, consumer, tokenizer, args.prefix)
     print(format_table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps([row.to_json() for row in rows], indent=2) + "\n")
@@ -146,34 +143,18 @@ def cmd_eval(args: argparse.Namespace) -> None:
         pareto_plot(rows, args.plot, f"{artifacts.describe()}: quality vs bytes")
 
 
-def _add_consumer_cost(rows, methods, consumer, tokenizer, prefix_len: int) -> None:
-    """Each row's consumer-side FLOPs and time relative to the consumer prefilling one evaluation prefix itself."""
-    import torch
-
-    from .eval.corpus import evaluation_texts, token_documents
-    from .eval.pair import Recompute, consumer_cost
-
-    doc = token_documents(tokenizer, evaluation_texts(), prefix_len)[0][:prefix_len]
-    ids = torch.tensor([doc], device=consumer.device)
-    oracle = consumer_cost(Recompute(methods[0].producer), consumer, ids)
-    by_name = {method.name: method for method in methods}
-    for row in rows:
-        if row.method == "oracle":
-            row.consumer_flops_vs_prefill, row.consumer_time_vs_prefill = 1.0, 1.0
-        elif row.method in by_name:
-            cost = consumer_cost(by_name[row.method], consumer, ids)
-            row.consumer_flops_vs_prefill = cost.flops / oracle.flops
-            row.consumer_time_vs_prefill = cost.seconds / oracle.seconds
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="hf-scd", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     cal = sub.add_parser("calibrate", help="fit artifacts (bases, quantizers, plan) for a model")
-    cal.add_argument("--model", default="default", help="packaged model name, 'default', or a local folder")
-    cal.add_argument("--producer", help="cross-variant: the model that prefills and encodes")
-    cal.add_argument("--consumer", help="cross-variant: the fine-tuned variant that rebuilds and decodes")
+    cal.add_argument(
+        "--producer", default="default", help="the model that prefills and encodes: packaged name or local folder"
+    )
+    cal.add_argument(
+        "--consumer",
+        help="the model that rebuilds and decodes, a fine-tuned variant for pair artifacts (default: the producer)",
+    )
     cal.add_argument("--reuse", choices=("rrr", "joint-svd"), default="rrr", help="cross-variant Reuse coder")
     cal.add_argument("--patch-counts", type=int, nargs="+", default=[0, 2, 4, 6], help="Patch layers to try")
     target = cal.add_mutually_exclusive_group()
@@ -190,15 +171,23 @@ def main(argv: list[str] | None = None) -> None:
     cal.set_defaults(func=cmd_calibrate)
 
     ev = sub.add_parser("eval", help="fidelity of SCD operating points and baselines against the oracle")
-    ev.add_argument("--model", default="default")
-    ev.add_argument("--pair", nargs=2, metavar=("PRODUCER", "CONSUMER"), help="cross-variant: evaluate pair artifacts")
     ev.add_argument(
-        "--droidspeak-layers", type=int, nargs="*", default=[6], help="--pair: layers DroidSpeak recomputes"
+        "--producer", default="default", help="the model that prefills: packaged name, 'default' or a folder"
     )
-    ev.add_argument("--plot", help="--pair: write a Pareto plot (KL and F1 vs bytes) as PNG here")
+    ev.add_argument(
+        "--consumer", help="the model that continues, a fine-tuned variant for pair artifacts (default: the producer)"
+    )
+    ev.add_argument(
+        "--droidspeak-layers", type=int, nargs="*", help="layers DroidSpeak recomputes (default: 6 with a --consumer)"
+    )
+    ev.add_argument("--plot", help="write a Pareto plot (KL and F1 vs bytes) as PNG here")
     ev.add_argument("--artifacts", required=True)
     ev.add_argument("--points", nargs="*", help="operating points to evaluate (default: all)")
-    ev.add_argument("--baselines", nargs="*", help="baselines to run: bf16 int8 kivi-int4 kivi-int2 (default: all)")
+    ev.add_argument(
+        "--baselines",
+        nargs="*",
+        help="baselines to run: bf16 int8 kivi-int4 kivi-int2 (default: all; with a --consumer, bf16 kivi-int4)",
+    )
     ev.add_argument("--docs", type=int, default=8)
     ev.add_argument("--prefix", type=int, default=512)
     ev.add_argument("--continuation", type=int, default=256)

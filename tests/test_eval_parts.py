@@ -16,9 +16,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from hf_scd.eval import (
     KIVI,
     Int8KV,
-    KVTransfer,
+    ProducerKV,
     QAItem,
     RawKV,
+    Recompute,
     calibration_texts,
     evaluation_texts,
     format_table,
@@ -32,8 +33,8 @@ from hf_scd.eval import (
     token_f1,
     top1_agreement,
 )
-from hf_scd.eval.baselines import prefill
 from hf_scd.eval.fidelity import oracle_answers, qa_scores
+from hf_scd.eval.transfer import prefill
 from hf_scd.models import load_model
 
 
@@ -158,10 +159,11 @@ def test_metrics_on_hand_made_logits():
 # baselines
 
 
-def test_baselines_follow_the_protocol():
-    methods = [RawKV(), Int8KV(), KIVI(bits=4, group_size=32), KIVI(bits=2, group_size=32)]
-    assert [m.name for m in methods] == ["bf16", "int8", "kivi-int4", "kivi-int2"]
-    assert all(isinstance(m, KVTransfer) for m in methods)
+def test_baselines_are_named_after_their_coder_unless_told(tiny):
+    model, _ = tiny
+    coders = [RawKV(), Int8KV(), KIVI(bits=4, group_size=32), KIVI(bits=2, group_size=32)]
+    assert [ProducerKV(model, c).name for c in coders] == ["bf16", "int8", "kivi-int4", "kivi-int2"]
+    assert ProducerKV(model, RawKV(), "reuse-bf16").name == "reuse-bf16"
 
 
 def test_exact_byte_counts_for_a_known_shape(tiny):
@@ -180,7 +182,7 @@ def test_exact_byte_counts_for_a_known_shape(tiny):
         "kivi-int2": 2 * ((elements // 4 + 4 * 2 * 64 * 4) + (elements // 4 + tokens * 2 * 2 * 4)),
     }
     with torch.inference_mode():
-        for method in (RawKV(), Int8KV(), KIVI(4), KIVI(2)):
+        for method in (ProducerKV(model, coder) for coder in (RawKV(), Int8KV(), KIVI(4), KIVI(2))):
             cache, nbytes = method.transfer(model, ids, mask)
             assert nbytes == expected[method.name], method.name
             assert cache.get_seq_length() == 48
@@ -193,14 +195,14 @@ def test_reconstruction_error_orders_int8_kivi4_kivi2(real):
     with torch.inference_mode():
         producer = prefill(model, ids, None)
         errors = {}
-        for method in (RawKV(), Int8KV(), KIVI(4), KIVI(2)):
-            cache, _ = method.ship(model, producer, None)
+        for coder in (RawKV(), Int8KV(), KIVI(4), KIVI(2)):
+            layers, _ = coder.roundtrip_layers(producer, None)
             num = den = 0.0
-            for ref, got in zip(producer.layers, cache.layers, strict=True):
-                for a, b in ((ref.keys, got.keys), (ref.values, got.values)):
+            for ref, (keys, values) in zip(producer.layers, layers, strict=True):
+                for a, b in ((ref.keys, keys), (ref.values, values)):
                     num += (a.float() - b.float()).pow(2).sum().item()
                     den += a.float().pow(2).sum().item()
-            errors[method.name] = math.sqrt(num / den)
+            errors[coder.name] = math.sqrt(num / den)
     # The model runs in fp32 on CPU, so shipping bf16 costs bf16 rounding (relative error <= 2**-8) and no more.
     assert 0 < errors["bf16"] < 2**-8 < errors["int8"] < errors["kivi-int4"] < errors["kivi-int2"] < 1.0
 
@@ -208,7 +210,7 @@ def test_reconstruction_error_orders_int8_kivi4_kivi2(real):
 def test_teacher_forced_raw_bf16_is_near_exact(real):
     model, tokenizer = real
     docs = token_documents(tokenizer, evaluation_texts(), 48)[:2]
-    raw = teacher_forced_scores(model, RawKV(), docs, prefix_len=32, cont_len=16, batch_size=2)
+    raw = teacher_forced_scores(model, ProducerKV(model, RawKV()), docs, prefix_len=32, cont_len=16, batch_size=2)
     # fp32 model, bf16 on the wire: only rounding separates it from the oracle.
     assert raw["kl"] < 1e-4 and raw["top1"] >= 0.95
     assert raw["dnll"] == pytest.approx(0.0, abs=5e-3) and 1.0 < raw["nll_oracle"] < 8.0
@@ -218,28 +220,20 @@ def test_teacher_forced_raw_bf16_is_near_exact(real):
 # runner (tiny model: fast, and exact agreement is expected in fp32)
 
 
-class _Lossless:
-    """Hands the producer's own cache over: any disagreement with the oracle is a bug in the plumbing."""
-
-    name = "lossless"
-
-    def transfer(self, model, input_ids, attention_mask):
-        return prefill(model, input_ids, attention_mask), 0
-
-
 def test_left_padded_qa_batches_match_unbatched(tiny):
     model, tokenizer = tiny
     items = qa_items(5, seed=5)
     single = oracle_answers(model, tokenizer, items, max_new_tokens=3, batch_size=1)
     batched = oracle_answers(model, tokenizer, items, max_new_tokens=3, batch_size=5)
     assert all(single) and batched == single
-    scores = qa_scores(model, tokenizer, _Lossless(), items, max_new_tokens=3, batch_size=5, oracle=single)
+    # Re-prefilling the shipped prefix is lossless: any disagreement with the oracle is a bug in the plumbing.
+    scores = qa_scores(model, tokenizer, Recompute(model), items, max_new_tokens=3, batch_size=5, oracle=single)
     assert scores["f1_agree"] == 1.0
 
 
 def test_run_fidelity_rows_and_table(tiny):
     model, tokenizer = tiny
-    methods = [RawKV(), Int8KV()]
+    methods = [ProducerKV(model, RawKV()), ProducerKV(model, Int8KV())]
     rows = run_fidelity(
         model, tokenizer, methods, n_docs=2, prefix_len=32, cont_len=16, n_questions=2, max_new_tokens=3
     )

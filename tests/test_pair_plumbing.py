@@ -184,8 +184,11 @@ def test_each_side_refuses_the_other_role(pair):
 
 @torch.inference_mode()
 def test_pair_baselines_and_consumer_cost(pair):
-    from hf_scd.eval.baselines import RawKV
-    from hf_scd.eval.pair import ProducerKV, Recompute, SCDPairTransfer, SelectiveRecompute, consumer_cost
+    from hf_scd.eval.baselines import ProducerKV, RawKV
+    from hf_scd.eval.cost import consumer_cost
+    from hf_scd.eval.droidspeak import SelectiveRecompute
+    from hf_scd.eval.scd_method import SCDTransfer
+    from hf_scd.eval.transfer import Recompute
 
     producer, consumer, artifacts, docs = pair
     ids = torch.tensor(docs[11][:40])[None]
@@ -202,7 +205,7 @@ def test_pair_baselines_and_consumer_cost(pair):
         naive.layers[2].values, raw.layers[2].values.to(torch.bfloat16).float()
     )
     prefill_cost = consumer_cost(Recompute(producer), consumer, ids, runs=1)
-    scd_cost = consumer_cost(SCDPairTransfer(producer, artifacts, "1.5x+p1"), consumer, ids, runs=1)
+    scd_cost = consumer_cost(SCDTransfer(producer, artifacts, "1.5x+p1"), consumer, ids, runs=1)
     assert 0 < scd_cost.flops < prefill_cost.flops
 
 

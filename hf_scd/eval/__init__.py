@@ -1,18 +1,23 @@
-"""Fidelity evaluation (DESIGN.md §4): held-out corpus, QA set, metrics, KV-transfer baselines, runner."""
+"""Fidelity evaluation (DESIGN.md §4): held-out corpus, QA set, metrics, one transfer protocol, its methods, runner."""
 
-from .baselines import KIVI, Int8KV, KVTransfer, RawKV
+from .baselines import KIVI, Int8KV, KVCoder, ProducerKV, RawKV
 from .corpus import calibration_texts, evaluation_texts, token_documents
 from .fidelity import Row, format_table, qa_scores, run_fidelity, teacher_forced_scores
 from .metrics import mean_nll, next_token_kl, top1_agreement
 from .qa import QAItem, qa_items, qa_prompt_split, token_f1
+from .transfer import Recompute, Shipment, Transfer
 
 __all__ = [
     "KIVI",
     "Int8KV",
-    "KVTransfer",
+    "KVCoder",
+    "ProducerKV",
     "QAItem",
     "RawKV",
+    "Recompute",
     "Row",
+    "Shipment",
+    "Transfer",
     "calibration_texts",
     "evaluation_texts",
     "format_table",

@@ -1,89 +1,39 @@
-"""KV-transfer baselines that SCD must beat: ship the cache raw, in int8, or KIVI-quantized.
+"""The producer's own K/V shipped to the consumer: raw bf16, int8 or KIVI-quantized ("naive reuse" across a pair).
 
-Each baseline prefills on the producer, quantizes and dequantizes every layer's post-RoPE keys and
-values exactly as a receiver would see them, and reports the bytes its packed codes plus fp16
-scales/zeros would take on the wire. Only real tokens count: left padding is neither shipped nor
-quantized (it is zeroed, and masked out anyway).
+Each coder quantizes and dequantizes every layer's post-RoPE keys and values exactly as a receiver would see them, and
+counts the bytes its packed codes plus fp16 scales/zeros would take on the wire. Only real tokens count: left padding
+is neither shipped nor quantized (it is zeroed, and masked out anyway). `ProducerKV` is the transfer method that ships
+a cache through a coder; on the same model it is the round-trip baseline SCD must beat.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Protocol, runtime_checkable
+from abc import ABC, abstractmethod
 
 import torch
-from transformers import Cache, DynamicCache
+from transformers import DynamicCache
 
-from ..compat import with_cache
+from .transfer import Shipment, Transfer, prefill, rebuild_cache
 
 FP16_BYTES = 2
 
 
-@runtime_checkable
-class KVTransfer(Protocol):
-    """A way to move a prefilled KV cache from a producer to a consumer."""
+class KVCoder(ABC):
+    """A wire format for K/V, defined by how it round-trips one row's keys or values."""
 
     name: str
 
-    def transfer(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[Cache, int]:
-        """Prefill input_ids on the producer model, 'ship' the cache, return the consumer's cache and the number of
-        bytes that would cross the wire for the KV data."""
-        ...
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that skip padding, as ``generate()`` computes them, so a shipped prefix lines up with its suffix."""
-    positions = attention_mask.long().cumsum(-1) - 1
-    return positions.masked_fill(attention_mask == 0, 1)
-
-
-def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: Cache | None = None) -> Cache:
-    """The producer's cache (a fresh ``DynamicCache`` unless given) after one forward over ``input_ids``."""
-    cache = DynamicCache(config=model.config) if cache is None else cache
-    position_ids = None if attention_mask is None else position_ids_from_mask(attention_mask)
-    model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        **with_cache(model, cache),
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    return cache
-
-
-def rebuild_cache(model, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
-    """A fresh consumer cache holding the given (keys, values) per layer."""
-    cache = DynamicCache(config=model.config)
-    for layer_idx, (keys, values) in enumerate(layers):
-        cache.update(keys, values, layer_idx)
-    return cache
-
-
-class _RoundTripTransfer:
-    """Shared plumbing: prefill, apply ``_roundtrip`` to each row's real tokens, rebuild, count bytes."""
-
-    name: str
-
+    @abstractmethod
     def _roundtrip(self, x: torch.Tensor, is_key: bool) -> tuple[torch.Tensor, int]:
         """Dequantized x (heads, tokens, head_dim) in float32 and its packed size in bytes."""
-        raise NotImplementedError
-
-    def transfer(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[DynamicCache, int]:
-        with torch.inference_mode():
-            return self.ship(model, prefill(model, input_ids, attention_mask), attention_mask)
-
-    def ship(self, model, producer: DynamicCache, attention_mask: torch.Tensor | None) -> tuple[DynamicCache, int]:
-        """The consumer's cache and wire bytes for an already prefilled producer cache (it is left untouched)."""
-        layers, total = self.roundtrip_layers(producer, attention_mask)
-        return rebuild_cache(model, layers), total
 
     def roundtrip_layers(
-        self, producer: DynamicCache, attention_mask: torch.Tensor | None
+        self, cache: DynamicCache, attention_mask: torch.Tensor | None
     ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
-        """Every layer's (keys, values) as the receiver dequantizes them, and the wire bytes."""
+        """Every layer's (keys, values) as the receiver dequantizes them, and the wire bytes; `cache` is untouched."""
         layers, total = [], 0
-        for layer in producer.layers:
+        for layer in cache.layers:
             shipped = []
             for tensor, is_key in ((layer.keys, True), (layer.values, False)):
                 out = torch.zeros_like(tensor)
@@ -97,7 +47,24 @@ class _RoundTripTransfer:
         return layers, total
 
 
-class RawKV(_RoundTripTransfer):
+class ProducerKV(Transfer):
+    """The producer's prefilled K/V through `coder`, rebuilt as the consumer's cache; named after the coder unless
+    `name` says otherwise (a cross-variant eval calls it "reuse-<coder>")."""
+
+    def __init__(self, producer: torch.nn.Module, coder: KVCoder, name: str | None = None):
+        super().__init__(producer)
+        self.coder = coder
+        self.name = coder.name if name is None else name
+
+    def send(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> Shipment:
+        layers, nbytes = self.coder.roundtrip_layers(prefill(self.producer, input_ids, attention_mask), attention_mask)
+        return Shipment(layers, nbytes, input_ids, attention_mask)
+
+    def receive(self, consumer: torch.nn.Module, shipment: Shipment) -> DynamicCache:
+        return rebuild_cache(consumer, shipment.content)
+
+
+class RawKV(KVCoder):
     """The cache shipped as bf16, 2 bytes per element: lossless for a bf16 model."""
 
     name = "bf16"
@@ -106,7 +73,7 @@ class RawKV(_RoundTripTransfer):
         return x.to(torch.bfloat16).float(), x.numel() * 2
 
 
-class Int8KV(_RoundTripTransfer):
+class Int8KV(KVCoder):
     """Symmetric int8 with one fp16 absmax scale per token and KV head."""
 
     name = "int8"
@@ -134,7 +101,7 @@ def _asymmetric_groups(x: torch.Tensor, dim: int, group_size: int, bits: int) ->
     return torch.cat(pieces, dim=dim), math.ceil(x.numel() * bits / 8) + groups * 2 * FP16_BYTES
 
 
-class KIVI(_RoundTripTransfer):
+class KIVI(KVCoder):
     """KIVI (Liu et al., 2024): keys per channel over groups of tokens, values per token over groups of channels.
 
     Keys carry channel-wise outliers, so each channel gets its own range within a token group; values

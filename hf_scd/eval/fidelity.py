@@ -1,7 +1,8 @@
-"""The fidelity protocol (DESIGN.md §4), for any ``KVTransfer``: always measured against the oracle.
+"""The fidelity protocol (DESIGN.md §4), for any ``Transfer``: always measured against the oracle.
 
 The oracle is the consumer model prefilling the whole prompt itself. A method prefills the prefix on
-the producer, ships it, and the consumer continues from the shipped cache. Teacher-forced scores
+its producer (the consumer itself, or a model with other weights), ships it, and the consumer continues
+from the shipped cache. Teacher-forced scores
 compare next-token distributions on real held-out text; QA scores compare greedy answers.
 """
 
@@ -14,23 +15,16 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
+from ..arch import ModelHandle
 from ..compat import with_cache
-from .baselines import KVTransfer
 from .corpus import evaluation_texts, token_documents
 from .metrics import mean_nll, next_token_kl, top1_agreement
 from .qa import QAItem, qa_items, qa_prompt_split, token_f1
-
-
-def bf16_bytes_per_token(config) -> int:
-    """Bytes per token of a raw bf16 KV cache: 2 (K and V) · layers · kv_heads · head_dim · 2 bytes."""
-    config = config.get_text_config()
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    return 2 * config.num_hidden_layers * kv_heads * head_dim * 2
+from .transfer import Transfer
 
 
 def teacher_forced_scores_many(
-    model, methods: Sequence[KVTransfer], docs: list[list[int]], prefix_len: int, cont_len: int, batch_size: int = 4
+    model, methods: Sequence[Transfer], docs: list[list[int]], prefix_len: int, cont_len: int, batch_size: int = 4
 ) -> dict[str, dict[str, float]]:
     """Teacher-forced scores of several methods, sharing one oracle forward per batch of documents.
 
@@ -77,7 +71,7 @@ def teacher_forced_scores_many(
 
 
 def teacher_forced_scores(
-    model, method: KVTransfer, docs: list[list[int]], prefix_len: int, cont_len: int, batch_size: int = 4
+    model, method: Transfer, docs: list[list[int]], prefix_len: int, cont_len: int, batch_size: int = 4
 ) -> dict[str, float]:
     """Teacher-forced scores of one method; see ``teacher_forced_scores_many``."""
     return teacher_forced_scores_many(model, [method], docs, prefix_len, cont_len, batch_size)[method.name]
@@ -105,7 +99,7 @@ def _generate_answers(
     model,
     tokenizer,
     items: Sequence[QAItem],
-    method: KVTransfer | None,
+    method: Transfer | None,
     max_new_tokens: int,
     batch_size: int,
     desc: str,
@@ -149,7 +143,7 @@ def oracle_answers(
 def qa_scores(
     model,
     tokenizer,
-    method: KVTransfer,
+    method: Transfer,
     items: Sequence[QAItem],
     max_new_tokens: int = 12,
     batch_size: int = 8,
@@ -191,16 +185,11 @@ class Row:
         """The row as a JSON object; parts of the protocol that were not run are null (JSON has no NaN)."""
         return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in asdict(self).items()}
 
-    @classmethod
-    def from_json(cls, data: dict) -> Row:
-        """The inverse of `to_json`: null back to ``nan``."""
-        return cls(**{k: math.nan if v is None else v for k, v in data.items()})
-
 
 def run_fidelity(
     model,
     tokenizer,
-    methods: Sequence[KVTransfer],
+    methods: Sequence[Transfer],
     n_docs: int = 16,
     prefix_len: int = 512,
     cont_len: int = 256,
@@ -212,7 +201,8 @@ def run_fidelity(
 ) -> list[Row]:
     """The whole protocol for each method, plus a first ``oracle`` row (re-prefill: nothing shipped).
 
-    Oracle logits and answers are computed once and shared by all methods.
+    ``model`` is the consumer: the oracle, and the model every method's cache is rebuilt for. Oracle
+    logits and answers are computed once and shared by all methods.
     """
     if len({m.name for m in methods}) != len(methods):
         raise ValueError("method names must be distinct: they key the results")
@@ -231,7 +221,7 @@ def run_fidelity(
         for method in methods:
             qa[method.name] = qa_scores(model, tokenizer, method, items, max_new_tokens, qa_batch_size, oracle)
             oracle_f1 = qa[method.name]["oracle_f1_gold"]
-    raw = bf16_bytes_per_token(model.config)
+    raw = ModelHandle(model).shape.bf16_bytes_per_token()
     exact = (0.0, 1.0, 0.0) if n_docs else (nan, nan, nan)
     rows = [Row("oracle", nan, nan, *exact, oracle_f1, 1.0 if n_questions else nan)]
     for method in methods:

@@ -1,4 +1,5 @@
-"""SCD as a `KVTransfer`: the real path, bytes and all (encode, serialize, parse, rebuild)."""
+"""SCD as a `Transfer`, same-model or across a pair alike: the real path, bytes and all (encode, serialize, parse,
+rebuild)."""
 
 from __future__ import annotations
 
@@ -7,19 +8,22 @@ import torch
 from ..artifacts import SCDArtifacts
 from ..cache import SCDCache
 from ..payload import SCDPayload
-from .baselines import prefill
+from .transfer import Shipment, Transfer, prefill
 
 
-class SCDTransfer:
+class SCDTransfer(Transfer):
     """Ship a prefix through an `SCDPayload` at one operating point; bytes are the whole serialized payload."""
 
-    def __init__(self, artifacts: SCDArtifacts, point: str):
+    def __init__(self, producer: torch.nn.Module, artifacts: SCDArtifacts, point: str):
+        super().__init__(producer)
         self.artifacts = artifacts
         self.point = artifacts.point(point).name
         self.name = f"scd-{self.point}"
 
-    @torch.inference_mode()
-    def transfer(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[SCDCache, int]:
-        producer = prefill(model, input_ids, attention_mask, SCDCache(self.artifacts, model, point=self.point))
-        blob = producer.encode().to_bytes()
-        return SCDCache.from_payload(SCDPayload.from_bytes(blob), self.artifacts, model), len(blob)
+    def send(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> Shipment:
+        cache = SCDCache(self.artifacts, self.producer, point=self.point)
+        blob = prefill(self.producer, input_ids, attention_mask, cache).encode().to_bytes()
+        return Shipment(blob, len(blob), input_ids, attention_mask)
+
+    def receive(self, consumer: torch.nn.Module, shipment: Shipment) -> SCDCache:
+        return SCDCache.from_payload(SCDPayload.from_bytes(shipment.content), self.artifacts, consumer)

@@ -53,30 +53,23 @@ def _hub_id(name: str) -> str | None:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
-    common = {"validation_prefix": args.validation_prefix} | ({"ratios": tuple(args.ratios)} if args.ratios else {})
-    if args.consumer is None or _model_name(args.consumer) == _model_name(args.producer):
-        from .calibrate import calibrate
+    from .calibrate import calibrate, calibrate_pair
 
-        model, tokenizer = _load(args.producer)
-        calibration_docs, validation, description = _calibration_split(tokenizer, args)
-        name = _model_name(args.producer)
+    producer_name = _model_name(args.producer)
+    producer, tokenizer = _load(args.producer)
+    calibration_docs, validation, description = _calibration_split(tokenizer, args)
+    common = {
+        "base_model": _hub_id(producer_name),
+        "data_description": description,
+        "validation_prefix": args.validation_prefix,
+    } | ({"ratios": tuple(args.ratios)} if args.ratios else {})
+    if args.consumer is None or _model_name(args.consumer) == producer_name:
+        weigh = not args.no_layer_weights
         artifacts = calibrate(
-            model,
-            calibration_docs,
-            validation,
-            model_name=name,
-            base_model=_hub_id(name),
-            data_description=description,
-            weigh_layers=not args.no_layer_weights,
-            **common,
+            producer, calibration_docs, validation, model_name=producer_name, weigh_layers=weigh, **common
         )
     else:
-        from .calibrate import calibrate_pair
-
-        producer, tokenizer = _load(args.producer)
         consumer, _ = _load(args.consumer)
-        calibration_docs, validation, description = _calibration_split(tokenizer, args)
-        producer_name = _model_name(args.producer)
         artifacts = calibrate_pair(
             producer,
             consumer,
@@ -84,8 +77,6 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
             validation,
             producer_name=producer_name,
             consumer_name=_model_name(args.consumer),
-            base_model=_hub_id(producer_name),
-            data_description=description,
             patch_counts=tuple(args.patch_counts),
             reuse=args.reuse,
             target_kl=args.target_kl,

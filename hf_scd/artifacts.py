@@ -21,7 +21,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from .arch import ModelHandle
-from .codes import TransformCode
+from .codes import MAX_BITS, TransformCode
 from .errors import ArtifactError, ArtifactMismatchError, OperatingPointError
 from .patch import Aligner
 from .plan import PatchLayer, Plan, ReuseLayer, SinkPolicy
@@ -39,6 +39,7 @@ class SCDArtifacts(
     """Calibration artifacts for one model: bases, quantizer steps and the bit-allocation plan."""
 
     def __init__(self, config: ArtifactsConfig, tensors: dict[str, torch.Tensor], card: str | None = None):
+        _check_tensors(config, tensors)
         self.config = config
         self.tensors = tensors
         self.card = card
@@ -239,6 +240,60 @@ class SCDArtifacts(
         config = self.config.to_dict()
         models = {"model": config["model"]} | ({"consumer": config["consumer"]} if self.is_pair else {})
         return models | {"operating_points": [asdict(p) for p in self.points]}
+
+
+def _check_tensors(config: ArtifactsConfig, tensors: dict[str, torch.Tensor]) -> None:
+    """The tensors every operating point needs, with the shapes, dtypes and values a plan can run on: finite
+    matrices, bits of at most MAX_BITS, and a positive quantizer step for every bit width a point uses."""
+
+    def need(key: str, shape: tuple[int | None, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        tensor = tensors.get(key)
+        if tensor is None:
+            raise ArtifactError(f"{TENSORS_FILE} has no tensor {key!r}")
+        expected = tuple(t if s is None else s for s, t in zip(shape, tensor.shape, strict=False))
+        if tensor.dtype != dtype or tensor.ndim != len(shape) or tuple(tensor.shape) != expected:
+            raise ArtifactError(
+                f"{TENSORS_FILE}: {key} is {tensor.dtype} {tuple(tensor.shape)}, expected {dtype} {shape}"
+            )
+        if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
+            raise ArtifactError(f"{TENSORS_FILE}: {key} has non-finite values")
+        return tensor
+
+    def check_bits(key: str, shape: tuple[int | None, ...], steps: torch.Tensor) -> None:
+        bits = need(key, shape, torch.uint8)
+        if bits.numel() and int(bits.max()) > MAX_BITS:
+            raise ArtifactError(f"{TENSORS_FILE}: {key} gives a component more than {MAX_BITS} bits")
+        table = steps.reshape(*steps.shape[:-1], *[1] * (bits.ndim - steps.ndim + 1), steps.shape[-1])
+        used = table.expand(*bits.shape, steps.shape[-1]).gather(-1, bits.long().unsqueeze(-1)).squeeze(-1)
+        if bool(((used <= 0) & (bits > 0)).any()):
+            raise ArtifactError(f"{TENSORS_FILE}: {key} uses a bit width whose quantizer step is not positive")
+
+    shape = config.model.shape
+    layers, heads, dim = shape.num_layers, shape.num_kv_heads, shape.head_dim
+    need("mean", (layers, len(KINDS), heads, dim))
+    if "out_mean" in tensors:
+        need("out_mean", (layers, len(KINDS), heads, dim))
+    width = need("encoder", (layers, len(KINDS), heads, dim, None)).shape[-1]
+    need("decoder", (layers, len(KINDS), heads, width, dim))
+    steps = need("steps", (layers, len(KINDS), MAX_BITS + 1))
+    patched = any(point.patch_layers for point in config.operating_points)
+    if patched:
+        candidates = need(TensorKeys.PATCH_LAYERS, (None,), torch.int64)
+        count = candidates.shape[0]
+        hidden = need(TensorKeys.patch("mean"), (count, 1, None)).shape[-1]
+        need(TensorKeys.patch("out_mean"), (count, 1, hidden))
+        code_width = need(TensorKeys.patch("encoder"), (count, 1, hidden, None)).shape[-1]
+        need(TensorKeys.patch("decoder"), (count, 1, code_width, hidden))
+        patch_steps = need(TensorKeys.patch("steps"), (count, MAX_BITS + 1))
+    for point in config.operating_points:
+        check_bits(TensorKeys.bits(point.name), (layers, len(KINDS), heads, width), steps)
+        if point.patch_layers:
+            if not set(point.patch_layers) <= set(candidates.tolist()):
+                raise ArtifactError(f"point {point.name} patches layers {point.patch_layers} with no Patch coder")
+            check_bits(TensorKeys.hidden_bits(point.name), (count, 1, code_width), patch_steps)
+    for key, tensor in tensors.items():
+        if key.startswith("aligner.") and not bool(tensor.isfinite().all()):
+            raise ArtifactError(f"{TENSORS_FILE}: {key} has non-finite values")
 
 
 def _looks_like_a_path(model_id: str) -> bool:

@@ -16,6 +16,7 @@ from .artifacts import SCDArtifacts
 from .compat import integration_error
 from .errors import ArtifactMismatchError, CacheStateError
 from .payload import SCDPayload
+from .plan import DEFAULT_MAX_KV_BYTES
 from .recording import Recorder, TokenRecord
 
 
@@ -121,8 +122,21 @@ class SCDCache(Cache):
         )
 
     @classmethod
-    def from_payload(cls, payload: SCDPayload, artifacts: SCDArtifacts, model: torch.nn.Module) -> SCDCache:
-        """Rebuild a cache on the consumer, ready for `model.generate(..., cache=cache)`."""
+    def from_payload(
+        cls,
+        payload: SCDPayload,
+        artifacts: SCDArtifacts,
+        model: torch.nn.Module,
+        *,
+        max_positions: int | None = None,
+        max_kv_bytes: int = DEFAULT_MAX_KV_BYTES,
+    ) -> SCDCache:
+        """Rebuild a cache on the consumer, ready for `model.generate(..., cache=cache)`.
+
+        A payload comes from a peer: before anything is decoded its token ids must lie in the model's vocabulary,
+        its positions below `max_positions` (default: the model's `max_position_embeddings`), and the K/V it would
+        rebuild within `max_kv_bytes`; otherwise `CorruptPayloadError` / `PayloadLimitError`.
+        """
         if payload.artifacts_id != artifacts.artifacts_id:
             raise ArtifactMismatchError(
                 f"payload was made with artifacts {payload.artifacts_id}, these are {artifacts.artifacts_id}: "
@@ -136,13 +150,13 @@ class SCDCache(Cache):
                 f"consumer of a pair, {artifacts.config.consumer.name}"
             )
         try:
-            cache._rebuild(payload)
+            cache._rebuild(payload, max_positions, max_kv_bytes)
         except BaseException:
             cache.close()  # a failed rebuild leaves no hooks behind
             raise
         return cache
 
-    def _rebuild(self, payload: SCDPayload) -> None:
+    def _rebuild(self, payload: SCDPayload, max_positions: int | None, max_kv_bytes: int) -> None:
         param = next(self.handle.model.parameters())
         position_ids = payload.position_ids.to(param.device)
         cos, sin = self.handle.rotary_cos_sin(position_ids, param.dtype)
@@ -156,7 +170,7 @@ class SCDCache(Cache):
             no_inputs,
         )
         plan = self.artifacts.plan(payload.operating_point, param.device)
-        plan.check(payload.layers, record)
+        plan.check(payload.layers, record, self.handle, max_positions, max_kv_bytes)
         kv = plan.decode(payload.layers_on(param.device), record, self.handle, param.dtype)
         self.layers = [SCDLayer.holding(keys, values) for keys, values in kv]
         self.recorder.record = record

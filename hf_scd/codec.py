@@ -42,7 +42,7 @@ def remove_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
 def pack_codes(codes: torch.Tensor, layout: BitLayout) -> torch.Tensor:
     """(tokens, heads, dim) integer codes (0 where 0 bits) -> (tokens, bytes_per_token) uint8."""
     byte, shift = (t.to(codes.device).reshape(-1).long() for t in layout.offsets)
-    shifted = codes.reshape(codes.shape[0], -1).to(torch.int32) << shift.to(torch.int32)
+    shifted = codes.reshape(codes.shape[0], layout.bits.numel()).to(torch.int32) << shift.to(torch.int32)
     # Two spare columns: a dropped component of a trailing empty head points one past the end, and its next byte two.
     packed = torch.zeros(codes.shape[0], layout.bytes_per_token + 2, dtype=torch.int32, device=codes.device)
     # Bits of different components never overlap, so adding them is OR-ing them.
@@ -58,7 +58,7 @@ def unpack_codes(packed: torch.Tensor, layout: BitLayout) -> torch.Tensor:
     padded = torch.nn.functional.pad(packed.to(torch.int32), (0, 2))
     flat = byte.reshape(-1).long()
     word = padded[:, flat] | (padded[:, flat + 1] << 8)
-    return (word.reshape(-1, *bits.shape) >> shift) & ((1 << bits) - 1)
+    return (word.reshape(packed.shape[0], *bits.shape) >> shift) & ((1 << bits) - 1)
 
 
 def encode_vectors(code: TransformCode, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,6 +29,11 @@ class CorruptPayloadError(PayloadError):
     """The payload's checksum or structure does not hold: its bytes were altered."""
 
 
+class PayloadLimitError(PayloadError):
+    """The payload is well-formed but asks for more than the consumer allows: positions past the model's range, or
+    more K/V memory than its budget."""
+
+
 class PayloadVersionError(PayloadError):
     """The payload was written in a wire-format version this library cannot read."""
 

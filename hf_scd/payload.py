@@ -10,6 +10,8 @@ tokens. No pickle anywhere: reading a payload never runs code.
 
 from __future__ import annotations
 
+import json
+import math
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -24,8 +26,11 @@ from .codes import CODED_KINDS, LayerCodes
 from .errors import CorruptPayloadError, PayloadVersionError, TruncatedPayloadError
 
 MAGIC = b"HFSCD\0"
-FORMAT_VERSION = 3
+# 4: the metadata is one sorted-JSON entry, so two encodes of the same cache are the same bytes.
+FORMAT_VERSION = 4
+METADATA_KEY = "hf-scd"
 _HEADER = struct.Struct("<6sHIQ")
+_TOKEN_DTYPES = {"input_ids": torch.int32, "position_ids": torch.int32, "attention_mask": torch.uint8}
 _CODE_DTYPES = {
     "key_codes": torch.uint8,
     "key_scales": torch.uint8,
@@ -97,7 +102,7 @@ class SCDPayload:
             tensors[name] = joined
             if widths is not None:
                 metadata[f"{name}_widths"] = ",".join(map(str, widths))
-        body = st_save(tensors, metadata=metadata)
+        body = st_save(tensors, metadata={METADATA_KEY: json.dumps(metadata, sort_keys=True)})
         return _HEADER.pack(MAGIC, FORMAT_VERSION, zlib.crc32(body), len(body)) + body
 
     @classmethod
@@ -120,10 +125,10 @@ class SCDPayload:
             raise CorruptPayloadError(f"payload has {len(body) - length} unexpected trailing bytes")
         if zlib.crc32(body) != crc:
             raise CorruptPayloadError("payload checksum mismatch: its bytes were altered in transit or on disk")
+        metadata = _check_body(body)
         try:
             tensors = st_load(body)
-            metadata = _read_metadata(body)
-        except (SafetensorError, ValueError) as exc:
+        except (SafetensorError, ValueError, KeyError, TypeError, OverflowError) as exc:
             raise CorruptPayloadError(f"payload body is not valid safetensors: {exc}") from exc
         return cls._from_parts(tensors, metadata)
 
@@ -132,6 +137,11 @@ class SCDPayload:
         try:
             if metadata.get("format") != "hf-scd-payload":
                 raise CorruptPayloadError("payload metadata does not declare the hf-scd payload format")
+            for name, dtype in _TOKEN_DTYPES.items():
+                if tensors[name].dtype != dtype:
+                    raise CorruptPayloadError(f"payload {name} has dtype {tensors[name].dtype}, expected {dtype}")
+            if bool((tensors["attention_mask"] > 1).any()):
+                raise CorruptPayloadError("payload attention_mask holds values other than 0 and 1")
             input_ids = tensors["input_ids"].long()
             position_ids = tensors["position_ids"].long()
             attention_mask = tensors["attention_mask"].bool()
@@ -141,6 +151,8 @@ class SCDPayload:
             split, wire = {}, {}
             for name in (f"{kind}_{part}" for kind in CODED_KINDS for part in ("codes", "scales")):
                 widths = [int(w) for w in metadata[f"{name}_widths"].split(",")]
+                if any(w < 0 for w in widths):
+                    raise CorruptPayloadError(f"payload {name} declares a negative layer width")
                 tensor = tensors[name]
                 if tensor.ndim != 2 or sum(widths) != tensor.shape[1]:
                     raise CorruptPayloadError(f"payload {name} do not match the layer widths it declares")
@@ -182,6 +194,15 @@ class SCDPayload:
         shape = self.input_ids.shape
         if self.input_ids.ndim != 2 or self.position_ids.shape != shape or self.attention_mask.shape != shape:
             raise CorruptPayloadError("payload ids, positions and mask do not share one (batch, seq) shape")
+        if not self.attention_mask.any(-1).all():
+            raise CorruptPayloadError("payload has no rows, or a row without a real token")
+        real = self.attention_mask
+        if bool((self.input_ids[real] < 0).any()) or bool((self.position_ids[real] < 0).any()):
+            raise CorruptPayloadError("payload has negative token ids or positions")
+        # Real tokens' positions rise strictly along each row (padding, on the left, is not looked at).
+        previous = torch.where(real, self.position_ids, -1).cummax(-1).values[:, :-1]
+        if bool((real[:, 1:] & (self.position_ids[:, 1:] <= previous)).any()):
+            raise CorruptPayloadError("payload positions do not rise strictly along each row")
         tokens = self.num_tokens
         for index, layer in enumerate(self.layers):
             coded = layer.key_codes.shape[0]
@@ -190,6 +211,8 @@ class SCDPayload:
             same_exact = layer.exact_values.shape == layer.exact_keys.shape
             if coded + layer.exact_keys.shape[0] != tokens or not (same_coded and same_exact):
                 raise CorruptPayloadError(f"layer {index} carries K/V for a different number of tokens than the mask")
+            if not (layer.exact_keys.isfinite().all() and layer.exact_values.isfinite().all()):
+                raise CorruptPayloadError(f"layer {index} has non-finite exact (sink) K/V")
 
     def save(self, path: str | Path) -> None:
         Path(path).write_bytes(self.to_bytes())
@@ -199,9 +222,45 @@ class SCDPayload:
         return cls.from_bytes(Path(path).read_bytes())
 
 
-def _read_metadata(body: bytes) -> dict[str, str]:
-    import json
+# Bytes per element of every dtype a payload tensor may have; anything else is refused before safetensors reads it.
+_ITEM_SIZES = {"U8": 1, "I32": 4, "BF16": 2}
+MAX_HEADER_BYTES = 1 << 20
 
+
+def _check_body(body: bytes) -> dict[str, str]:
+    """Check the safetensors header before anything is allocated: a bounded JSON object whose tensors each have an
+    allowed dtype, a shape of non-negative integers, and data offsets that match the shape and lie in the body.
+    Returns the hf-scd metadata."""
+    if len(body) < 8:
+        raise TruncatedPayloadError("payload body is shorter than its safetensors header length")
     (header_len,) = struct.unpack_from("<Q", body)
-    header = json.loads(body[8 : 8 + header_len])
-    return header.get("__metadata__", {})
+    if header_len > min(MAX_HEADER_BYTES, len(body) - 8):
+        raise CorruptPayloadError(f"payload declares a {header_len}-byte safetensors header")
+    try:
+        header = json.loads(body[8 : 8 + header_len])
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CorruptPayloadError(f"payload safetensors header is not JSON: {exc}") from exc
+    if not isinstance(header, dict):
+        raise CorruptPayloadError("payload safetensors header is not a JSON object")
+    data_len = len(body) - 8 - header_len
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(entry, dict) or entry.get("dtype") not in _ITEM_SIZES:
+            raise CorruptPayloadError(f"payload tensor {name!r} has no allowed dtype ({', '.join(_ITEM_SIZES)})")
+        shape, offsets = entry.get("shape"), entry.get("data_offsets")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and 0 <= d < 1 << 40 for d in shape)):
+            raise CorruptPayloadError(f"payload tensor {name!r} has a malformed shape {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            raise CorruptPayloadError(f"payload tensor {name!r} has malformed data offsets")
+        size = math.prod(shape) * _ITEM_SIZES[entry["dtype"]]
+        if not 0 <= offsets[0] <= offsets[1] <= data_len or offsets[1] - offsets[0] != size:
+            raise CorruptPayloadError(f"payload tensor {name!r} does not fit the bytes that carry it")
+    metadata = header.get("__metadata__")
+    try:
+        metadata = json.loads(metadata[METADATA_KEY])
+    except (TypeError, KeyError, ValueError) as exc:
+        raise CorruptPayloadError("payload carries no hf-scd metadata") from exc
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CorruptPayloadError("payload hf-scd metadata is not an object of strings")
+    return metadata

@@ -20,11 +20,13 @@ from .arch import ModelHandle
 from .codec import flat_rows, scatter_rows
 from .codes import CODED_KINDS, LayerCodes, TransformCode
 from .compat import integration_error
-from .errors import ArtifactMismatchError, CacheStateError
+from .errors import ArtifactMismatchError, CacheStateError, CorruptPayloadError, PayloadLimitError
 from .patch import Aligner, decode_patch_layer, encode_patch_layer
 from .recording import TokenRecord
 
 KV = tuple[torch.Tensor, torch.Tensor]
+# The most K/V memory a rebuilt cache may take unless the caller says otherwise: a peer cannot make us allocate more.
+DEFAULT_MAX_KV_BYTES = 8 << 30
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,10 @@ class ReuseLayer:
         """Bytes per coded token of the (key, value, hidden) codes this layer puts on the wire."""
         return (self.key.layout.bytes_per_token, self.value.layout.bytes_per_token, 0)
 
+    def scale_widths(self) -> tuple[int, int, int]:
+        """Per-token scale codes of (key, value, hidden): one per KV head."""
+        return (self.key.bits.shape[0], self.value.bits.shape[0], 0)
+
 
 @dataclass(frozen=True)
 class PatchLayer:
@@ -59,6 +65,9 @@ class PatchLayer:
 
     def widths(self) -> tuple[int, int, int]:
         return (0, 0, self.hidden.layout.bytes_per_token)
+
+    def scale_widths(self) -> tuple[int, int, int]:
+        return (0, 0, 1)
 
 
 @dataclass(frozen=True)
@@ -108,17 +117,47 @@ class Plan:
             )
         return layers
 
-    def check(self, layers: Sequence[LayerCodes], record: TokenRecord) -> None:
-        """Refuse payload layers that this plan did not make: their number, code widths and token counts."""
+    def check(
+        self,
+        layers: Sequence[LayerCodes],
+        record: TokenRecord,
+        handle: ModelHandle,
+        max_positions: int | None = None,
+        max_kv_bytes: int = DEFAULT_MAX_KV_BYTES,
+    ) -> None:
+        """Refuse a payload this plan did not make, or one the consumer must not rebuild: layer count, code and scale
+        widths, token counts; token ids outside the vocabulary, positions from `max_positions` on (default: the
+        model's `max_position_embeddings`), and more K/V than `max_kv_bytes`, all before anything is decoded."""
+        self._check_limits(record, handle, max_positions, max_kv_bytes)
         if len(layers) != len(self.layers):
             raise ArtifactMismatchError(f"payload has {len(layers)} layers, the artifacts' model {len(self.layers)}")
         coded = record.layout(self.sink.exact).coded.numel()
         for index, (layer_codes, coder) in enumerate(zip(layers, self.layers, strict=True)):
             widths = tuple(getattr(layer_codes, f"{kind}_codes").shape[-1] for kind in CODED_KINDS)
-            if widths != coder.widths():
+            scale_widths = tuple(getattr(layer_codes, f"{kind}_scales").shape[-1] for kind in CODED_KINDS)
+            if widths != coder.widths() or scale_widths != coder.scale_widths():
                 raise ArtifactMismatchError(f"layer {index} codes do not match the artifacts' bit allocation")
             if layer_codes.key_codes.shape[0] != coded or layer_codes.exact_keys.shape[1:] != self.kv_shape:
                 raise ArtifactMismatchError(f"layer {index} of the payload does not match the artifacts' layout")
+
+    def _check_limits(
+        self, record: TokenRecord, handle: ModelHandle, max_positions: int | None, max_kv_bytes: int
+    ) -> None:
+        config, real = handle.model.config, record.attention_mask
+        if bool((record.input_ids[real] >= config.vocab_size).any()):
+            raise CorruptPayloadError(f"payload has token ids outside the model's vocabulary of {config.vocab_size}")
+        limit = max_positions or getattr(config, "max_position_embeddings", None)
+        last = int(record.position_ids[real].max())
+        if limit is not None and last >= limit:
+            raise PayloadLimitError(f"payload reaches position {last}; this consumer allows positions below {limit}")
+        batch, seq = record.input_ids.shape
+        element = next(handle.model.parameters()).element_size()
+        kv_bytes = 2 * len(self.layers) * batch * seq * self.kv_shape[0] * self.kv_shape[1] * element
+        if kv_bytes > max_kv_bytes:
+            raise PayloadLimitError(
+                f"rebuilding this payload ({batch} x {seq} tokens) takes {kv_bytes / 2**30:.1f} GiB of K/V; the "
+                f"limit is {max_kv_bytes / 2**30:.1f} GiB (max_kv_bytes)"
+            )
 
     def decode(
         self, layers: Sequence[LayerCodes], record: TokenRecord, handle: ModelHandle, dtype: torch.dtype

@@ -68,3 +68,65 @@ def test_a_missing_local_path_fails_fast_without_the_hub(path):
 def test_a_target_that_is_not_a_number_is_an_operating_point_error(artifacts, kwargs, name):
     with pytest.raises(OperatingPointError, match=f"{name} must be a number"):
         artifacts.select_point(**kwargs)
+
+
+def _retensor(folder, edit) -> None:
+    """Rewrite codec.safetensors with `edit` applied, and the config's hash to match: only the content checks stand."""
+    import hashlib
+
+    from safetensors.torch import load, save
+
+    tensors = load((folder / "codec.safetensors").read_bytes())
+    blob = edit(tensors)
+    blob = blob if isinstance(blob, bytes) else save(tensors)
+    (folder / "codec.safetensors").write_bytes(blob)
+    _rewrite(folder, lambda c: {**c, "tensors_sha256": hashlib.sha256(blob).hexdigest()})
+
+
+def _set_bits(value):
+    def edit(tensors):
+        tensors["points.4x.bits"][0, 0, 0, 0] = value
+
+    return edit
+
+
+def _zero_steps(tensors):
+    tensors["steps"][:, :, 1:] = 0.0  # every used bit width has a zero step
+
+
+def _nan_decoder(tensors):
+    tensors["decoder"][3, 1, 0, 0, 0] = float("nan")
+
+
+def _drop_tensor(tensors):
+    del tensors["encoder"]
+
+
+def _pickled(_tensors):
+    import pickle
+
+    return pickle.dumps({"encoder": [1, 2, 3]})
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (_set_bits(9), "more than 8 bits"),
+        (_set_bits(255), "more than 8 bits"),
+        (_zero_steps, "quantizer step is not positive"),
+        (_nan_decoder, "decoder has non-finite values"),
+        (_drop_tensor, "no tensor 'encoder'"),
+        (_pickled, "not a valid safetensors file"),
+    ],
+)
+def test_corrupted_tensors_with_a_matching_hash_are_artifact_errors(folder, edit, message):
+    _retensor(folder, edit)
+    with pytest.raises(ArtifactError, match=message):
+        SCDArtifacts.from_pretrained(folder)
+
+
+def test_a_folder_in_place_of_a_file_is_an_artifact_error(folder):
+    (folder / "codec.safetensors").unlink()
+    (folder / "codec.safetensors").mkdir()
+    with pytest.raises(ArtifactError, match="no codec.safetensors"):
+        SCDArtifacts.from_pretrained(folder)

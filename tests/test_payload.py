@@ -1,12 +1,16 @@
 """The wire format: round trip, and a typed error for every way the bytes can be wrong."""
 
+import json
 import struct
+import zlib
 
 import pytest
 import torch
+from safetensors.torch import load, save
 
 from hf_scd import CorruptPayloadError, PayloadVersionError, SCDPayload, TruncatedPayloadError
 from hf_scd.codes import LayerCodes
+from hf_scd.payload import _HEADER, FORMAT_VERSION, MAGIC, METADATA_KEY
 
 
 def _payload(layers: int = 2, tokens: int = 5, exact: int = 1) -> SCDPayload:
@@ -100,17 +104,106 @@ def test_structurally_inconsistent_body_is_corruption():
         payload.to_bytes()
 
 
+def _parts(payload: SCDPayload) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A payload's safetensors tensors and hf-scd metadata, to be altered and sealed again with `_seal`."""
+    body = payload.to_bytes()[_HEADER.size :]
+    (header_len,) = struct.unpack_from("<Q", body)
+    metadata = json.loads(json.loads(body[8 : 8 + header_len])["__metadata__"][METADATA_KEY])
+    return load(body), metadata
+
+
+def _seal(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """A well-formed payload (valid header and CRC) around whatever tensors and metadata it is given."""
+    body = save(tensors, metadata={METADATA_KEY: json.dumps(metadata, sort_keys=True)})
+    return _HEADER.pack(MAGIC, FORMAT_VERSION, zlib.crc32(body), len(body)) + body
+
+
 def test_declared_layer_widths_must_match_the_codes():
-    from safetensors.torch import load, save
-
-    from hf_scd.payload import _HEADER, FORMAT_VERSION, MAGIC, _read_metadata
-
-    body = _payload().to_bytes()[_HEADER.size :]
-    metadata = _read_metadata(body)
+    tensors, metadata = _parts(_payload())
     metadata["key_codes_widths"] = "9,0"  # the codes are 7 + 0 bytes wide
-    forged = save(load(body), metadata=metadata)
-    import zlib
-
-    blob = _HEADER.pack(MAGIC, FORMAT_VERSION, zlib.crc32(forged), len(forged)) + forged
     with pytest.raises(CorruptPayloadError, match="layer widths"):
-        SCDPayload.from_bytes(blob)
+        SCDPayload.from_bytes(_seal(tensors, metadata))
+
+
+def test_to_bytes_is_deterministic():
+    """Two encodes of the same payload are the same bytes, so payloads can be hashed and cached."""
+    assert _payload().to_bytes() == _payload().to_bytes()
+    assert SCDPayload.from_bytes(_payload().to_bytes()).to_bytes() == _payload().to_bytes()
+
+
+def _negative_width(tensors, metadata):
+    metadata["key_scales_widths"] = "-1,4,0"
+    tensors["key_scales"] = tensors["key_scales"][:, :3]
+
+
+def _exact(value):
+    def mutate(tensors, _metadata):
+        tensors["exact_keys"] = tensors["exact_keys"].clone()
+        tensors["exact_keys"].view(-1)[0] = value
+
+    return mutate
+
+
+def _set(name, values):
+    def mutate(tensors, _metadata):
+        tensors[name] = torch.tensor([values], dtype=tensors[name].dtype)
+
+    return mutate
+
+
+def _retype(name, dtype):
+    def mutate(tensors, _metadata):
+        tensors[name] = tensors[name].to(dtype)
+
+    return mutate
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (_negative_width, "negative layer width"),
+        (_exact(float("nan")), "non-finite exact"),
+        (_exact(float("inf")), "non-finite exact"),
+        (_set("position_ids", [0, 1, 1, 2, 3]), "rise strictly"),
+        (_set("position_ids", [4, 3, 2, 1, 0]), "rise strictly"),
+        (_set("position_ids", [-1, 0, 1, 2, 3]), "negative"),
+        (_set("input_ids", [0, -5, 1, 2, 3]), "negative"),
+        (_set("attention_mask", [0, 0, 0, 0, 0]), "without a real token"),
+        (_set("attention_mask", [1, 2, 1, 1, 1]), "other than 0 and 1"),
+        (_retype("input_ids", torch.float32), "has no allowed dtype|has dtype"),
+        (_retype("position_ids", torch.int64), "has no allowed dtype|has dtype"),
+        (_retype("attention_mask", torch.bool), "has no allowed dtype|has dtype"),
+    ],
+)
+def test_well_sealed_but_wrong_payloads_are_corruption(mutate, message):
+    """Bytes with a valid CRC can still be wrong: every such case is a CorruptPayloadError saying what is wrong."""
+    tensors, metadata = _parts(_payload())
+    mutate(tensors, metadata)
+    with pytest.raises(CorruptPayloadError, match=message):
+        SCDPayload.from_bytes(_seal(tensors, metadata))
+
+
+def _with_header(edit) -> bytes:
+    body = _payload().to_bytes()[_HEADER.size :]
+    (header_len,) = struct.unpack_from("<Q", body)
+    header = json.loads(body[8 : 8 + header_len])
+    edit(header)
+    raw = json.dumps(header).encode()
+    forged = struct.pack("<Q", len(raw)) + raw + body[8 + header_len :]
+    return _HEADER.pack(MAGIC, FORMAT_VERSION, zlib.crc32(forged), len(forged)) + forged
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda h: h.update({"__metadata__": None}), "no hf-scd metadata"),
+        (lambda h: h["input_ids"].update({"dtype": "F8_E8M0"}), "no allowed dtype"),
+        (lambda h: h["input_ids"].update({"dtype": "F4"}), "no allowed dtype"),
+        (lambda h: h["key_codes"].update({"shape": [0, 2**63]}), "malformed shape"),
+        (lambda h: h["key_codes"].update({"shape": [2**20, 2**20]}), "does not fit"),
+        (lambda h: h["key_codes"].update({"data_offsets": [0, 2**40]}), "does not fit"),
+    ],
+)
+def test_forged_safetensors_headers_are_refused_before_reading(edit, message):
+    with pytest.raises(CorruptPayloadError, match=message):
+        SCDPayload.from_bytes(_with_header(edit))

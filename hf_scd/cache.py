@@ -9,13 +9,15 @@ no plan logic: it is the container `generate()` talks to.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from .artifacts import SCDArtifacts
 from .compat import integration_error
 from .errors import ArtifactMismatchError, CacheStateError
-from .payload import SCDPayload
+from .payload import LAYER_FIELDS, LayerCodes, PayloadHead, SCDPayload
 from .plan import DEFAULT_MAX_KV_BYTES
 from .recording import Recorder, TokenRecord
 
@@ -63,13 +65,18 @@ class SCDCache(Cache):
         # The producer records the attention input of every Patch candidate, so any operating point can patch them.
         patch_candidates = artifacts.patch_candidates if self.role == "producer" else []
         self.recorder = Recorder(handle, patch_candidates)
+        # Called with a layer's index once `update()` has stored it: a stream ships the layer while the next computes.
+        self.layer_listeners: list[Callable[[int], None]] = []
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store a layer's new K/V (as `Cache.update`), once the recorder has claimed what it noted of the forward."""
         self.recorder.claim(layer_idx, key_states.shape[2])
-        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        stored = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        for listener in self.layer_listeners:
+            listener(layer_idx)
+        return stored
 
     def close(self) -> None:
         """Stop recording: take the hooks off the model. The cache's contents stay usable for encode()."""
@@ -137,43 +144,11 @@ class SCDCache(Cache):
         its positions below `max_positions` (default: the model's `max_position_embeddings`), and the K/V it would
         rebuild within `max_kv_bytes`; otherwise `CorruptPayloadError` / `PayloadLimitError`.
         """
-        if payload.artifacts_id != artifacts.artifacts_id:
-            raise ArtifactMismatchError(
-                f"payload was made with artifacts {payload.artifacts_id}, these are {artifacts.artifacts_id}: "
-                "load the same artifacts on both sides"
-            )
-        cache = cls(artifacts, model, point=payload.operating_point)
-        if artifacts.is_pair and cache.role != "consumer":
-            cache.close()
-            raise ArtifactMismatchError(
-                f"this model is the producer of the pair {artifacts.describe()}; rebuild the payload on the "
-                f"consumer of a pair, {artifacts.config.consumer.name}"
-            )
-        try:
-            cache._rebuild(payload, max_positions, max_kv_bytes)
-        except BaseException:
-            cache.close()  # a failed rebuild leaves no hooks behind
-            raise
-        return cache
-
-    def _rebuild(self, payload: SCDPayload, max_positions: int | None, max_kv_bytes: int) -> None:
-        param = next(self.handle.model.parameters())
-        position_ids = payload.position_ids.to(param.device)
-        cos, sin = self.handle.rotary_cos_sin(position_ids, param.dtype)
-        no_inputs = torch.empty(*position_ids.shape, 0, 0, dtype=param.dtype, device=param.device)
-        record = TokenRecord(
-            payload.input_ids.to(param.device),
-            position_ids,
-            cos,
-            sin,
-            payload.attention_mask.to(param.device),
-            no_inputs,
-        )
-        plan = self.artifacts.plan(payload.operating_point, param.device)
-        plan.check(payload.layers, record, self.handle, max_positions, max_kv_bytes)
-        kv = plan.decode(payload.layers_on(param.device), record, self.handle, param.dtype)
-        self.layers = [SCDLayer.holding(keys, values) for keys, values in kv]
-        self.recorder.record = record
+        with CacheRebuild(
+            payload.head, artifacts, model, max_positions=max_positions, max_kv_bytes=max_kv_bytes
+        ) as rebuild:
+            rebuild.add_all(payload)
+            return rebuild.finish()
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -213,3 +188,85 @@ class SCDCache(Cache):
     def reset(self) -> None:
         super().reset()
         self.recorder.record = None
+
+
+class CacheRebuild:
+    """A consumer's `SCDCache`, rebuilt from a payload's head and its layers: all at once (`add_all`) or layer by
+    layer as a stream delivers them (`add_layer`). The head is checked against the artifacts and the consumer's
+    limits before anything is decoded; the cache exists only once every layer is in (`finish`), so a transfer that
+    fails half way leaves no half-built cache, and leaving the `with` block without `finish` takes the hooks off."""
+
+    def __init__(
+        self,
+        head: PayloadHead,
+        artifacts: SCDArtifacts,
+        model: torch.nn.Module,
+        *,
+        max_positions: int | None = None,
+        max_kv_bytes: int = DEFAULT_MAX_KV_BYTES,
+    ):
+        if head.artifacts_id != artifacts.artifacts_id:
+            raise ArtifactMismatchError(
+                f"payload was made with artifacts {head.artifacts_id}, these are {artifacts.artifacts_id}: "
+                "load the same artifacts on both sides"
+            )
+        self.cache = SCDCache(artifacts, model, point=head.operating_point)
+        self.finished = False
+        try:
+            if artifacts.is_pair and self.cache.role != "consumer":
+                raise ArtifactMismatchError(
+                    f"this model is the producer of the pair {artifacts.describe()}; rebuild the payload on the "
+                    f"consumer of a pair, {artifacts.config.consumer.name}"
+                )
+            handle = self.cache.handle
+            param = next(handle.model.parameters())
+            self.device, self.dtype = param.device, param.dtype
+            position_ids = head.position_ids.to(self.device)
+            cos, sin = handle.rotary_cos_sin(position_ids, self.dtype)
+            no_inputs = torch.empty(*position_ids.shape, 0, 0, dtype=self.dtype, device=self.device)
+            mask = head.attention_mask.to(self.device)
+            self.record = TokenRecord(head.input_ids.to(self.device), position_ids, cos, sin, mask, no_inputs)
+            self.plan = artifacts.plan(head.operating_point, self.device)
+            if head.num_layers != len(self.plan.layers):
+                raise ArtifactMismatchError(
+                    f"payload has {head.num_layers} layers, the artifacts' model {len(self.plan.layers)}"
+                )
+            self.plan.check_tokens(self.record, handle, max_positions, max_kv_bytes)
+            self.tokens = self.plan.layout(self.record)
+            self.kv: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self.plan.layers)
+        except BaseException:
+            self.cache.close()
+            raise
+
+    def layer_bytes(self, index: int) -> int:
+        """The size of layer `index`'s codes for this head: a stream refuses a frame that declares more."""
+        return self.plan.layer_bytes(index, self.tokens.coded.numel(), self.tokens.sink.numel())
+
+    def add_layer(self, index: int, codes: LayerCodes) -> None:
+        """Check and decode one layer as it arrives (the same values `add_all` gives it)."""
+        self.plan.check_layer(index, codes, self.tokens.coded.numel())
+        on_device = LayerCodes(*(getattr(codes, name).to(self.device) for name in LAYER_FIELDS))
+        self.kv[index] = self.plan.decode_layer(index, on_device, self.tokens, self.cache.handle, self.dtype)
+
+    def add_all(self, payload: SCDPayload) -> None:
+        """Check and decode every layer of a payload together (one kernel launch per kind on CUDA)."""
+        self.plan.check(payload.layers, self.record)
+        self.kv = self.plan.decode_layers(payload.layers_on(self.device), self.record, self.cache.handle, self.dtype)
+
+    def finish(self) -> SCDCache:
+        """The rebuilt cache, once every layer is in."""
+        missing = [index for index, kv in enumerate(self.kv) if kv is None]
+        if missing:
+            raise CacheStateError(f"layers {missing} never arrived: the cache cannot be used")
+        kv = self.plan.finish(self.kv, self.record, self.cache.handle)
+        self.cache.layers = [SCDLayer.holding(keys, values) for keys, values in kv]
+        self.cache.recorder.record = self.record
+        self.finished = True
+        return self.cache
+
+    def __enter__(self) -> CacheRebuild:
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        if not self.finished:
+            self.cache.close()  # a failed rebuild leaves no hooks behind

@@ -186,6 +186,17 @@ def main(argv: list[str] | None = None) -> None:
     ev.add_argument("--json", help="write the rows as JSON here")
     ev.set_defaults(func=cmd_eval)
 
+    sub.add_parser(
+        "bench-ttft",
+        help="time to first token between two processes on shaped links (options: hf-scd bench-ttft --help)",
+        add_help=False,
+    )
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench-ttft"]:
+        from .eval.ttft import main as bench_ttft
+
+        return bench_ttft(argv[1:])
     args = parser.parse_args(argv)
     args.func(args)
 

@@ -44,3 +44,23 @@ class OperatingPointError(SCDError):
 
 class CacheStateError(SCDError):
     """The cache was used in a way that would silently give wrong results."""
+
+
+class TransferError(SCDError):
+    """A cache could not be moved over a link."""
+
+
+class TransferTimeoutError(TransferError):
+    """The deadline passed before the transfer completed."""
+
+
+class ConnectionLostError(TransferError):
+    """The peer closed the link, or died, before the transfer completed."""
+
+
+class AuthenticationError(TransferError):
+    """A frame's HMAC tag did not verify: the peer does not hold the link's shared key."""
+
+
+class ProducerAbortedError(TransferError):
+    """The producer reported that it could not finish (its reason is in the message)."""

@@ -31,6 +31,7 @@ FORMAT_VERSION = 4
 METADATA_KEY = "hf-scd"
 _HEADER = struct.Struct("<6sHIQ")
 _TOKEN_DTYPES = {"input_ids": torch.int32, "position_ids": torch.int32, "attention_mask": torch.uint8}
+# LayerCodes' fields, in order, with their wire dtypes.
 _CODE_DTYPES = {
     "key_codes": torch.uint8,
     "key_scales": torch.uint8,
@@ -41,6 +42,7 @@ _CODE_DTYPES = {
     "hidden_codes": torch.uint8,
     "hidden_scales": torch.uint8,
 }
+LAYER_FIELDS = tuple(_CODE_DTYPES)
 
 
 @dataclass
@@ -86,18 +88,22 @@ class SCDPayload:
         layers = range(len(self.layers))
         return [LayerCodes(**{name: split[index] for name, split in parts.items()}) for index in layers]
 
+    @property
+    def head(self) -> PayloadHead:
+        return PayloadHead(
+            self.artifacts_id,
+            self.model_fingerprint,
+            self.operating_point,
+            self.input_ids,
+            self.position_ids,
+            self.attention_mask,
+            len(self.layers),
+        )
+
     def to_bytes(self) -> bytes:
-        tensors = {
-            "input_ids": self.input_ids.to(torch.int32).contiguous(),
-            "position_ids": self.position_ids.to(torch.int32).contiguous(),
-            "attention_mask": self.attention_mask.to(torch.uint8).contiguous(),
-        }
-        metadata = {
-            "format": "hf-scd-payload",
-            "artifacts_id": self.artifacts_id,
-            "model_fingerprint": self.model_fingerprint,
-            "operating_point": self.operating_point,
-        }
+        tensors = _token_tensors(self.input_ids, self.position_ids, self.attention_mask)
+        metadata = self.head.metadata("hf-scd-payload")
+        del metadata["num_layers"]
         for name, (joined, widths) in self._joined("cpu").items():
             tensors[name] = joined
             if widths is not None:
@@ -125,29 +131,15 @@ class SCDPayload:
             raise CorruptPayloadError(f"payload has {len(body) - length} unexpected trailing bytes")
         if zlib.crc32(body) != crc:
             raise CorruptPayloadError("payload checksum mismatch: its bytes were altered in transit or on disk")
-        metadata = _check_body(body)
-        try:
-            tensors = st_load(body)
-        except (SafetensorError, ValueError, KeyError, TypeError, OverflowError) as exc:
-            raise CorruptPayloadError(f"payload body is not valid safetensors: {exc}") from exc
-        return cls._from_parts(tensors, metadata)
+        return cls._from_parts(*_read_body(body))
 
     @classmethod
     def _from_parts(cls, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> SCDPayload:
         try:
             if metadata.get("format") != "hf-scd-payload":
                 raise CorruptPayloadError("payload metadata does not declare the hf-scd payload format")
-            for name, dtype in _TOKEN_DTYPES.items():
-                if tensors[name].dtype != dtype:
-                    raise CorruptPayloadError(f"payload {name} has dtype {tensors[name].dtype}, expected {dtype}")
-            if bool((tensors["attention_mask"] > 1).any()):
-                raise CorruptPayloadError("payload attention_mask holds values other than 0 and 1")
-            input_ids = tensors["input_ids"].long()
-            position_ids = tensors["position_ids"].long()
-            attention_mask = tensors["attention_mask"].bool()
-            for name, dtype in _CODE_DTYPES.items():
-                if tensors[name].dtype != dtype:
-                    raise CorruptPayloadError(f"payload {name} has dtype {tensors[name].dtype}, expected {dtype}")
+            input_ids, position_ids, attention_mask = _read_tokens(tensors)
+            _check_dtypes(tensors, _CODE_DTYPES)
             split, wire = {}, {}
             for name in (f"{kind}_{part}" for kind in CODED_KINDS for part in ("codes", "scales")):
                 widths = [int(w) for w in metadata[f"{name}_widths"].split(",")]
@@ -191,28 +183,10 @@ class SCDPayload:
         return payload
 
     def _check_shapes(self) -> None:
-        shape = self.input_ids.shape
-        if self.input_ids.ndim != 2 or self.position_ids.shape != shape or self.attention_mask.shape != shape:
-            raise CorruptPayloadError("payload ids, positions and mask do not share one (batch, seq) shape")
-        if not self.attention_mask.any(-1).all():
-            raise CorruptPayloadError("payload has no rows, or a row without a real token")
-        real = self.attention_mask
-        if bool((self.input_ids[real] < 0).any()) or bool((self.position_ids[real] < 0).any()):
-            raise CorruptPayloadError("payload has negative token ids or positions")
-        # Real tokens' positions rise strictly along each row (padding, on the left, is not looked at).
-        previous = torch.where(real, self.position_ids, -1).cummax(-1).values[:, :-1]
-        if bool((real[:, 1:] & (self.position_ids[:, 1:] <= previous)).any()):
-            raise CorruptPayloadError("payload positions do not rise strictly along each row")
+        _check_tokens(self.input_ids, self.position_ids, self.attention_mask)
         tokens = self.num_tokens
         for index, layer in enumerate(self.layers):
-            coded = layer.key_codes.shape[0]
-            parts = (getattr(layer, f"{kind}_{part}") for kind in CODED_KINDS for part in ("codes", "scales"))
-            same_coded = all(t.shape[0] == coded for t in parts)
-            same_exact = layer.exact_values.shape == layer.exact_keys.shape
-            if coded + layer.exact_keys.shape[0] != tokens or not (same_coded and same_exact):
-                raise CorruptPayloadError(f"layer {index} carries K/V for a different number of tokens than the mask")
-            if not (layer.exact_keys.isfinite().all() and layer.exact_values.isfinite().all()):
-                raise CorruptPayloadError(f"layer {index} has non-finite exact (sink) K/V")
+            _check_layer(index, layer, tokens)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_bytes(self.to_bytes())
@@ -264,3 +238,135 @@ def _check_body(body: bytes) -> dict[str, str]:
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise CorruptPayloadError("payload hf-scd metadata is not an object of strings")
     return metadata
+
+
+@dataclass(frozen=True)
+class PayloadHead:
+    """What comes before a payload's layers: what made it, and the prefix's tokens. A stream sends it first, so the
+    consumer can check it, and decode each layer as it arrives."""
+
+    artifacts_id: str
+    model_fingerprint: str
+    operating_point: str
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    num_layers: int
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+    def metadata(self, format_name: str = "hf-scd-head") -> dict[str, str]:
+        return {
+            "format": format_name,
+            "artifacts_id": self.artifacts_id,
+            "model_fingerprint": self.model_fingerprint,
+            "operating_point": self.operating_point,
+            "num_layers": str(self.num_layers),
+        }
+
+    def to_bytes(self) -> bytes:
+        tensors = _token_tensors(self.input_ids, self.position_ids, self.attention_mask)
+        return st_save(tensors, metadata={METADATA_KEY: json.dumps(self.metadata(), sort_keys=True)})
+
+    @classmethod
+    def from_bytes(cls, body: bytes) -> PayloadHead:
+        tensors, metadata = _read_body(body)
+        try:
+            if metadata.get("format") != "hf-scd-head":
+                raise CorruptPayloadError("stream head does not declare the hf-scd head format")
+            head = cls(
+                metadata["artifacts_id"],
+                metadata["model_fingerprint"],
+                metadata["operating_point"],
+                *_read_tokens(tensors),
+                int(metadata["num_layers"]),
+            )
+        except KeyError as exc:
+            raise CorruptPayloadError(f"stream head is missing the field {exc}") from exc
+        except ValueError as exc:
+            raise CorruptPayloadError(f"stream head metadata is malformed: {exc}") from exc
+        _check_tokens(head.input_ids, head.position_ids, head.attention_mask)
+        return head
+
+
+def layer_to_bytes(codes: LayerCodes) -> bytes:
+    """One layer's codes as a safetensors body: what a stream's LAYER frame carries."""
+    tensors = {name: getattr(codes, name).contiguous() for name in _CODE_DTYPES}
+    return st_save(tensors, metadata={METADATA_KEY: json.dumps({"format": "hf-scd-layer"})})
+
+
+def layer_from_bytes(body: bytes, index: int, tokens: int) -> LayerCodes:
+    """A LAYER frame's codes, checked like a payload's layer: dtypes, shapes, `tokens` real tokens, finite sink."""
+    tensors, metadata = _read_body(body)
+    if metadata.get("format") != "hf-scd-layer":
+        raise CorruptPayloadError(f"layer {index} frame does not declare the hf-scd layer format")
+    try:
+        _check_dtypes(tensors, _CODE_DTYPES)
+        codes = LayerCodes(**{name: tensors[name] for name in _CODE_DTYPES})
+    except KeyError as exc:
+        raise CorruptPayloadError(f"layer {index} frame is missing the tensor {exc}") from exc
+    for kind in CODED_KINDS:
+        if getattr(codes, f"{kind}_codes").ndim != 2 or getattr(codes, f"{kind}_scales").ndim != 2:
+            raise CorruptPayloadError(f"layer {index} frame's {kind} codes are not (tokens, bytes)")
+    if codes.exact_keys.ndim != 3:
+        raise CorruptPayloadError(f"layer {index} frame's exact K/V are not (tokens, heads, dim)")
+    _check_layer(index, codes, tokens)
+    return codes
+
+
+def _read_body(body: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    metadata = _check_body(body)
+    try:
+        return st_load(body), metadata
+    except (SafetensorError, ValueError, KeyError, TypeError, OverflowError) as exc:
+        raise CorruptPayloadError(f"body is not valid safetensors: {exc}") from exc
+
+
+def _token_tensors(input_ids, position_ids, attention_mask) -> dict[str, torch.Tensor]:
+    return {
+        "input_ids": input_ids.to(torch.int32).contiguous(),
+        "position_ids": position_ids.to(torch.int32).contiguous(),
+        "attention_mask": attention_mask.to(torch.uint8).contiguous(),
+    }
+
+
+def _check_dtypes(tensors: dict[str, torch.Tensor], dtypes: dict[str, torch.dtype]) -> None:
+    for name, dtype in dtypes.items():
+        if tensors[name].dtype != dtype:
+            raise CorruptPayloadError(f"payload {name} has dtype {tensors[name].dtype}, expected {dtype}")
+
+
+def _read_tokens(tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, position_ids, attention_mask) as int64, int64, bool, from their wire dtypes."""
+    _check_dtypes(tensors, _TOKEN_DTYPES)
+    if bool((tensors["attention_mask"] > 1).any()):
+        raise CorruptPayloadError("payload attention_mask holds values other than 0 and 1")
+    return tensors["input_ids"].long(), tensors["position_ids"].long(), tensors["attention_mask"].bool()
+
+
+def _check_tokens(input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+    shape = input_ids.shape
+    if input_ids.ndim != 2 or position_ids.shape != shape or attention_mask.shape != shape:
+        raise CorruptPayloadError("payload ids, positions and mask do not share one (batch, seq) shape")
+    if not attention_mask.any(-1).all():
+        raise CorruptPayloadError("payload has no rows, or a row without a real token")
+    real = attention_mask
+    if bool((input_ids[real] < 0).any()) or bool((position_ids[real] < 0).any()):
+        raise CorruptPayloadError("payload has negative token ids or positions")
+    # Real tokens' positions rise strictly along each row (padding, on the left, is not looked at).
+    previous = torch.where(real, position_ids, -1).cummax(-1).values[:, :-1]
+    if bool((real[:, 1:] & (position_ids[:, 1:] <= previous)).any()):
+        raise CorruptPayloadError("payload positions do not rise strictly along each row")
+
+
+def _check_layer(index: int, layer: LayerCodes, tokens: int) -> None:
+    coded = layer.key_codes.shape[0]
+    parts = (getattr(layer, f"{kind}_{part}") for kind in CODED_KINDS for part in ("codes", "scales"))
+    same_coded = all(t.shape[0] == coded for t in parts)
+    same_exact = layer.exact_values.shape == layer.exact_keys.shape
+    if coded + layer.exact_keys.shape[0] != tokens or not (same_coded and same_exact):
+        raise CorruptPayloadError(f"layer {index} carries K/V for a different number of tokens than the mask")
+    if not (layer.exact_keys.isfinite().all() and layer.exact_values.isfinite().all()):
+        raise CorruptPayloadError(f"layer {index} has non-finite exact (sink) K/V")

@@ -22,7 +22,7 @@ from .codes import CODED_KINDS, LayerCodes, TransformCode
 from .compat import integration_error
 from .errors import ArtifactMismatchError, CacheStateError, CorruptPayloadError, PayloadLimitError
 from .patch import Aligner, decode_patch_layer, encode_patch_layer
-from .recording import TokenRecord
+from .recording import TokenLayout, TokenRecord
 
 KV = tuple[torch.Tensor, torch.Tensor]
 # The most K/V memory a rebuilt cache may take unless the caller says otherwise: a peer cannot make us allocate more.
@@ -91,13 +91,9 @@ class Plan:
         self, kv: Sequence[KV], record: TokenRecord, patch_input: Callable[[int], torch.Tensor]
     ) -> list[LayerCodes]:
         """Every layer's post-RoPE (keys, values) (batch, H, seq, d) -> its payload codes; `patch_input(layer)` is the
-        producer's recorded attention input (batch, seq, hidden) at a Patch layer."""
-        tokens = record.layout(self.sink.exact)
-        for index, (keys, _) in enumerate(kv):
-            if keys.shape[2] != tokens.shape[1]:
-                raise integration_error(
-                    f"layer {index} holds {keys.shape[2]} tokens but {tokens.shape[1]} were recorded."
-                )
+        producer's recorded attention input (batch, seq, hidden) at a Patch layer. All Reuse layers are coded
+        together (one kernel launch on CUDA); `encode_layer` codes one, for streaming."""
+        tokens = self.layout(record, [keys.shape[2] for keys, _ in kv])
         reuse = self.reuse_layers
         encoded = backend.encode_layers(
             [kv[index][0] for index in reuse],
@@ -117,32 +113,58 @@ class Plan:
             )
         return layers
 
-    def check(
+    def encode_layer(
         self,
-        layers: Sequence[LayerCodes],
-        record: TokenRecord,
-        handle: ModelHandle,
-        max_positions: int | None = None,
-        max_kv_bytes: int = DEFAULT_MAX_KV_BYTES,
-    ) -> None:
-        """Refuse a payload this plan did not make, or one the consumer must not rebuild: layer count, code and scale
-        widths, token counts; token ids outside the vocabulary, positions from `max_positions` on (default: the
-        model's `max_position_embeddings`), and more K/V than `max_kv_bytes`, all before anything is decoded."""
-        self._check_limits(record, handle, max_positions, max_kv_bytes)
+        index: int,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        tokens: TokenLayout,
+        patch_input: torch.Tensor | None = None,
+    ) -> LayerCodes:
+        """One layer's codes, the same bytes `encode` gives it: a layer can leave while the next is being computed."""
+        coder = self.layers[index]
+        if isinstance(coder, PatchLayer):
+            return encode_patch_layer(patch_input, tokens.coded, coder.hidden, self.kv_shape)
+        coders = [(coder.key, coder.value)]
+        return backend.encode_layers([keys], [values], tokens.cos, tokens.sin, tokens.coded, tokens.sink, coders)[0]
+
+    def layout(self, record: TokenRecord, layer_tokens: Sequence[int] = ()) -> TokenLayout:
+        """Where the recorded tokens go on the wire under this plan's sink; every layer must hold them all."""
+        tokens = record.layout(self.sink.exact)
+        for index, held in enumerate(layer_tokens):
+            if held != tokens.shape[1]:
+                raise integration_error(f"layer {index} holds {held} tokens but {tokens.shape[1]} were recorded.")
+        return tokens
+
+    def check(self, layers: Sequence[LayerCodes], record: TokenRecord) -> None:
+        """Refuse payload layers this plan did not make: layer count, code and scale widths, token counts. With
+        `check_tokens` (the consumer's limits), all before anything is decoded."""
         if len(layers) != len(self.layers):
             raise ArtifactMismatchError(f"payload has {len(layers)} layers, the artifacts' model {len(self.layers)}")
         coded = record.layout(self.sink.exact).coded.numel()
-        for index, (layer_codes, coder) in enumerate(zip(layers, self.layers, strict=True)):
-            widths = tuple(getattr(layer_codes, f"{kind}_codes").shape[-1] for kind in CODED_KINDS)
-            scale_widths = tuple(getattr(layer_codes, f"{kind}_scales").shape[-1] for kind in CODED_KINDS)
-            if widths != coder.widths() or scale_widths != coder.scale_widths():
-                raise ArtifactMismatchError(f"layer {index} codes do not match the artifacts' bit allocation")
-            if layer_codes.key_codes.shape[0] != coded or layer_codes.exact_keys.shape[1:] != self.kv_shape:
-                raise ArtifactMismatchError(f"layer {index} of the payload does not match the artifacts' layout")
+        for index, layer_codes in enumerate(layers):
+            self.check_layer(index, layer_codes, coded)
 
-    def _check_limits(
+    def check_layer(self, index: int, layer_codes: LayerCodes, coded: int) -> None:
+        """One layer's code and scale widths against this plan's coder, and its token count (`coded` coded rows)."""
+        coder = self.layers[index]
+        widths = tuple(getattr(layer_codes, f"{kind}_codes").shape[-1] for kind in CODED_KINDS)
+        scale_widths = tuple(getattr(layer_codes, f"{kind}_scales").shape[-1] for kind in CODED_KINDS)
+        if widths != coder.widths() or scale_widths != coder.scale_widths():
+            raise ArtifactMismatchError(f"layer {index} codes do not match the artifacts' bit allocation")
+        if layer_codes.key_codes.shape[0] != coded or layer_codes.exact_keys.shape[1:] != self.kv_shape:
+            raise ArtifactMismatchError(f"layer {index} of the payload does not match the artifacts' layout")
+
+    def layer_bytes(self, index: int, coded: int, exact: int) -> int:
+        """Bytes one layer's codes take for `coded` coded and `exact` sink tokens: what a peer may declare."""
+        widths, scales = self.layers[index].widths(), self.layers[index].scale_widths()
+        return coded * (sum(widths) + sum(scales)) + 2 * exact * self.kv_shape[0] * self.kv_shape[1] * 2
+
+    def check_tokens(
         self, record: TokenRecord, handle: ModelHandle, max_positions: int | None, max_kv_bytes: int
     ) -> None:
+        """Refuse a payload the consumer must not rebuild: token ids outside the vocabulary, positions from
+        `max_positions` on (default: the model's `max_position_embeddings`), more K/V than `max_kv_bytes`."""
         config, real = handle.model.config, record.attention_mask
         if bool((record.input_ids[real] >= config.vocab_size).any()):
             raise CorruptPayloadError(f"payload has token ids outside the model's vocabulary of {config.vocab_size}")
@@ -159,11 +181,12 @@ class Plan:
                 f"limit is {max_kv_bytes / 2**30:.1f} GiB (max_kv_bytes)"
             )
 
-    def decode(
+    def decode_layers(
         self, layers: Sequence[LayerCodes], record: TokenRecord, handle: ModelHandle, dtype: torch.dtype
     ) -> list[KV]:
         """Payload layers (checked with `check`) -> every layer's post-RoPE (keys, values) (batch, H, seq, d) in
-        `dtype`, keys rotated with the consumer's own (cos, sin) in `record`."""
+        `dtype`, keys rotated with the consumer's own (cos, sin) in `record`, before `finish`. All Reuse layers are
+        decoded together (one kernel launch on CUDA); `decode_layer` decodes one as it arrives."""
         tokens = record.layout(self.sink.exact)
         reuse = self.reuse_layers
         decoded = backend.decode_layers(
@@ -180,19 +203,33 @@ class Plan:
         for index, keys_values in zip(reuse, decoded, strict=True):
             kv[index] = keys_values
         for index in self.patch_layers:
-            coder = self.layers[index]
-            kv[index] = decode_patch_layer(
-                layers[index],
-                tokens.cos,
-                tokens.sin,
-                tokens.coded,
-                coder.hidden,
-                coder.aligner,
-                handle.attention(index),
-                tokens.shape,
-                self.kv_shape,
-                dtype,
-            )
+            kv[index] = self.decode_layer(index, layers[index], tokens, handle, dtype)
+        return kv
+
+    def decode_layer(
+        self, index: int, layer_codes: LayerCodes, tokens: TokenLayout, handle: ModelHandle, dtype: torch.dtype
+    ) -> KV:
+        """One layer's (keys, values), the same values `decode_layers` gives it, before `finish`."""
+        coder = self.layers[index]
+        if isinstance(coder, ReuseLayer):
+            coders = [(coder.key, coder.value)]
+            args = (tokens.cos, tokens.sin, tokens.coded, tokens.sink, coders, tokens.shape, dtype)
+            return backend.decode_layers([layer_codes], *args)[0]
+        return decode_patch_layer(
+            layer_codes,
+            tokens.cos,
+            tokens.sin,
+            tokens.coded,
+            coder.hidden,
+            coder.aligner,
+            handle.attention(index),
+            tokens.shape,
+            self.kv_shape,
+            dtype,
+        )
+
+    def finish(self, kv: list[KV], record: TokenRecord, handle: ModelHandle) -> list[KV]:
+        """Decoded layers -> the cache's layers: the consumer's own K/V for a recomputed sink, if any."""
         if self.sink.recomputed:
             self._recompute_sink(kv, record, handle)
         return kv

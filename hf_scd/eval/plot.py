@@ -56,3 +56,35 @@ def pareto_plot(rows: Sequence[Row], path: str | Path, title: str) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def ttft_plot(rows: Sequence[dict], path: str | Path) -> None:
+    """TTFT against link rate, one panel per (scenario, prompt length), one line per arm (streamed: solid, one-shot:
+    dashed); the consumer's own prefill is a horizontal line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r["scenario"], r["tokens"]) for r in rows if r["scenario"] != "any"})
+    figure, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.4), squeeze=False)
+    for axis, (scenario, tokens) in zip(axes[0], panels, strict=True):
+        lines: dict[tuple[str, bool], list[tuple[float, float]]] = {}
+        for r in rows:
+            if r["scenario"] == scenario and r["tokens"] == tokens:
+                rate = r["measured_gbps"]
+                lines.setdefault((r["method"], r["streaming"]), []).append((rate, r["ttft_ms"]))
+        for (method, streaming), points in sorted(lines.items()):
+            points.sort()
+            label = f"{method} ({'streamed' if streaming else 'one-shot'})"
+            axis.plot(*zip(*points, strict=True), "o-" if streaming else "s--", label=label, markersize=4)
+        for r in rows:
+            if r["method"] == "prefill" and r["tokens"] == tokens:
+                axis.axhline(r["ttft_ms"], color="black", linewidth=1, label="consumer prefill")
+        axis.set(xscale="log", yscale="log", xlabel="measured link rate, Gbit/s", ylabel="TTFT, ms",
+                 title=f"{scenario}, {tokens} tokens")  # fmt: skip
+        axis.grid(True, which="both", alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="upper right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

@@ -18,6 +18,7 @@ file is their reference and never imports them (`backend.py` chooses between the
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -52,37 +53,78 @@ def pack_codes(codes: torch.Tensor, layout: BitLayout) -> torch.Tensor:
 
 
 def unpack_codes(packed: torch.Tensor, layout: BitLayout) -> torch.Tensor:
-    """Inverse of `pack_codes`: (tokens, bytes) uint8 -> (tokens, heads, dim) int32 codes (0 where 0 bits)."""
-    byte, shift = (t.to(packed.device) for t in layout.offsets)
-    bits = layout.bits.to(packed.device).int()
-    padded = torch.nn.functional.pad(packed.to(torch.int32), (0, 2))
-    flat = byte.reshape(-1).long()
-    word = padded[:, flat] | (padded[:, flat + 1] << 8)
-    return (word.reshape(packed.shape[0], *bits.shape) >> shift) & ((1 << bits) - 1)
+    """Inverse of `pack_codes`: (tokens, bytes) uint8 -> (tokens, heads, dim) int16 codes (0 where 0 bits).
+
+    Each component's two bytes are gathered side by side and read as one little-endian int16 (a code of at most 8
+    bits at a shift of at most 7 sits in its low 15 bits, so the sign bit never matters)."""
+    byte_pairs, shift, mask = _unpack_tables(layout, packed.device)
+    padded = torch.nn.functional.pad(packed, (0, 2))
+    words = padded.index_select(1, byte_pairs).view(torch.int16)
+    return ((words >> shift) & mask).reshape(packed.shape[0], *layout.bits.shape)
+
+
+def _unpack_tables(layout: BitLayout, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(byte, byte + 1) of every component, interleaved, its shift and its bit mask; made once per layout."""
+    tables = layout.__dict__.setdefault("_unpack_tables", {})
+    if device not in tables:
+        byte, shift = (t.reshape(-1).to(device) for t in layout.offsets)
+        pairs = torch.stack([byte.long(), byte.long() + 1], -1).reshape(-1)
+        mask = (1 << layout.bits.reshape(-1).to(device, torch.int32)) - 1
+        tables[device] = (pairs, shift.to(torch.int16), mask.to(torch.int16))
+    return tables[device]
+
+
+@dataclass(frozen=True)
+class _Derived:
+    """What coding with one `TransformCode` needs besides its inputs, computed once per coder: the encoder with the
+    dropped components' columns zeroed, quantizer steps (1 where dropped, so 0 / 1 codes them 0), levels, the mid
+    offset of each code, and the decoder with each component's step folded in (zero rows where dropped)."""
+
+    encoder: torch.Tensor
+    kept: torch.Tensor
+    steps: torch.Tensor
+    levels: torch.Tensor
+    offsets: torch.Tensor
+    decoder: torch.Tensor
+
+
+def _derived(code: TransformCode) -> _Derived:
+    derived = code.__dict__.get("_derived")
+    if derived is None:
+        bits = code.bits.float()
+        kept = bits > 0
+        steps = code.component_steps()
+        levels = torch.exp2(bits)
+        derived = _Derived(
+            encoder=code.encoder * kept.unsqueeze(1),
+            kept=kept.sum(-1).clamp(min=1).float(),
+            steps=torch.where(kept, steps, 1.0),
+            levels=levels,
+            offsets=torch.where(kept, levels / 2 - 0.5, 0.0),
+            decoder=code.decoder * steps.unsqueeze(-1),
+        )
+        code.__dict__["_derived"] = derived
+    return derived
 
 
 def encode_vectors(code: TransformCode, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens, H, d) -> packed codes (tokens, bytes) uint8 and per-token scale codes (tokens, H) uint8."""
-    bits = code.bits.float()
-    kept = bits > 0
-    unit = torch.einsum("nhd,hdc->nhc", x.float() - code.mean, code.encoder)
-    rms = ((unit * unit * kept).sum(-1) / kept.sum(-1).clamp(min=1)).sqrt()
+    derived = _derived(code)
+    unit = torch.einsum("nhd,hdc->nhc", x.float() - code.mean, derived.encoder)  # 0 at dropped components
+    rms = ((unit * unit).sum(-1) / derived.kept).sqrt()
     scale_codes = scale_to_code(rms)
-    levels = torch.exp2(bits)
-    step = code.component_steps() * code_to_scale(scale_codes).unsqueeze(-1)
-    ratio = unit / torch.where(kept, step, 1.0)
-    codes = torch.minimum(torch.clamp(torch.floor(ratio) + levels / 2, min=0), levels - 1)
-    codes = torch.where(kept, codes, 0.0).to(torch.int32)
-    return pack_codes(codes, code.layout), scale_codes
+    ratio = unit / (derived.steps * code_to_scale(scale_codes).unsqueeze(-1))
+    levels = derived.levels
+    codes = torch.minimum(torch.clamp(torch.floor(ratio) + levels / 2, min=0), levels - 1)  # 0 where dropped
+    return pack_codes(codes.to(torch.int32), code.layout), scale_codes
 
 
 def decode_vectors(code: TransformCode, packed: torch.Tensor, scale_codes: torch.Tensor) -> torch.Tensor:
     """Packed codes and per-token scale codes -> (tokens, H, d) float32 reconstruction."""
-    bits = code.bits.float()
-    codes = unpack_codes(packed, code.layout).float()
-    step = code.component_steps() * code_to_scale(scale_codes).unsqueeze(-1)
-    unit = torch.where(bits > 0, (codes - torch.exp2(bits) / 2 + 0.5) * step, 0.0)
-    return torch.einsum("nhc,hcd->nhd", unit, code.decoder) + code.out_mean
+    derived = _derived(code)
+    centred = unpack_codes(packed, code.layout).float() - derived.offsets  # 0 at dropped components
+    unit_out = torch.einsum("nhc,hcd->nhd", centred, derived.decoder)
+    return torch.addcmul(code.out_mean, unit_out, code_to_scale(scale_codes).unsqueeze(-1))
 
 
 def flat_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """A payload comes from a peer: whatever bytes arrive, the consumer raises a typed `SCDError` or rebuilds a finite
 cache. Seeded fuzzing of a real SmolLM2 payload; `HF_SCD_FUZZ_INPUTS=100000` runs the long campaign (default 600),
-`HF_SCD_FUZZ_SEED` picks another seed."""
+`HF_SCD_FUZZ_SEED` picks another seed, `HF_SCD_FUZZ_GENERATE=2000` continues generation from that many accepted mutants
+(default 12)."""
 
 import json
 import os
@@ -24,6 +25,7 @@ from hf_scd.payload import _HEADER, FORMAT_VERSION, MAGIC, METADATA_KEY
 
 FUZZ_INPUTS = int(os.environ.get("HF_SCD_FUZZ_INPUTS", "600"))
 FUZZ_SEED = int(os.environ.get("HF_SCD_FUZZ_SEED", "0"))  # long campaigns split across processes by seed
+FUZZ_GENERATE = int(os.environ.get("HF_SCD_FUZZ_GENERATE", "12"))  # mutants that must also generate 4 tokens
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +113,29 @@ def test_fuzzed_payloads_are_typed_errors_or_finite_caches(smollm2, artifacts, s
     print(f"fuzzed {FUZZ_INPUTS} payloads: {outcomes}")  # shown with -s, for the long campaign's figures
     # Both outcomes occur: the fuzzer reaches past the checks (a flipped code byte is still a valid code).
     assert outcomes["typed"] > FUZZ_INPUTS // 4 and outcomes["rebuilt"] > 0, outcomes
+
+
+@torch.inference_mode()
+def test_fuzzed_payloads_that_rebuild_also_generate(smollm2, artifacts, shipped):
+    """A mutant the consumer accepts is a cache generate() can continue from: 4 greedy tokens, finite logits."""
+    model, _ = smollm2
+    blob, rng = shipped.to_bytes(), random.Random(FUZZ_SEED + 1)
+    generated = 0
+    while generated < FUZZ_GENERATE:
+        try:
+            cache = SCDCache.from_payload(SCDPayload.from_bytes(_mutant(blob, rng)), artifacts, model)
+        except SCDError:
+            continue
+        ids = torch.cat([cache.input_ids, torch.tensor([[7]])], 1)
+        mask = torch.cat([cache.attention_mask, torch.ones(1, 1, dtype=torch.long)], 1)
+        out = model.generate(
+            ids, attention_mask=mask, **with_cache(model, cache), max_new_tokens=4, do_sample=False,
+            output_logits=True, return_dict_in_generate=True,
+        )  # fmt: skip
+        assert out.sequences.shape[1] == ids.shape[1] + 4 and all(step.isfinite().all() for step in out.logits)
+        cache.close()
+        generated += 1
+    print(f"generated from {generated} accepted mutants")
 
 
 @torch.inference_mode()

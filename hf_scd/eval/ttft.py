@@ -345,11 +345,14 @@ def drive(args) -> None:
             measured = measure_link(args, gbps_app)
             print(f"# {tokens} tokens, link {gbps or 'unshaped'} Gbit/s: measured {measured:.3f} Gbit/s", flush=True)
             for scenario in args.scenarios:
+                if scenario == "live" and tokens not in (args.live_tokens or args.tokens):
+                    continue
                 for arm in arms(args.points):
                     if arm["method"] == "prefill" and (links_index or scenario != args.scenarios[0]):
                         continue  # the consumer's own prefill uses no link: measured once per prompt
                     request = {**arm, "scenario": scenario}
-                    run_arm(args, model, artifacts, prompt, request, gbps_app, oracle)  # warm-up (and store)
+                    if scenario == "stored" or links_index == 0:  # warm-up (and, stored, encode once)
+                        run_arm(args, model, artifacts, prompt, request, gbps_app, oracle)
                     runs = [run_arm(args, model, artifacts, prompt, request, gbps_app, oracle)
                             for _ in range(args.repeats)]  # fmt: skip
                     ttfts = sorted(run["ttft_ms"] for run in runs)
@@ -387,13 +390,18 @@ def main(argv: list[str] | None = None) -> None:
                         help="Gbit/s; 0 is the unshaped link")  # fmt: skip
     parser.add_argument("--points", type=lambda s: s.split(","), default=["4x", "8x"])
     parser.add_argument("--scenarios", type=lambda s: s.split(","), default=["stored", "live"])
+    parser.add_argument("--live-tokens", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                        help="prompt lengths for the live scenario (default: --tokens)")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--shaper", choices=["tbf", "app"], default=None, help="default: tbf where namespaces work")
     parser.add_argument("--host", default=None)
     parser.add_argument("--port", type=int, default=PORT)
     parser.add_argument("--out", default="benchmarks/ttft_smollm2-135m-instruct.json")
+    parser.add_argument("--project", action="store_true", help="print only the 8B/H100 projection")
     args = parser.parse_args(argv)
+    if args.project:
+        return print(projection())
     if args.role == "producer":
         return serve(args)
     if args.role == "consumer":
@@ -415,7 +423,8 @@ def main(argv: list[str] | None = None) -> None:
     producer = subprocess.Popen(producer_prefix + pin[0] + common + ["--role", "producer", "--host", listen], env=env)
     try:
         forwarded = [f"--{k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in
-                     (("tokens", args.tokens), ("links", args.links), ("points", args.points),
+                     (("tokens", args.tokens), ("live-tokens", args.live_tokens or args.tokens),
+                      ("links", args.links), ("points", args.points),
                       ("scenarios", args.scenarios), ("repeats", args.repeats), ("shaper", args.shaper),
                       ("out", str(Path(args.out).resolve())))]  # fmt: skip
         subprocess.run(consumer_prefix + pin[1] + common + ["--role", "consumer", "--host", host] + forwarded,
@@ -427,9 +436,63 @@ def main(argv: list[str] | None = None) -> None:
             NamespaceShaper.remove()
     rows = json.loads(Path(args.out).read_text())
     print(table(rows))
+    print()
+    print(projection())
     from .plot import ttft_plot
 
     ttft_plot(rows, Path(args.out).with_suffix(".png"))
+
+
+# The projection's inputs: kernels/RESULTS.md (one H100, Llama-3-8B shape, 8K tokens) and stated assumptions.
+PROJECTION = {
+    "tokens": 8192,
+    "layers": 32,
+    "raw_bytes_per_token": 2 * 32 * 8 * 128 * 2,  # Llama-3-8B: 32 layers, 8 KV heads of 128, K and V, bf16
+    "prefill_ms": 260.0,  # RESULTS.md: prefill of 8K tokens, same run as the kernel timings
+    "scd_encode_ms": 8.96,  # RESULTS.md: encode kernel, all layers, 8K tokens (a ~4x point)
+    "scd_decode_ms": 8.22,  # RESULTS.md: decode kernel, all layers, 8K tokens
+    "first_step_ms": 8.0,  # assumed: one decode step of an 8B model at batch 1 (weights read once, ~3 TB/s)
+    "link_efficiency": 0.9,  # assumed: share of the nominal rate TCP achieves
+}
+PROJECTED_ARMS = {  # ratio vs bf16, encode ms, decode ms at 8K tokens
+    "bf16": (1.0, 0.0, 0.0),
+    "kivi-int4": (3.2, 8.96, 8.22),  # assumed: KIVI kernels as fast as SCD's (none measured here)
+    "scd-4x": (4.0, 8.96, 8.22),
+    "scd-8x": (8.0, 8.96, 8.22),  # assumed: the 8x point codes as fast as the ~4x point measured
+}
+
+
+def pipelined_ms(stages: list[float], layers: int) -> float:
+    """Layer-wise streaming as a pipeline of per-layer stages: one layer through all of them, then the slowest
+    stage for each further layer."""
+    per_layer = [stage / layers for stage in stages]
+    return sum(per_layer) + (layers - 1) * max(per_layer)
+
+
+def projection() -> str:
+    """A labelled model, not a measurement: the same arms on an 8B-shaped cache at 25 and 200 Gbit/s."""
+    p = PROJECTION
+    raw = p["tokens"] * p["raw_bytes_per_token"]
+    lines = [
+        f"Projection (a model, not a measurement): {p['tokens']} tokens of a Llama-3-8B-shaped cache ({raw / 1e9:.2f} "
+        "GB in bf16) on H100-class GPUs. Inputs: " + ", ".join(f"{k}={v}" for k, v in p.items()),
+        "",
+        "| scenario | link Gbit/s | method | one-shot TTFT ms | streamed TTFT ms |",
+        "|---|---:|---|---:|---:|",
+    ]
+    for scenario in ("stored", "live"):
+        lines.append(f"| {scenario} | - | prefill | {p['prefill_ms'] + p['first_step_ms']:.0f} | - |")
+        for gbps in (25, 200):
+            rate = gbps * 1e9 / 8 * p["link_efficiency"]
+            for method, (ratio, encode_ms, decode_ms) in PROJECTED_ARMS.items():
+                wire_ms = raw / ratio / rate * 1e3
+                stages = [wire_ms, decode_ms]
+                if scenario == "live":
+                    stages = [p["prefill_ms"], encode_ms, *stages]
+                one_shot = sum(stages) + p["first_step_ms"]
+                streamed = pipelined_ms(stages, p["layers"]) + p["first_step_ms"]
+                lines.append(f"| {scenario} | {gbps} | {method} | {one_shot:.0f} | {streamed:.0f} |")
+    return "\n".join(lines)
 
 
 def table(rows: list[dict]) -> str:

@@ -333,7 +333,7 @@ def drive(args) -> None:
     text = "\n\n".join(evaluation_texts())
     all_ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
     shaper = NamespaceShaper() if args.shaper == "tbf" else None
-    rows = []
+    rows = json.loads(Path(args.out).read_text()) if args.append and Path(args.out).exists() else []
     for tokens in args.tokens:
         prompt = all_ids[:, :tokens]  # the evaluation text from its start: the same prompt for every arm
         with torch.inference_mode():
@@ -399,9 +399,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=PORT)
     parser.add_argument("--out", default="benchmarks/ttft_smollm2-135m-instruct.json")
     parser.add_argument("--project", action="store_true", help="print only the 8B/H100 projection")
+    parser.add_argument("--append", action="store_true", help="add this run's rows to those already in --out")
+    parser.add_argument("--report", action="store_true", help="only print the table and plot of the rows in --out")
     args = parser.parse_args(argv)
     if args.project:
         return print(projection())
+    if args.report:
+        return report(Path(args.out))
     if args.role == "producer":
         return serve(args)
     if args.role == "consumer":
@@ -427,6 +431,7 @@ def main(argv: list[str] | None = None) -> None:
                       ("links", args.links), ("points", args.points),
                       ("scenarios", args.scenarios), ("repeats", args.repeats), ("shaper", args.shaper),
                       ("out", str(Path(args.out).resolve())))]  # fmt: skip
+        forwarded += ["--append"] if args.append else []
         subprocess.run(consumer_prefix + pin[1] + common + ["--role", "consumer", "--host", host] + forwarded,
                        env=env, check=True)  # fmt: skip
     finally:
@@ -434,13 +439,40 @@ def main(argv: list[str] | None = None) -> None:
         producer.wait()
         if args.shaper == "tbf":
             NamespaceShaper.remove()
-    rows = json.loads(Path(args.out).read_text())
-    print(table(rows))
-    print()
-    print(projection())
+    report(Path(args.out))
+
+
+def summary(rows: list[dict]) -> str:
+    """Median TTFT (ms) per scenario, prompt and link: the consumer's prefill, then each arm's better of streamed (s)
+    and one-shot (o)."""
+    methods = ["bf16", "kivi-int4", *sorted({r["method"] for r in rows if r["method"].startswith("scd-")})]
+    prefill = {r["tokens"]: r["ttft_ms"] for r in rows if r["method"] == "prefill"}
+    lines = [
+        "| scenario | tokens | link Gbit/s | consumer prefill | " + " | ".join(methods) + " |",
+        "|---|---:|---:|---:|" + "---:|" * len(methods),
+    ]
+    keys = sorted({(r["scenario"], r["tokens"], r["link_gbps"]) for r in rows if r["method"] != "prefill"},
+                  key=lambda k: (k[0] != "stored", k[1], k[2] or 1e9))  # fmt: skip
+    for scenario, tokens, link in keys:
+        cells = []
+        for method in methods:
+            arm = [r for r in rows if (r["scenario"], r["tokens"], r["link_gbps"], r["method"]) ==
+                   (scenario, tokens, link, method)]  # fmt: skip
+            best = min(arm, key=lambda r: r["ttft_ms"]) if arm else None
+            cells.append(f"{best['ttft_ms']:.0f} ({'s' if best['streaming'] else 'o'})" if best else "-")
+        first = prefill.get(tokens)
+        lines.append(f"| {scenario} | {tokens} | {link or 'unshaped'} | {first:.0f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def report(path: Path) -> None:
+    rows = json.loads(path.read_text())
+    text = "\n\n".join([summary(rows), table(rows), projection()])
+    path.with_suffix(".md").write_text(f"# TTFT benchmark (`hf-scd bench-ttft`)\n\n{text}\n")
+    print(text)
     from .plot import ttft_plot
 
-    ttft_plot(rows, Path(args.out).with_suffix(".png"))
+    ttft_plot(rows, path.with_suffix(".png"))
 
 
 # The projection's inputs: kernels/RESULTS.md (one H100, Llama-3-8B shape, 8K tokens) and stated assumptions.

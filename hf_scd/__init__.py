@@ -4,6 +4,7 @@ from .artifacts import OperatingPoint, SCDArtifacts
 from .cache import SCDCache, SCDLayer
 from .errors import (
     ArtifactError,
+    ArtifactFitWarning,
     ArtifactMismatchError,
     CacheStateError,
     CorruptPayloadError,
@@ -20,6 +21,7 @@ from .payload import SCDPayload
 __version__ = "0.1.0"
 __all__ = [
     "ArtifactError",
+    "ArtifactFitWarning",
     "ArtifactMismatchError",
     "CacheStateError",
     "CorruptPayloadError",

@@ -1,4 +1,4 @@
-"""Typed errors: every way a payload, an artifact or a model can be wrong has its own class."""
+"""Typed errors: every way a payload, an artifact or a model can be wrong has its own class; and the one warning."""
 
 
 class SCDError(Exception):
@@ -44,3 +44,8 @@ class OperatingPointError(SCDError):
 
 class CacheStateError(SCDError):
     """The cache was used in a way that would silently give wrong results."""
+
+
+class ArtifactFitWarning(UserWarning):
+    """Same-model artifacts were accepted for weights they were not fitted on, because the fit probe found that their
+    codes fit those weights within tolerance (e.g. the model in another precision or requantized)."""

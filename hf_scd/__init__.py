@@ -4,6 +4,7 @@ from .artifacts import OperatingPoint, SCDArtifacts
 from .cache import SCDCache, SCDLayer
 from .errors import (
     ArtifactError,
+    ArtifactFitWarning,
     ArtifactMismatchError,
     AuthenticationError,
     CacheStateError,
@@ -25,6 +26,7 @@ from .payload import SCDPayload
 __version__ = "0.1.0"
 __all__ = [
     "ArtifactError",
+    "ArtifactFitWarning",
     "ArtifactMismatchError",
     "AuthenticationError",
     "CacheStateError",

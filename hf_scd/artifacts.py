@@ -1,7 +1,8 @@
 """SCDArtifacts: the calibration a model needs for SCD, stored as a Hub repo (config + safetensors + card).
 
-``config.json`` says which model (architecture, KV shape, weight fingerprint) the artifacts were fitted on, how
-many leading tokens ship exactly, and lists the operating points of the plan; ``codec.safetensors`` holds, stacked
+``config.json`` says which model (architecture, KV shape, weight fingerprint) the artifacts were fitted on, what the
+fit probe measured on it (same-model artifacts), how many leading tokens ship exactly, and lists the operating points
+of the plan; ``codec.safetensors`` holds, stacked
 over (layer, K/V), the means, encoder and decoder matrices and quantizer steps, and per operating point the bit
 allocation of every component; ``README.md`` is the model card. Loading checks the tensors against the hash the
 config records.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 
@@ -22,9 +24,10 @@ from safetensors.torch import save as st_save
 
 from .arch import ModelHandle
 from .codes import MAX_BITS, TransformCode
-from .errors import ArtifactError, ArtifactMismatchError, OperatingPointError
+from .errors import ArtifactError, ArtifactFitWarning, ArtifactMismatchError, OperatingPointError
 from .patch import Aligner
 from .plan import PatchLayer, Plan, ReuseLayer, SinkPolicy
+from .probe import fit_verdict
 from .schema import ARTIFACTS_FORMAT_VERSION, KINDS, ArtifactsConfig, OperatingPoint, TensorKeys
 
 TENSORS_FILE = "codec.safetensors"
@@ -73,9 +76,16 @@ class SCDArtifacts(
         name = self.config.model.name
         return f"{name} -> {self.config.consumer.name}" if self.is_pair else name
 
-    def identify(self, model: torch.nn.Module) -> tuple[ModelHandle, str]:
+    def identify(self, model: torch.nn.Module, *, strict: bool = False) -> tuple[ModelHandle, str]:
         """The model's handle and its role: "producer" for the model these artifacts were fitted on (which, for
-        same-model artifacts, also rebuilds), "consumer" for the fine-tune of a pair; a clear error for any other."""
+        same-model artifacts, also rebuilds), "consumer" for the fine-tune of a pair; a clear error for any other.
+
+        Two questions, answered apart. Identity: the weights whose fingerprint the artifacts record are accepted at
+        once. Fit: same-model artifacts also accept other weights (the model in another precision, requantized) when
+        the fit probe (`hf_scd.probe`) through their codes comes, in every layer, within `FIT_TOLERANCE` of what
+        calibration measured, with an `ArtifactFitWarning` saying what was accepted; `strict=True` refuses them. Pair
+        artifacts accept their two fitted models only.
+        """
         handle = ModelHandle(model)
         if handle.shape != self.shape:
             raise ArtifactMismatchError(
@@ -88,11 +98,47 @@ class SCDArtifacts(
             if fitted.fingerprint == fingerprint:
                 return handle, role
         fitted_on = " or ".join(f"{e.name} (weights fingerprint {e.fingerprint})" for e in roles.values())
-        raise ArtifactMismatchError(
-            f"artifacts were fitted on {fitted_on}; this model's weights differ (fingerprint {fingerprint}), e.g. a "
-            "fine-tuned variant or the model of another pair. Use artifacts calibrated for these weights "
-            "(`hf-scd calibrate`)."
+        differ = f"artifacts were fitted on {fitted_on}; this model's weights differ (fingerprint {fingerprint})"
+        remedy = "Use artifacts calibrated for these weights (`hf-scd calibrate`)."
+        probe = None if self.is_pair else self.config.fit_probe
+        if probe is None or strict:
+            why = (
+                "and strict=True accepts only the weights they were fitted on"
+                if probe is not None
+                else "e.g. a fine-tuned variant or the model of another pair"
+            )
+            raise ArtifactMismatchError(f"{differ}, {why}. {remedy}")
+        verdict = fit_verdict(self, handle)
+        if not verdict.fits:
+            raise ArtifactMismatchError(f"{differ}, and the codes do not fit them: {verdict.describe()}. {remedy}")
+        warnings.warn(
+            f"{self.describe()} artifacts accepted for weights they were not fitted on (fingerprint {fingerprint}, "
+            f"fitted on {self.config.model.fingerprint}): {verdict.describe()}. Payloads made on this model rebuild "
+            "only on these same weights; strict=True refuses weights other than the fitted ones.",
+            ArtifactFitWarning,
+            stacklevel=3,
         )
+        return handle, "producer"
+
+    def check_producer(self, fingerprint: str, model: torch.nn.Module) -> None:
+        """Refuse a payload whose producer is not the model it must be, by its exact weights fingerprint: for
+        same-model artifacts the consumer `model`'s own weights (whatever fit was accepted, a cache rebuilds only on
+        the weights that made it), for a pair the pair's producer."""
+        handle = ModelHandle(model)
+        if self.is_pair:
+            producer = self.config.model
+            if fingerprint != producer.fingerprint:
+                raise ArtifactMismatchError(
+                    f"payload was made by weights with fingerprint {fingerprint}, not by {producer.name} "
+                    f"({producer.fingerprint}), the producer of the pair {self.describe()}"
+                )
+        elif fingerprint != handle.fingerprint:
+            raise ArtifactMismatchError(
+                f"payload was made by weights with fingerprint {fingerprint}; this model's are {handle.fingerprint}. "
+                "Same-model artifacts rebuild a cache only on the weights that made it (a fine-tune or a "
+                "requantization of the producer is another model): continue on the producer's weights, or ship "
+                "between two models with pair artifacts (`hf-scd calibrate --producer P --consumer C`)."
+            )
 
     # ---- operating points -------------------------------------------------------------------------------------
 

@@ -44,6 +44,8 @@ class SCDCache(Cache):
         ratio: compress at least this many times below BF16 (most faithful point that does).
         max_kl: or: the smallest point whose validation KL is within this bound.
         point: or: an operating point by name. With none of these, the artifacts' default point.
+        strict: accept only the weights the artifacts were fitted on; by default same-model artifacts also accept
+            weights their codes fit (`SCDArtifacts.identify`), with an `ArtifactFitWarning`.
 
     `close()` (or leaving a `with` block) takes the recording hooks off the model; garbage collection does too.
     """
@@ -56,8 +58,9 @@ class SCDCache(Cache):
         ratio: float | None = None,
         max_kl: float | None = None,
         point: str | None = None,
+        strict: bool = False,
     ):
-        handle, self.role = artifacts.identify(model)
+        handle, self.role = artifacts.identify(model, strict=strict)
         super().__init__(layers=[SCDLayer() for _ in range(handle.shape.num_layers)])
         self.artifacts = artifacts
         self.handle = handle
@@ -120,7 +123,7 @@ class SCDCache(Cache):
         kv = [(layer.keys, layer.values) for layer in self.layers]
         return SCDPayload(
             artifacts_id=self.artifacts.artifacts_id,
-            model_fingerprint=self.artifacts.model_fingerprint,
+            model_fingerprint=self.handle.fingerprint,
             operating_point=plan.point,
             input_ids=self.record.input_ids.cpu(),
             position_ids=self.record.position_ids.cpu(),
@@ -135,6 +138,7 @@ class SCDCache(Cache):
         artifacts: SCDArtifacts,
         model: torch.nn.Module,
         *,
+        strict: bool = False,
         max_positions: int | None = None,
         max_kv_bytes: int = DEFAULT_MAX_KV_BYTES,
     ) -> SCDCache:
@@ -142,10 +146,12 @@ class SCDCache(Cache):
 
         A payload comes from a peer: before anything is decoded its token ids must lie in the model's vocabulary,
         its positions below `max_positions` (default: the model's `max_position_embeddings`), and the K/V it would
-        rebuild within `max_kv_bytes`; otherwise `CorruptPayloadError` / `PayloadLimitError`.
+        rebuild within `max_kv_bytes`; otherwise `CorruptPayloadError` / `PayloadLimitError`. The model must be the
+        one the payload's producer requires (`SCDArtifacts.check_producer`): with same-model artifacts, the very
+        weights that made it; `strict` as for `SCDCache`.
         """
         with CacheRebuild(
-            payload.head, artifacts, model, max_positions=max_positions, max_kv_bytes=max_kv_bytes
+            payload.head, artifacts, model, strict=strict, max_positions=max_positions, max_kv_bytes=max_kv_bytes
         ) as rebuild:
             rebuild.add_all(payload)
             return rebuild.finish()
@@ -202,6 +208,7 @@ class CacheRebuild:
         artifacts: SCDArtifacts,
         model: torch.nn.Module,
         *,
+        strict: bool = False,
         max_positions: int | None = None,
         max_kv_bytes: int = DEFAULT_MAX_KV_BYTES,
     ):
@@ -210,7 +217,8 @@ class CacheRebuild:
                 f"payload was made with artifacts {head.artifacts_id}, these are {artifacts.artifacts_id}: "
                 "load the same artifacts on both sides"
             )
-        self.cache = SCDCache(artifacts, model, point=head.operating_point)
+        artifacts.check_producer(head.model_fingerprint, model)  # before the fit probe could run, or warn
+        self.cache = SCDCache(artifacts, model, point=head.operating_point, strict=strict)
         self.finished = False
         try:
             if artifacts.is_pair and self.cache.role != "consumer":

@@ -26,7 +26,7 @@ def _model_name(model: str) -> str:
 
 def _calibration_split(tokenizer, args: argparse.Namespace) -> tuple[list[list[int]], list[list[int]], str]:
     """(calibration docs within --tokens, validation docs, data description) as the calibrate flags ask."""
-    from .eval.corpus import calibration_texts, evaluation_texts, token_documents
+    from .eval.corpus import calibration_texts, token_documents, validation_documents
 
     if args.data:
         texts = [Path(path).read_text() for path in args.data]
@@ -41,10 +41,8 @@ def _calibration_split(tokenizer, args: argparse.Namespace) -> tuple[list[list[i
             break
         calibration_docs.append(doc[:budget])
         budget -= len(calibration_docs[-1])
-    validation_len = args.validation_prefix + 256
-    validation = [d[:validation_len] for d in token_documents(tokenizer, evaluation_texts(), validation_len)]
-    # Validate on the *last* evaluation documents; `hf-scd eval` reads from the first ones.
-    return calibration_docs, validation[-args.validation_docs :], description
+    validation = validation_documents(tokenizer, args.validation_prefix, args.validation_docs)
+    return calibration_docs, validation, description
 
 
 def _hub_id(name: str) -> str | None:

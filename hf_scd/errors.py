@@ -1,4 +1,4 @@
-"""Typed errors: every way a payload, an artifact or a model can be wrong has its own class."""
+"""Typed errors: every way a payload, an artifact or a model can be wrong has its own class; and the one warning."""
 
 
 class SCDError(Exception):
@@ -64,3 +64,8 @@ class AuthenticationError(TransferError):
 
 class ProducerAbortedError(TransferError):
     """The producer reported that it could not finish (its reason is in the message)."""
+
+
+class ArtifactFitWarning(UserWarning):
+    """Same-model artifacts were accepted for weights they were not fitted on, because the fit probe found that their
+    codes fit those weights within tolerance (e.g. the model in another precision or requantized)."""

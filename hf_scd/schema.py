@@ -81,6 +81,16 @@ class OperatingPoint:
 
 
 @dataclass(frozen=True)
+class FitProbe:
+    """What calibration measured on the fitted model, so that a model with other weights can be tested for fit (see
+    `hf_scd.probe`): per layer, the relative error of keys and values through the codes of `point` on `token_ids`."""
+
+    token_ids: tuple[int, ...]
+    point: str
+    errors: tuple[tuple[float, ...], ...]  # (layers, K/V)
+
+
+@dataclass(frozen=True)
 class ArtifactsConfig:
     """`config.json`: the model(s), the codec, the operating points and the calibration report (free-form)."""
 
@@ -90,6 +100,7 @@ class ArtifactsConfig:
     default_point: str
     calibration: dict[str, Any]
     consumer: ModelEntry | None = None
+    fit_probe: FitProbe | None = None  # same-model artifacts; without one, only the fitted weights are accepted
     format_version: int = ARTIFACTS_FORMAT_VERSION
     tensors_sha256: str = ""
 
@@ -112,13 +123,16 @@ class ArtifactsConfig:
         names = [point.name for point in points]
         if not points or len(set(names)) != len(names):
             raise ArtifactError(f"config.operating_points must be non-empty with distinct names, got {names}")
+        model = _model_entry(data.get("model"), "model")
+        probe = data.get("fit_probe")
         config = cls(
-            model=_model_entry(data.get("model"), "model"),
+            model=model,
             codec=CodecConfig(**_typed(CodecConfig, _mapping(data.get("codec"), "codec"), "codec")),
             operating_points=points,
             default_point=_field(data, "default_point", str, "config"),
             calibration=_mapping(data.get("calibration", {}), "calibration"),
             consumer=_model_entry(data["consumer"], "consumer") if data.get("consumer") is not None else None,
+            fit_probe=_fit_probe(probe, model.shape.num_layers) if probe is not None else None,
             format_version=version,
             tensors_sha256=_field(data, "tensors_sha256", str, "config"),
         )
@@ -128,6 +142,13 @@ class ArtifactsConfig:
             raise ArtifactError("config.codec exact_tokens and recomputed_tokens must be >= 0")
         if config.consumer is not None and config.consumer.shape != config.model.shape:
             raise ArtifactError("config.consumer must have the producer's KV shape")
+        if config.fit_probe is not None:
+            if config.fit_probe.point not in names:
+                raise ArtifactError(f"config.fit_probe.point {config.fit_probe.point!r} is not one of {names}")
+            if points[names.index(config.fit_probe.point)].patch_layers:
+                raise ArtifactError("config.fit_probe.point must be a point without Patch layers")
+            if len(config.fit_probe.token_ids) <= config.codec.exact_tokens:
+                raise ArtifactError("config.fit_probe.token_ids must be longer than the exact sink")
         return config
 
     def to_dict(self) -> dict[str, Any]:
@@ -138,6 +159,10 @@ class ArtifactsConfig:
         codec = {f.name: getattr(self.codec, f.name) for f in fields(CodecConfig)}
         out["codec"] = {k: v for k, v in codec.items() if v is not None and not (k == "recomputed_tokens" and v == 0)}
         out["calibration"] = self.calibration
+        if self.fit_probe is not None:
+            probe = self.fit_probe
+            errors = [list(pair) for pair in probe.errors]
+            out["fit_probe"] = {"point": probe.point, "errors": errors, "token_ids": list(probe.token_ids)}
         out["operating_points"] = [_point_dict(point) for point in self.operating_points]
         out["default_point"] = self.default_point
         out["format_version"] = self.format_version
@@ -206,6 +231,28 @@ def _model_entry(data: Any, where: str) -> ModelEntry:
         base_model=data.get("base_model") if isinstance(data.get("base_model"), str) else None,
         shape=ModelShape(model_type=_field(shape, "model_type", str, f"{where}.shape"), **dims),
         fingerprint=_field(data, "fingerprint", str, where),
+    )
+
+
+def _fit_probe(data: Any, num_layers: int) -> FitProbe:
+    data = _mapping(data, "fit_probe")
+    ids = _field(data, "token_ids", list, "fit_probe")
+    if not ids or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 1 << 24 for i in ids):
+        raise ArtifactError(f"config.fit_probe.token_ids must be a non-empty list of token ids, got {ids!r}")
+    errors = _field(data, "errors", list, "fit_probe")
+    if len(errors) != num_layers or not all(
+        isinstance(pair, list)
+        and len(pair) == len(KINDS)
+        and all(not isinstance(e, bool) and isinstance(e, int | float) and 0 <= e < math.inf for e in pair)
+        for pair in errors
+    ):
+        raise ArtifactError(
+            f"config.fit_probe.errors must list {num_layers} layers' [key, value] relative errors (finite, >= 0)"
+        )
+    return FitProbe(
+        token_ids=tuple(ids),
+        point=_field(data, "point", str, "fit_probe"),
+        errors=tuple(tuple(float(e) for e in pair) for pair in errors),
     )
 
 

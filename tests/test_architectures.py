@@ -1,17 +1,20 @@
 """The Llama family beyond Llama: Qwen2 (bias on q/k/v) and Mistral, on tiny random-weight models.
 
 Random weights say nothing about quality; these tests check that keys are de-rotated exactly where the model puts
-its bias, and that calibration and a round trip work on each architecture's module layout.
+its bias, and that calibration (with its fit probe) and a round trip work on each architecture's module layout.
 """
 
 import pytest
 import torch
 from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from hf_scd import SCDCache, SCDPayload
+from hf_scd import ArtifactFitWarning, ArtifactMismatchError, SCDCache, SCDPayload
+from hf_scd.arch import ModelHandle
 from hf_scd.calibrate import calibrate
 from hf_scd.codec import remove_rotary
 from hf_scd.compat import with_cache
+from hf_scd.eval.weights import requantized
+from hf_scd.probe import probe_errors
 
 TINY = dict(
     hidden_size=64,
@@ -24,8 +27,8 @@ TINY = dict(
 )
 
 
-def _tiny(kind: str) -> torch.nn.Module:
-    torch.manual_seed(0)
+def _tiny(kind: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
     if kind == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**TINY))
         assert model.model.layers[0].self_attn.k_proj.bias is not None
@@ -63,3 +66,13 @@ def test_tiny_model_calibrates_and_round_trips(kind):
         # The sink token ships exactly, up to bf16 rounding.
         assert torch.allclose(original.keys[:, :, 0], rebuilt.keys[:, :, 0], rtol=1e-2, atol=1e-2)
         assert torch.allclose(original.values[:, :, 0], rebuilt.values[:, :, 0], rtol=1e-2, atol=1e-2)
+
+    # Calibration records the fit probe (the start of the first validation document, at the default point): a
+    # requantized copy fits the codes, another random model of the same shape does not.
+    probe = artifacts.config.fit_probe
+    assert probe.token_ids == tuple(docs[4]) and probe.point == artifacts.config.default_point
+    assert probe.errors == probe_errors(artifacts, ModelHandle(model), probe.token_ids, probe.point)
+    with pytest.warns(ArtifactFitWarning, match="accepted"):
+        assert artifacts.identify(requantized(model, bits=8))[1] == "producer"
+    with pytest.raises(ArtifactMismatchError, match="the codes do not fit them"):
+        artifacts.identify(_tiny(kind, seed=1))

@@ -28,6 +28,10 @@ def _drop(config: dict, *path: str) -> dict:
     return config
 
 
+def _probe(config: dict, **fields) -> dict:
+    return {**config, "fit_probe": {**config["fit_probe"], **fields}}
+
+
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
@@ -41,6 +45,13 @@ def _drop(config: dict, *path: str) -> dict:
         (lambda c: {**c, "default_point": "99x"}, "default_point '99x' is not one of"),
         (lambda c: _drop(c, "operating_points", 0, "val_kl"), "has no field 'val_kl'"),
         (lambda c: {**c, "model": {**c["model"], "shape": {**c["model"]["shape"], "num_layers": 0}}}, "num_layers"),
+        (lambda c: {**c, "fit_probe": []}, "config.fit_probe must be a JSON object"),
+        (lambda c: _probe(c, point="99x"), "fit_probe.point '99x' is not one of"),
+        (lambda c: _probe(c, token_ids=[5, -1]), "fit_probe.token_ids must be a non-empty list of token ids"),
+        (lambda c: _probe(c, token_ids=[5]), "longer than the exact sink"),
+        (lambda c: _probe(c, errors=c["fit_probe"]["errors"][:3]), "fit_probe.errors must list 30 layers"),
+        (lambda c: _probe(c, errors=[[float("nan"), 0.1]] * 30), "fit_probe.errors must list 30 layers"),
+        (lambda c: _drop(c, "fit_probe", "errors"), "fit_probe.errors must be a list"),
     ],
 )
 def test_malformed_config_is_an_artifact_error_naming_the_field(folder, edit, message):

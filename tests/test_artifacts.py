@@ -16,6 +16,7 @@ def test_save_and_reload_keeps_identity(artifacts, tmp_path):
     assert files == ["README.md", "codec.safetensors", "config.json"]
     again = SCDArtifacts.from_pretrained(tmp_path / "copy")
     assert again.artifacts_id == artifacts.artifacts_id and again.points == artifacts.points
+    assert again.config == artifacts.config and again.config.fit_probe is not None
 
 
 def test_model_card_has_hub_metadata(artifacts):

@@ -164,8 +164,9 @@ def test_artifacts_refuse_other_models(smollm2, artifacts):
     tuned = copy.deepcopy(model)
     with torch.no_grad():
         tuned.model.layers[5].mlp.down_proj.weight.mul_(1.05)
-    with pytest.raises(ArtifactMismatchError, match="fine-tuned"):
-        SCDCache(artifacts, tuned)
+    # The codes still fit these weights (the fit probe would accept them with a warning: test_fit_probe.py).
+    with pytest.raises(ArtifactMismatchError, match="weights differ .* strict=True accepts only"):
+        SCDCache(artifacts, tuned, strict=True)
 
 
 @torch.inference_mode()

@@ -90,7 +90,7 @@ def test_weight_fingerprint_is_computed_once_per_model_until_the_weights_change(
     fitted = weight.clone()
     weight.mul_(1.5)  # an in-place change of the weights is seen: the fingerprint is recomputed, and refused
     with pytest.raises(ArtifactMismatchError, match="weights differ"):
-        SCDCache(artifacts, model)
+        SCDCache(artifacts, model, strict=True)  # (the codes fit them: the fit probe would accept them)
     assert len(calls) == 2
     weight.copy_(fitted)
     SCDCache(artifacts, model)

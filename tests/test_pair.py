@@ -64,8 +64,8 @@ def test_scd_beats_naive_reuse_and_generation_continues(smollm2, variant, pair_a
 @torch.inference_mode()
 def test_wrong_models_and_payloads_are_refused(smollm2, variant, pair_artifacts, artifacts, chat_ids):
     producer, _ = smollm2
-    with pytest.raises(ArtifactMismatchError, match="fine-tuned variant"):
-        SCDCache(artifacts, variant)  # same-model artifacts of the base, on the variant
+    with pytest.raises(ArtifactMismatchError, match="weights differ"):  # same-model artifacts of the base
+        SCDCache(artifacts, variant, strict=True)  # (without strict they fit it: test_fit_probe.py)
     shipped = SCDCache(pair_artifacts, producer)
     producer(chat_ids, **with_cache(producer, shipped))
     with pytest.raises(ArtifactMismatchError, match="consumer of a pair"):

@@ -180,6 +180,11 @@ def test_each_side_refuses_the_other_role(pair):
     stranger = LlamaForCausalLM(LlamaConfig(**TINY)).eval()
     with pytest.raises(ArtifactMismatchError):
         SCDCache(artifacts, stranger)
+    assert artifacts.config.fit_probe is None  # pairs accept their two fitted models only
+    assert payload.model_fingerprint == ModelHandle(producer).fingerprint
+    payload.model_fingerprint = ModelHandle(stranger).fingerprint  # a payload some other model made
+    with pytest.raises(ArtifactMismatchError, match="not by tiny .*, the producer of the pair"):
+        SCDCache.from_payload(payload, artifacts, consumer)
 
 
 @torch.inference_mode()

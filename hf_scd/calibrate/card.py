@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from ..probe import FIT_TOLERANCE, mean_error
 from ..schema import ArtifactsConfig, CodecConfig
 
 if TYPE_CHECKING:
@@ -28,8 +29,7 @@ def _what(artifacts: SCDArtifacts) -> str:
 and KV head, a principal basis of the de-rotated keys (weighted by query energy) and of the values (weighted by the
 output projection), quantizer steps, and a bit-allocation plan, so that a {cache} ships as compact codes.
 
-Fitted on weights with fingerprint `{config.model.fingerprint}`; using these artifacts with other weights (for
-example a fine-tuned variant) raises `ArtifactMismatchError`."""
+{_fit(config)}"""
     producer, consumer = config.model, config.consumer
     return f"""Cross-variant calibration for [hf-scd](https://github.com/hf-scd/hf-scd) (Semantic Cache Distillation): a
 {cache} prefilled by **{producer.name}** (the producer) ships as compact codes to **{consumer.name}** (the
@@ -40,6 +40,19 @@ with its own projections. The plan (Patch layers, bits per component) was valida
 
 Producer weights fingerprint `{producer.fingerprint}`, consumer `{consumer.fingerprint}`: other weights on
 either side raise `ArtifactMismatchError`, as does the producer rebuilding a payload meant for the consumer."""
+
+
+def _fit(config: ArtifactsConfig) -> str:
+    """Which weights same-model artifacts accept: the fitted ones, and those the fit probe finds the codes fit."""
+    fingerprint, probe = config.model.fingerprint, config.fit_probe
+    if probe is None:
+        return f"""Fitted on weights with fingerprint `{fingerprint}`; using these artifacts with other weights (for
+example a fine-tuned variant) raises `ArtifactMismatchError`."""
+    return f"""Fitted on weights with fingerprint `{fingerprint}`. Other weights (this model in another precision or
+requantized, say) are accepted with an `ArtifactFitWarning` where a probe through the codes of point `{probe.point}`
+reconstructs their K/V, in every layer, within +{FIT_TOLERANCE:.0%} of the relative error measured on the fitted
+weights (mean {mean_error(probe.errors):.4g}); weights the codes do not fit raise `ArtifactMismatchError`, and under
+`strict=True` so do all weights but the fitted ones. A payload rebuilds only on the weights that made it."""
 
 
 def _sink(codec: CodecConfig) -> str:

@@ -2,8 +2,8 @@
 
 Steps run in order on one `Calibration`, each filling in a part of it: collect activations, the per-layer metrics,
 the layer weights, the Reuse coders, [the steps a pair adds: ranking and fitting Patch layers], the plan of
-operating points, their validation. Same-model calibration is the pipeline with the producer as its own consumer
-and no Patch steps; `calibrate_pair` adds its steps (see `pair.py`).
+operating points, their validation and (same-model) the fit probe. Same-model calibration is the pipeline with the
+producer as its own consumer and no Patch steps; `calibrate_pair` adds its steps (see `pair.py`).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from ..arch import ModelHandle
 from ..artifacts import SCDArtifacts
 from ..codes import MAX_BITS
+from ..probe import measure_fit_probe
 from ..schema import KINDS, ArtifactsConfig, CodecConfig, TensorKeys
 from .card import model_card
 from .collect import KVMoments, QueryEnergy, collect_kv_moments
@@ -183,7 +184,8 @@ def config(run: Calibration) -> ArtifactsConfig:
 
 def validate(run: Calibration) -> SCDArtifacts:
     """Measure every point (the consumer continuing from the producer's shipped cache), pick the default point,
-    and write the card."""
+    record the fit probe of same-model artifacts at it (the start of the first validation document), and write the
+    card."""
     job = run.job
     settings = config(run)
     draft = SCDArtifacts.build(settings, run.tensors)
@@ -195,6 +197,8 @@ def validate(run: Calibration) -> SCDArtifacts:
     ]
     default = default_point(run.points, job.default_max_kl, job.default_min_ratio)
     settings = replace(settings, operating_points=tuple(run.points), default_point=default)
+    if not job.is_pair:  # what the codes of the default point do to the model's own K/V, for `identify` to compare
+        settings = replace(settings, fit_probe=measure_fit_probe(draft, job.producer, job.validation_docs[0], default))
     final = SCDArtifacts.build(settings, run.tensors)
     final.card = model_card(final)
     return final

@@ -99,3 +99,10 @@ def token_documents(tokenizer, texts: Sequence[str], min_tokens: int) -> list[li
     """Token ids of each text (no special tokens), keeping only texts at least ``min_tokens`` long."""
     ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
     return [list(doc) for doc in ids if len(doc) >= min_tokens]
+
+
+def validation_documents(tokenizer, prefix: int, count: int) -> list[list[int]]:
+    """What calibration validates on: the *last* `count` evaluation documents with `prefix` + 256 tokens, cut to
+    that length (`hf-scd eval` reads from the first ones)."""
+    length = prefix + 256
+    return [doc[:length] for doc in token_documents(tokenizer, evaluation_texts(), length)][-count:]

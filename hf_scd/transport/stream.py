@@ -158,7 +158,7 @@ class CacheSender:
             self._tokens = self._plan.layout(record)
             head = PayloadHead(
                 self.cache.artifacts.artifacts_id,
-                self.cache.artifacts.model_fingerprint,
+                self.cache.handle.fingerprint,  # the producer's own weights: the consumer checks them
                 self.point,
                 record.input_ids.cpu(),
                 record.position_ids.cpu(),
@@ -234,6 +234,7 @@ def receive_cache(
     attention_mask: torch.Tensor | None = None,
     timeout: float = DEFAULT_TIMEOUT_S,
     fallback: Literal["prefill", "raise"] = "prefill",
+    strict: bool = False,
     max_positions: int | None = None,
     max_kv_bytes: int = DEFAULT_MAX_KV_BYTES,
 ) -> Received:
@@ -242,6 +243,7 @@ def receive_cache(
     `input_ids` (and `attention_mask`) are the prefix this consumer expects; a payload for another prefix is refused.
     With `fallback="prefill"` (which needs `input_ids`) any failure ends in the consumer prefilling them itself, the
     reason in the report; with `fallback="raise"` the typed error is raised. A failed transfer closes the link.
+    `strict`, `max_positions` and `max_kv_bytes` are as for `SCDCache.from_payload`.
     """
     if fallback not in ("prefill", "raise"):
         raise ValueError(f"fallback must be 'prefill' or 'raise', got {fallback!r}")
@@ -249,8 +251,9 @@ def receive_cache(
         raise ValueError("fallback='prefill' needs the prefix the consumer expects: pass input_ids")
     report, start = TransferReport(), time.perf_counter()
     caps = _Caps.for_prefix(artifacts.shape, input_ids, max_kv_bytes)
+    deadline = time.monotonic() + timeout
     try:
-        cache, head = _receive(link, artifacts, model, report, time.monotonic() + timeout, caps, max_positions)
+        cache, head = _receive(link, artifacts, model, report, deadline, caps, strict, max_positions)
         if input_ids is not None:
             _check_prefix(head, input_ids, attention_mask)
     except BaseException as error:
@@ -297,7 +300,9 @@ class _Caps:
 
 
 @torch.inference_mode()
-def _receive(link, artifacts, model, report, deadline, caps: _Caps, max_positions) -> tuple[SCDCache, PayloadHead]:
+def _receive(
+    link, artifacts, model, report, deadline, caps: _Caps, strict, max_positions
+) -> tuple[SCDCache, PayloadHead]:
     wire_start, received_before = time.perf_counter(), link.bytes_received
     max_kv_bytes = caps.max_kv_bytes
     first = link.receive(deadline, {Kind.OPEN: caps.head, Kind.PAYLOAD: caps.payload, **_ABORT})

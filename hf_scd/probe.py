@@ -123,7 +123,8 @@ def probe_errors(artifacts: SCDArtifacts, handle: ModelHandle, token_ids: tuple[
     plan = artifacts.plan(point, param.device)
     if plan.patch_layers:
         raise ValueError(f"point {point} patches layers: the fit probe measures same-model (Reuse) points only")
-    rebuilt = plan.decode(plan.encode(kv, record, lambda layer: None), record, handle, param.dtype)
+    decoded = plan.decode_layers(plan.encode(kv, record, lambda layer: None), record, handle, param.dtype)
+    rebuilt = plan.finish(decoded, record, handle)
     skip = plan.sink.exact
     return tuple(
         tuple(

@@ -66,9 +66,15 @@ def ttft_plot(rows: Sequence[dict], path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = sorted({(r["scenario"], r["tokens"]) for r in rows if r["scenario"] != "any"})
-    figure, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.4), squeeze=False)
-    for axis, (scenario, tokens) in zip(axes[0], panels, strict=True):
+    scenarios = sorted({r["scenario"] for r in rows if r["scenario"] != "any"}, reverse=True)  # stored, live
+    lengths = sorted({r["tokens"] for r in rows})
+    figure, axes = plt.subplots(len(scenarios), len(lengths), figsize=(5.2 * len(lengths), 4.2 * len(scenarios)),
+                                squeeze=False)  # fmt: skip
+    for (row, scenario), (column, tokens) in ((a, b) for a in enumerate(scenarios) for b in enumerate(lengths)):
+        axis = axes[row][column]
+        if not any(r["scenario"] == scenario and r["tokens"] == tokens for r in rows):
+            axis.set_visible(False)
+            continue
         lines: dict[tuple[str, bool], list[tuple[float, float]]] = {}
         for r in rows:
             if r["scenario"] == scenario and r["tokens"] == tokens:
@@ -84,7 +90,7 @@ def ttft_plot(rows: Sequence[dict], path: str | Path) -> None:
         axis.set(xscale="log", yscale="log", xlabel="measured link rate, Gbit/s", ylabel="TTFT, ms",
                  title=f"{scenario}, {tokens} tokens")  # fmt: skip
         axis.grid(True, which="both", alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="upper right")
+    axes[0][0].legend(fontsize=7, loc="upper right")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

@@ -17,7 +17,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from .artifacts import SCDArtifacts
 from .compat import integration_error
 from .errors import ArtifactMismatchError, CacheStateError
-from .payload import LAYER_FIELDS, LayerCodes, PayloadHead, SCDPayload
+from .payload import LayerCodes, PayloadHead, SCDPayload
 from .plan import DEFAULT_MAX_KV_BYTES
 from .recording import Recorder, TokenRecord
 
@@ -121,14 +121,19 @@ class SCDCache(Cache):
             )
         plan = self.artifacts.plan(point or self.operating_point.name, self.layers[0].keys.device)
         kv = [(layer.keys, layer.values) for layer in self.layers]
-        return SCDPayload(
+        return SCDPayload.of(self.payload_head(plan.point), plan.encode(kv, self.record, self.recorder.patch_input))
+
+    def payload_head(self, point: str) -> PayloadHead:
+        """What precedes the codes of this cache at `point`: the artifacts, the producer's own weights (the consumer
+        checks them) and the recorded tokens."""
+        return PayloadHead(
             artifacts_id=self.artifacts.artifacts_id,
             model_fingerprint=self.handle.fingerprint,
-            operating_point=plan.point,
+            operating_point=point,
             input_ids=self.record.input_ids.cpu(),
             position_ids=self.record.position_ids.cpu(),
             attention_mask=self.record.attention_mask.cpu(),
-            layers=plan.encode(kv, self.record, self.recorder.patch_input),
+            num_layers=len(self.layers),
         )
 
     @classmethod
@@ -253,7 +258,7 @@ class CacheRebuild:
     def add_layer(self, index: int, codes: LayerCodes) -> None:
         """Check and decode one layer as it arrives (the same values `add_all` gives it)."""
         self.plan.check_layer(index, codes, self.tokens.coded.numel())
-        on_device = LayerCodes(*(getattr(codes, name).to(self.device) for name in LAYER_FIELDS))
+        on_device = codes.to(self.device)
         self.kv[index] = self.plan.decode_layer(index, on_device, self.tokens, self.cache.handle, self.dtype)
 
     def add_all(self, payload: SCDPayload) -> None:

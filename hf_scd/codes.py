@@ -124,6 +124,9 @@ class LayerCodes:
     hidden_codes: torch.Tensor  # (coded tokens, hidden bytes) uint8
     hidden_scales: torch.Tensor  # (coded tokens, 1 or 0) uint8
 
+    def to(self, device: torch.device | str) -> LayerCodes:
+        return LayerCodes(*(getattr(self, f.name).to(device) for f in fields(self)))
+
 
 CoderPair = tuple[TransformCode, TransformCode]
 RowCodes = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]

@@ -31,7 +31,6 @@ FORMAT_VERSION = 4
 METADATA_KEY = "hf-scd"
 _HEADER = struct.Struct("<6sHIQ")
 _TOKEN_DTYPES = {"input_ids": torch.int32, "position_ids": torch.int32, "attention_mask": torch.uint8}
-# LayerCodes' fields, in order, with their wire dtypes.
 _CODE_DTYPES = {
     "key_codes": torch.uint8,
     "key_scales": torch.uint8,
@@ -42,7 +41,6 @@ _CODE_DTYPES = {
     "hidden_codes": torch.uint8,
     "hidden_scales": torch.uint8,
 }
-LAYER_FIELDS = tuple(_CODE_DTYPES)
 
 
 @dataclass
@@ -88,6 +86,19 @@ class SCDPayload:
         layers = range(len(self.layers))
         return [LayerCodes(**{name: split[index] for name, split in parts.items()}) for index in layers]
 
+    @classmethod
+    def of(cls, head: PayloadHead, layers: list[LayerCodes]) -> SCDPayload:
+        """A payload of `head`'s identity and tokens and the layers' codes."""
+        return cls(
+            head.artifacts_id,
+            head.model_fingerprint,
+            head.operating_point,
+            head.input_ids,
+            head.position_ids,
+            head.attention_mask,
+            layers,
+        )
+
     @property
     def head(self) -> PayloadHead:
         return PayloadHead(
@@ -102,8 +113,7 @@ class SCDPayload:
 
     def to_bytes(self) -> bytes:
         tensors = _token_tensors(self.input_ids, self.position_ids, self.attention_mask)
-        metadata = self.head.metadata("hf-scd-payload")
-        del metadata["num_layers"]
+        metadata = self.head.identity("hf-scd-payload")
         for name, (joined, widths) in self._joined("cpu").items():
             tensors[name] = joined
             if widths is not None:
@@ -257,18 +267,19 @@ class PayloadHead:
     def num_tokens(self) -> int:
         return int(self.attention_mask.sum())
 
-    def metadata(self, format_name: str = "hf-scd-head") -> dict[str, str]:
+    def identity(self, format_name: str) -> dict[str, str]:
+        """The metadata a payload and a stream head both carry: format, artifacts, producer weights, point."""
         return {
             "format": format_name,
             "artifacts_id": self.artifacts_id,
             "model_fingerprint": self.model_fingerprint,
             "operating_point": self.operating_point,
-            "num_layers": str(self.num_layers),
         }
 
     def to_bytes(self) -> bytes:
         tensors = _token_tensors(self.input_ids, self.position_ids, self.attention_mask)
-        return st_save(tensors, metadata={METADATA_KEY: json.dumps(self.metadata(), sort_keys=True)})
+        metadata = self.identity("hf-scd-head") | {"num_layers": str(self.num_layers)}
+        return st_save(tensors, metadata={METADATA_KEY: json.dumps(metadata, sort_keys=True)})
 
     @classmethod
     def from_bytes(cls, body: bytes) -> PayloadHead:

@@ -34,8 +34,8 @@ from hf_scd.eval import (
     top1_agreement,
 )
 from hf_scd.eval.fidelity import oracle_answers, qa_scores
-from hf_scd.eval.transfer import prefill
 from hf_scd.models import load_model
+from hf_scd.prefill import prefill
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from hf_scd import ArtifactMismatchError, SCDArtifacts, SCDCache, SCDPayload
 from hf_scd.compat import with_cache
 from hf_scd.eval.corpus import evaluation_texts, token_documents
 from hf_scd.eval.metrics import next_token_kl, top1_agreement
-from hf_scd.eval.transfer import prefill
+from hf_scd.prefill import prefill
 
 HUB = Path(__file__).resolve().parents[1] / "hub_artifacts"
 PAIR = HUB / "smollm2-135m-instruct-stdlib-pair"

@@ -14,7 +14,8 @@ from abc import ABC, abstractmethod
 import torch
 from transformers import DynamicCache
 
-from .transfer import Shipment, Transfer, prefill, rebuild_cache
+from ..prefill import prefill
+from .transfer import Shipment, Transfer, rebuild_cache
 
 FP16_BYTES = 2
 

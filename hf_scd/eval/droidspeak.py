@@ -8,8 +8,8 @@ from transformers import DynamicCache
 from ..arch import ModelHandle
 from ..artifacts import SCDArtifacts
 from ..codec import apply_rotary
-from ..prefill import position_ids_from_mask
-from .transfer import Shipment, Transfer, prefill, rebuild_cache
+from ..prefill import position_ids_from_mask, prefill
+from .transfer import Shipment, Transfer, rebuild_cache
 
 
 class SelectiveRecompute(Transfer):

@@ -8,7 +8,8 @@ import torch
 from ..artifacts import SCDArtifacts
 from ..cache import SCDCache
 from ..payload import SCDPayload
-from .transfer import Shipment, Transfer, prefill
+from ..prefill import prefill
+from .transfer import Shipment, Transfer
 
 
 class SCDTransfer(Transfer):

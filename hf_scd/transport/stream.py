@@ -77,7 +77,7 @@ class CacheSender:
         self._send: queue.Queue[Frame | None] = queue.Queue()
         self._errors: list[BaseException] = []
         self._threads: list[threading.Thread] = []
-        self._plan = self._tokens = None
+        self._plan = self._tokens = self._head = None
         self._started = 0.0
 
     # ---- stored context ---------------------------------------------------------------------------------------
@@ -156,16 +156,8 @@ class CacheSender:
                 raise CacheStateError(f"layer {index} was written before layer 0")
             self._plan = self.cache.artifacts.plan(self.point, self.cache.layers[0].keys.device)
             self._tokens = self._plan.layout(record)
-            head = PayloadHead(
-                self.cache.artifacts.artifacts_id,
-                self.cache.handle.fingerprint,  # the producer's own weights: the consumer checks them
-                self.point,
-                record.input_ids.cpu(),
-                record.position_ids.cpu(),
-                record.attention_mask.cpu(),
-                len(self.cache.layers),
-            )
-            self._send.put(Frame(Kind.OPEN, head.to_bytes(), tokens=head.num_tokens))
+            self._head = self.cache.payload_head(self.point)
+            self._send.put(Frame(Kind.OPEN, self._head.to_bytes(), tokens=self._head.num_tokens))
         if index != self.report.layers:
             raise CacheStateError(f"layer {index} was written where layer {self.report.layers} was due")
         layer = self.cache.layers[index]
@@ -174,7 +166,7 @@ class CacheSender:
         body = layer_to_bytes(codes)
         self.report.layers += 1
         self.report.encode_ms += _ms(start)
-        return Frame(Kind.LAYER, body, layer=index, tokens=int(record.attention_mask.sum()))
+        return Frame(Kind.LAYER, body, layer=index, tokens=self._head.num_tokens)
 
     def _sender(self) -> None:
         while (frame := self._send.get()) is not None:

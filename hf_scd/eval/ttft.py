@@ -17,6 +17,7 @@ Every link's rate is measured first with a raw blob. Without namespaces the link
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import queue
@@ -410,6 +411,8 @@ def main(argv: list[str] | None = None) -> None:
         return serve(args)
     if args.role == "consumer":
         return drive(args)
+    if importlib.util.find_spec("matplotlib") is None:  # the report plots; say so now, not after an hour's run
+        raise SystemExit('hf-scd bench-ttft plots its results with matplotlib: pip install -e ".[pair]"')
     if args.shaper is None:
         args.shaper = "tbf" if NamespaceShaper.available() else "app"
     shapers = {"tbf": "tbf qdisc on a veth pair between namespaces", "app": "application token bucket, 0.2 ms RTT"}

@@ -66,6 +66,18 @@ class ProducerAbortedError(TransferError):
     """The producer reported that it could not finish (its reason is in the message)."""
 
 
+class RequestError(SCDError, ValueError):
+    """A serving request that cannot be answered as asked (an unknown model, a prompt over the limit, an option not
+    supported): the HTTP API answers it with a 4xx and this message."""
+
+    def __init__(self, message: str, status: int = 400, code: str = "invalid_request"):
+        super().__init__(message)
+        self.status, self.code = status, code
+
+    def __reduce__(self):  # crosses Ray's process boundary whole, status and code included
+        return type(self), (str(self), self.status, self.code)
+
+
 class ArtifactFitWarning(UserWarning):
     """Same-model artifacts were accepted for weights they were not fitted on, because the fit probe found that their
     codes fit those weights within tolerance (e.g. the model in another precision or requantized)."""

@@ -6,15 +6,17 @@ to transfer at all. Frames are versioned, checked and optionally authenticated (
 """
 
 from .frames import FRAME_VERSION, Frame, Kind
-from .links import DistLink, Link, TCPLink, TCPListener
+from .links import ChunkLink, DistLink, IncomingTCPLink, Link, TCPLink, TCPListener
 from .policy import LinkPolicy
 from .stream import CacheSender, Received, SendReport, TransferReport, read_request, receive_cache, send_request
 
 __all__ = [
     "FRAME_VERSION",
     "CacheSender",
+    "ChunkLink",
     "DistLink",
     "Frame",
+    "IncomingTCPLink",
     "Kind",
     "Link",
     "LinkPolicy",

@@ -1,7 +1,8 @@
 """Links: existing transports that carry frames, each with explicit timeouts. `TCPLink` is a plain TCP stream, for a
 producer and a consumer that only know an address; `DistLink` is torch.distributed point-to-point between two ranks
 of one process group (gloo on CPU, NCCL on GPU), where frames travel as uint8 tensors: the fixed-size header, then a
-body of the length it declares, every `isend` waited on.
+body of the length it declares, every `isend` waited on; `ChunkLink` hands whole frames to an engine that moves
+objects rather than streams (Ray's object store, through a streaming call: `hf_scd.serve`).
 
 GPU data planes (NIXL, Mooncake) would be further `Link`s: `_send` hands a frame's body to the engine's registered
 memory, `_recv` reads it there; framing, checks, authentication and fallback above them stay as they are.
@@ -9,10 +10,11 @@ memory, `_recv` reads it there; framing, checks, authentication and fallback abo
 
 from __future__ import annotations
 
+import queue
 import socket
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import timedelta
 
 import torch
@@ -153,6 +155,10 @@ class TCPListener:
             raise TransferTimeoutError(f"no peer connected within {timeout} s") from exc
         return TCPLink(sock, self.key, **kwargs)
 
+    def incoming(self, **kwargs) -> IncomingTCPLink:
+        """The link to the next peer that connects, accepted by the first read, under that read's deadline."""
+        return IncomingTCPLink(self, **kwargs)
+
     def close(self) -> None:
         self.sock.close()
 
@@ -161,6 +167,106 @@ class TCPListener:
 
     def __exit__(self, *_exc) -> None:
         self.close()
+
+
+class IncomingTCPLink(TCPLink):
+    """The consumer's end of a connection the producer has yet to make, for a consumer that hands its address to
+    the producer (a ticket through a serving engine): the first read accepts the connection under the transfer's
+    deadline, so one deadline covers the producer's start too. `abort(reason)`, from any thread, ends the wait at
+    once (the engine reported that the producer failed). The link owns its listener: closing it closes both."""
+
+    POLL_S = 0.05
+
+    def __init__(self, listener: TCPListener, send_timeout: float = DEFAULT_SEND_TIMEOUT_S):
+        Link.__init__(self, listener.key, send_timeout)
+        self.listener, self.sock = listener, None
+        self._aborted: str | None = None
+
+    def abort(self, reason: str) -> None:
+        self._aborted = reason
+
+    def _connected(self, deadline: float) -> socket.socket:
+        while self.sock is None:
+            if self._aborted is not None:
+                raise ConnectionLostError(f"the producer failed before connecting: {self._aborted}")
+            self.listener.sock.settimeout(min(self.POLL_S, _remaining(deadline)))
+            try:
+                sock, _ = self.listener.sock.accept()
+            except TimeoutError:
+                continue
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.sock = sock
+        return self.sock
+
+    def _send(self, header: bytes, body: bytes, deadline: float) -> None:
+        self._connected(deadline)
+        super()._send(header, body, deadline)
+
+    def _recv(self, size: int, deadline: float) -> bytes:
+        self._connected(deadline)
+        return super()._recv(size, deadline)
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+        self.listener.close()
+
+
+class ChunkLink(Link):
+    """Frames as whole byte chunks, for an engine that carries objects rather than a byte stream. The producer's end
+    hands each frame to `deliver` (and `None` once it is closed) for the engine to carry; the consumer's end is fed
+    what the engine delivers: a chunk, `None` when the stream ended, or the engine's exception when it broke (a
+    producer process that died). Reads wait at most until their deadline."""
+
+    def __init__(
+        self,
+        deliver: Callable[[bytes | None], None] | None = None,
+        *,
+        key: bytes | None = None,
+        send_timeout: float = DEFAULT_SEND_TIMEOUT_S,
+    ):
+        super().__init__(key, send_timeout)
+        self._deliver = deliver
+        self._inbox: queue.Queue[bytes | BaseException | None] = queue.Queue()
+        self._buffer = bytearray()
+        self._ended: BaseException | None = None
+        self._closed = False
+
+    def feed(self, chunk: bytes | BaseException | None) -> None:
+        """What the engine delivered (thread-safe)."""
+        self._inbox.put(chunk)
+
+    def _send(self, header: bytes, body: bytes, deadline: float) -> None:
+        if self._deliver is None or self._closed:
+            raise ConnectionLostError("this end of the link cannot send: it is closed, or it is a consumer's")
+        self._deliver(header + body)
+
+    def _recv(self, size: int, deadline: float) -> bytes:
+        while len(self._buffer) < size:
+            if self._ended is not None:
+                raise self._ended
+            try:
+                item = self._inbox.get(timeout=_remaining(deadline))
+            except queue.Empty as exc:
+                got = len(self._buffer)
+                raise TransferTimeoutError(f"the deadline passed {got} bytes into a {size}-byte read") from exc
+            if item is None:
+                self._ended = ConnectionLostError(f"the stream ended {len(self._buffer)} bytes into a {size}-byte read")
+            elif isinstance(item, BaseException):
+                self._ended = ConnectionLostError(f"the engine lost the producer: {type(item).__name__}: {item}")
+                self._ended.__cause__ = item
+            else:
+                self._buffer += item
+        out = bytes(self._buffer[:size])
+        del self._buffer[:size]
+        return out
+
+    def close(self) -> None:
+        """The producer's end tells the engine that the stream is over."""
+        if not self._closed:
+            self._closed = True
+            if self._deliver is not None:
+                self._deliver(None)
 
 
 class DistLink(Link):

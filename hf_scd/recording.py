@@ -8,6 +8,7 @@ that note it, and the cache's `update()` claims the note (see `Recorder` for why
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -90,13 +91,17 @@ class Recorder:
     cache it was handed, so a note claimed there belongs to this cache whatever the keyword. A note missing when
     `update()` runs is a loud `CacheStateError`, never a silently empty record.
 
+    Notes are kept per thread: forwards of one model may run at once on several threads, each with its own cache (a
+    serving replica answering concurrent requests), and a forward's hooks and its cache's `update()` run on the
+    forward's thread, so each cache claims the note of its own forward.
+
     The hooks hold the recorder weakly; `close()` removes them (so does garbage collection).
     """
 
     def __init__(self, handle: ModelHandle, patch_layers: Sequence[int] = ()):
         self.record: TokenRecord | None = None
         self._slots = {layer: slot for slot, layer in enumerate(patch_layers)}
-        self._note: _ForwardNote | None = None
+        self._notes: dict[int, _ForwardNote] = {}  # by thread
         self._closed = False
         ref = weakref.ref(self)
 
@@ -104,25 +109,26 @@ class Recorder:
             recorder = ref()
             if recorder is not None:
                 ids = kwargs.get("input_ids", args[0] if args else None)
-                recorder._note = _ForwardNote(ids, kwargs.get("attention_mask"))
+                recorder._notes[threading.get_ident()] = _ForwardNote(ids, kwargs.get("attention_mask"))
 
         def after_decoder(_module, _args, _kwargs, _output):
             recorder = ref()
             if recorder is not None:
-                recorder._note = None
+                recorder._notes.pop(threading.get_ident(), None)
 
         def on_attention(layer: int):
             def hook(_module, args, kwargs):
                 recorder = ref()
-                if recorder is None or recorder._note is None:
+                note = None if recorder is None else recorder._note
+                if note is None:
                     return
                 hidden = kwargs.get("hidden_states", args[0] if args else None)
                 if layer == 0:
-                    recorder._note.hidden_states = hidden
-                    recorder._note.position_ids = kwargs.get("position_ids")
-                    recorder._note.rotary = kwargs.get("position_embeddings")
+                    note.hidden_states = hidden
+                    note.position_ids = kwargs.get("position_ids")
+                    note.rotary = kwargs.get("position_embeddings")
                 if layer in recorder._slots:
-                    recorder._note.patch_inputs[layer] = hidden
+                    note.patch_inputs[layer] = hidden
 
             return hook
 
@@ -133,6 +139,11 @@ class Recorder:
         for layer in sorted({0, *self._slots}):
             hooks.append(handle.attention(layer).register_forward_pre_hook(on_attention(layer), with_kwargs=True))
         self._finalizer = weakref.finalize(self, lambda: [hook.remove() for hook in hooks])
+
+    @property
+    def _note(self) -> _ForwardNote | None:
+        """The note of the forward running on this thread."""
+        return self._notes.get(threading.get_ident())
 
     def close(self) -> None:
         """Take the hooks off the model now; a forward that then runs with the cache is an error."""

@@ -39,7 +39,7 @@ def chat_ids(smollm2):
 
 # Fixtures that load a real model, calibrate, build a wheel or start a server: a test using any of them is `slow`,
 # so `pytest -m "not slow"` stays a loop of seconds for whoever works on the code (CI runs everything).
-SLOW_FIXTURES = {"smollm2", "variant", "qwen", "pair", "real", "wheel", "server"}
+SLOW_FIXTURES = {"smollm2", "variant", "qwen", "pair", "real", "wheel", "server", "cluster"}
 
 
 def pytest_collection_modifyitems(items):

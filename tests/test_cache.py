@@ -1,6 +1,8 @@
 """SCDCache on the real default model: exact de-rotation, transfer + generate(), batches, turns, errors."""
 
 import copy
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -207,3 +209,25 @@ def test_crop_drops_tokens_and_generation_continues_from_the_rest(smollm2, artif
     prompt = chat_ids[:, : keep + 1]
     out = model.generate(prompt, **with_cache(model, consumer), max_new_tokens=8, do_sample=False)
     assert out.tolist() == model.generate(prompt, max_new_tokens=8, do_sample=False).tolist()
+
+
+@torch.inference_mode()
+def test_concurrent_forwards_on_one_model_each_record_their_own_cache(smollm2, artifacts):
+    """A serving replica runs several requests' forwards at once on one model, each with its own cache: every cache
+    records its own forward (the hooks are the model's, the notes are per thread), exactly as if run alone."""
+    model, _ = smollm2
+    prompts = [torch.randint(100, 1000, (1, 40 + 7 * i)) for i in range(4)]
+
+    def encoded(ids: torch.Tensor, barrier: threading.Barrier | None = None) -> bytes:
+        cache = SCDCache(artifacts, model)
+        if barrier is not None:
+            barrier.wait()
+        with torch.inference_mode():
+            model(ids, **with_cache(model, cache))
+        return cache.encode().to_bytes()
+
+    alone = [encoded(ids) for ids in prompts]
+    barrier = threading.Barrier(len(prompts))
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        together = list(pool.map(lambda ids: encoded(ids, barrier), prompts))
+    assert together == alone

@@ -26,7 +26,7 @@ def _model_name(model: str) -> str:
 
 def _calibration_split(tokenizer, args: argparse.Namespace) -> tuple[list[list[int]], list[list[int]], str]:
     """(calibration docs within --tokens, validation docs, data description) as the calibrate flags ask."""
-    from .eval.corpus import calibration_texts, token_documents, validation_documents
+    from .eval.corpus import calibration_documents, calibration_texts, validation_documents
 
     if args.data:
         texts = [Path(path).read_text() for path in args.data]
@@ -34,13 +34,7 @@ def _calibration_split(tokenizer, args: argparse.Namespace) -> tuple[list[list[i
     else:
         texts = calibration_texts()
         description = "Docstrings of the Python standard library (PSF License 2.0)"
-    docs = [doc[: args.doc_tokens] for doc in token_documents(tokenizer, texts, 128)]
-    budget, calibration_docs = args.tokens, []
-    for doc in docs:
-        if budget <= 0:
-            break
-        calibration_docs.append(doc[:budget])
-        budget -= len(calibration_docs[-1])
+    calibration_docs = calibration_documents(tokenizer, texts, args.tokens, args.doc_tokens)
     validation = validation_documents(tokenizer, args.validation_prefix, args.validation_docs)
     return calibration_docs, validation, description
 

@@ -13,8 +13,10 @@ import zlib
 import numpy as np
 import pytest
 import torch
+from conftest import SMOLLM2_ARTIFACTS
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from hf_scd.cli import main
 from hf_scd.eval import KIVI, KVTC, KVTCBasis, evaluation_texts, parse_kvtc_name
 from hf_scd.eval.corpus import calibration_documents, calibration_texts
 from hf_scd.eval.kvtc import (
@@ -195,6 +197,11 @@ def test_names():
     for bad in ("kvtc-8", "kvtc-x", "kvtc-eightx", "kvtc-8x-16", "kvtc-0.5x"):
         with pytest.raises(ValueError, match="kvtc"):
             parse_kvtc_name(bad)
+
+
+def test_eval_rejects_a_bad_kvtc_name_before_loading_a_model():
+    with pytest.raises(SystemExit, match="kvtc-<ratio>x"):
+        main(["eval", "--artifacts", str(SMOLLM2_ARTIFACTS), "--baselines", "kivi-int4", "kvtc-fast"])
 
 
 # the real model

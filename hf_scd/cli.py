@@ -26,7 +26,7 @@ def _model_name(model: str) -> str:
 
 def _calibration_split(tokenizer, args: argparse.Namespace) -> tuple[list[list[int]], list[list[int]], str]:
     """(calibration docs within --tokens, validation docs, data description) as the calibrate flags ask."""
-    from .eval.corpus import calibration_texts, token_documents, validation_documents
+    from .eval.corpus import calibration_documents, calibration_texts, validation_documents
 
     if args.data:
         texts = [Path(path).read_text() for path in args.data]
@@ -34,13 +34,7 @@ def _calibration_split(tokenizer, args: argparse.Namespace) -> tuple[list[list[i
     else:
         texts = calibration_texts()
         description = "Docstrings of the Python standard library (PSF License 2.0)"
-    docs = [doc[: args.doc_tokens] for doc in token_documents(tokenizer, texts, 128)]
-    budget, calibration_docs = args.tokens, []
-    for doc in docs:
-        if budget <= 0:
-            break
-        calibration_docs.append(doc[:budget])
-        budget -= len(calibration_docs[-1])
+    calibration_docs = calibration_documents(tokenizer, texts, args.tokens, args.doc_tokens)
     validation = validation_documents(tokenizer, args.validation_prefix, args.validation_docs)
     return calibration_docs, validation, description
 
@@ -89,8 +83,10 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from .artifacts import SCDArtifacts
     from .eval.baselines import KIVI, Int8KV, ProducerKV, RawKV
+    from .eval.corpus import calibration_documents, calibration_texts
     from .eval.droidspeak import SelectiveRecompute, critical_layers
     from .eval.fidelity import format_table, run_fidelity
+    from .eval.kvtc import CALIBRATION_TOKENS, KVTC, KVTCBasis, parse_kvtc_name
     from .eval.scd_method import SCDTransfer
 
     if args.plot and importlib.util.find_spec("matplotlib") is None:
@@ -101,12 +97,22 @@ def cmd_eval(args: argparse.Namespace) -> None:
     cross = args.consumer is not None and _model_name(args.consumer) != _model_name(args.producer)
     coders = {coder.name: coder for coder in (RawKV(), Int8KV(), KIVI(bits=4), KIVI(bits=2))}
     chosen = args.baselines if args.baselines is not None else (PAIR_BASELINES if cross else list(coders))
-    unknown = sorted(set(chosen) - set(coders))
+    kvtc = [name for name in chosen if name.startswith("kvtc-")]
+    unknown = sorted(set(chosen) - set(coders) - set(kvtc))
     if unknown:
-        raise SystemExit(f"unknown baselines {unknown}; choose from {sorted(coders)}")
+        raise SystemExit(f"unknown baselines {unknown}; choose from {sorted(coders)} or kvtc-<ratio>x[-w<recent>]")
+    try:
+        kvtc_settings = {name: parse_kvtc_name(name) for name in kvtc}
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
     droidspeak = args.droidspeak_layers if args.droidspeak_layers is not None else ([6] if cross else [])
     producer, tokenizer = _load(args.producer)
     consumer = _load(args.consumer)[0] if cross else producer
+    if kvtc:  # one fit on the producer's K/V serves every ratio
+        documents = calibration_documents(tokenizer, calibration_texts(), CALIBRATION_TOKENS, 1024)
+        basis = KVTCBasis.fit(producer, documents)
+        for name, (ratio, recent) in kvtc_settings.items():
+            coders[name] = KVTC(producer, basis, ratio, recent_tokens=recent)
     methods = [ProducerKV(producer, coders[name], f"reuse-{name}" if cross else name) for name in chosen]
     methods += [SelectiveRecompute(producer, critical_layers(artifacts, k)) for k in droidspeak]
     methods += [SCDTransfer(producer, artifacts, p) for p in points]
@@ -175,7 +181,9 @@ def main(argv: list[str] | None = None) -> None:
     ev.add_argument(
         "--baselines",
         nargs="*",
-        help="baselines to run: bf16 int8 kivi-int4 kivi-int2 (default: all; with a --consumer, bf16 kivi-int4)",
+        help="baselines to run: bf16 int8 kivi-int4 kivi-int2, and kvtc-<ratio>x (KVTC at that ratio on the tokens it "
+        "codes, fitted at start on stdlib docstrings) or kvtc-<ratio>x-w<n> (n recent tokens exact, not 128) "
+        "(default: the four fixed ones; with a --consumer, bf16 kivi-int4)",
     )
     ev.add_argument("--docs", type=int, default=8)
     ev.add_argument("--prefix", type=int, default=512)

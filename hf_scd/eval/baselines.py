@@ -3,7 +3,8 @@
 Each coder quantizes and dequantizes every layer's post-RoPE keys and values exactly as a receiver would see them, and
 counts the bytes its packed codes plus fp16 scales/zeros would take on the wire. Only real tokens count: left padding
 is neither shipped nor quantized (it is zeroed, and masked out anyway). `ProducerKV` is the transfer method that ships
-a cache through a coder; on the same model it is the round-trip baseline SCD must beat.
+a cache through a coder (these here, or KVTC in `kvtc.py`); on the same model it is the round-trip baseline SCD must
+beat.
 """
 
 from __future__ import annotations
@@ -21,9 +22,19 @@ FP16_BYTES = 2
 
 
 class KVCoder(ABC):
-    """A wire format for K/V, defined by how it round-trips one row's keys or values."""
+    """A wire format for a whole cache's K/V."""
 
     name: str
+
+    @abstractmethod
+    def roundtrip_layers(
+        self, cache: DynamicCache, attention_mask: torch.Tensor | None
+    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
+        """Every layer's (keys, values) as the receiver dequantizes them, and the wire bytes; `cache` is untouched."""
+
+
+class RowCoder(KVCoder):
+    """A wire format defined by how it round-trips one row's keys or values of one layer on their own."""
 
     @abstractmethod
     def _roundtrip(self, x: torch.Tensor, is_key: bool) -> tuple[torch.Tensor, int]:
@@ -32,7 +43,6 @@ class KVCoder(ABC):
     def roundtrip_layers(
         self, cache: DynamicCache, attention_mask: torch.Tensor | None
     ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
-        """Every layer's (keys, values) as the receiver dequantizes them, and the wire bytes; `cache` is untouched."""
         layers, total = [], 0
         for layer in cache.layers:
             shipped = []
@@ -65,7 +75,7 @@ class ProducerKV(Transfer):
         return rebuild_cache(consumer, shipment.content)
 
 
-class RawKV(KVCoder):
+class RawKV(RowCoder):
     """The cache shipped as bf16, 2 bytes per element: lossless for a bf16 model."""
 
     name = "bf16"
@@ -74,7 +84,7 @@ class RawKV(KVCoder):
         return x.to(torch.bfloat16).float(), x.numel() * 2
 
 
-class Int8KV(KVCoder):
+class Int8KV(RowCoder):
     """Symmetric int8 with one fp16 absmax scale per token and KV head."""
 
     name = "int8"
@@ -102,7 +112,7 @@ def _asymmetric_groups(x: torch.Tensor, dim: int, group_size: int, bits: int) ->
     return torch.cat(pieces, dim=dim), math.ceil(x.numel() * bits / 8) + groups * 2 * FP16_BYTES
 
 
-class KIVI(KVCoder):
+class KIVI(RowCoder):
     """KIVI (Liu et al., 2024): keys per channel over groups of tokens, values per token over groups of channels.
 
     Keys carry channel-wise outliers, so each channel gets its own range within a token group; values

@@ -101,6 +101,18 @@ def token_documents(tokenizer, texts: Sequence[str], min_tokens: int) -> list[li
     return [list(doc) for doc in ids if len(doc) >= min_tokens]
 
 
+def calibration_documents(tokenizer, texts: Sequence[str], tokens: int, doc_tokens: int) -> list[list[int]]:
+    """Token ids of the texts of at least 128 tokens, each cut to ``doc_tokens``, in order until ``tokens`` in all
+    (the last one cut to fit): what a fit runs the model over."""
+    budget, documents = tokens, []
+    for doc in token_documents(tokenizer, texts, 128):
+        if budget <= 0:
+            break
+        documents.append(doc[: min(doc_tokens, budget)])
+        budget -= len(documents[-1])
+    return documents
+
+
 def validation_documents(tokenizer, prefix: int, count: int) -> list[list[int]]:
     """What calibration validates on: the *last* `count` evaluation documents with `prefix` + 256 tokens, cut to
     that length (`hf-scd eval` reads from the first ones)."""

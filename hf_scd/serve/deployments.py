@@ -3,7 +3,6 @@ cache -> tokens, or its own prefill when the transfer fails or does not pay) and
 `build_app`. Serve routes requests, scales replicas and restarts dead ones; hf-scd only moves the cache.
 """
 
-
 import asyncio
 import os
 import threading

@@ -123,9 +123,14 @@ def check_point(
     distortion against `kv` measured in the metric. A batch is judged by its worst row."""
     fidelity = artifacts.config.fidelity
     if fidelity is None:
+        remedy = (
+            "a pair's producer never holds the consumer's exact K/V to measure against"
+            if artifacts.is_pair
+            else "re-run `hf-scd calibrate` or `python scripts/add_fidelity_map.py FOLDER`"
+        )
         raise OperatingPointError(
             f"the {artifacts.describe()} artifacts carry no fidelity map, so a request's KL cannot be predicted: "
-            "re-run `hf-scd calibrate` or `python scripts/add_fidelity_map.py FOLDER`"
+            f"{remedy}"
         )
     device, dtype = kv[0][0].device, kv[0][0].dtype
     plan = artifacts.plan(point, device)

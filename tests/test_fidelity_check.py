@@ -2,8 +2,10 @@
 bf16 point it falls back to, the prediction a payload carries, and (on the real model) that predictions track the KL
 the consumer really pays."""
 
+import inspect
 import json
 import math
+import sched
 import struct
 import zlib
 from dataclasses import replace
@@ -18,6 +20,7 @@ from hf_scd.calibrate import calibrate
 from hf_scd.calibrate.fidelity import fit_log_line
 from hf_scd.calibrate.plan import Measurement
 from hf_scd.compat import with_cache
+from hf_scd.eval.metrics import next_token_kl
 from hf_scd.payload import _HEADER, FORMAT_VERSION, MAGIC, METADATA_KEY, PayloadHead
 from hf_scd.schema import EXACT_POINT, ArtifactsConfig, FidelityMap
 from hf_scd.transport import receive_cache
@@ -205,3 +208,63 @@ def test_a_stored_stream_ships_the_choice_and_a_live_one_refuses_max_kl(tiny):
     with pytest.raises(CacheStateError, match="live stream"):
         with CacheSender(ChunkLink(lambda chunk: None), live, max_kl=0.01):
             pass
+
+
+# ---- the real model -----------------------------------------------------------------------------------------------
+
+
+def _continuation_kl(model, artifacts, payload: SCDPayload, ids: torch.Tensor, prefix: int) -> float:
+    """KL of the consumer teacher-forcing `ids[prefix:]` from the shipped cache, against the model's own prefill."""
+    oracle = model(ids).logits[:, prefix:-1]
+    consumer = SCDCache.from_payload(payload, artifacts, model)
+    return next_token_kl(oracle, model(ids[:, prefix:], **with_cache(model, consumer)).logits[:, :-1])
+
+
+def _inputs(tokenizer, length: int) -> dict[str, torch.Tensor]:
+    from hf_scd.eval.corpus import evaluation_texts, token_documents
+
+    phrase = tokenizer("The meeting is moved to Thursday. ", add_special_tokens=False)["input_ids"]
+    code = tokenizer(inspect.getsource(sched), add_special_tokens=False)["input_ids"]
+    ids = {
+        "held-out": token_documents(tokenizer, evaluation_texts(), length)[0],
+        "code": code,
+        "repeated": phrase * (length // len(phrase) + 1),
+        "random": torch.randint(0, 49152, (length,), generator=torch.Generator().manual_seed(0)).tolist(),
+    }
+    return {name: torch.tensor([doc[:length]]) for name, doc in ids.items()}
+
+
+@torch.inference_mode()
+def test_predicted_kl_tracks_measured_kl_in_rank(smollm2, artifacts):
+    model, tokenizer = smollm2
+    prefix, predicted, measured = 128, [], []
+    for ids in _inputs(tokenizer, prefix + 64).values():
+        cache = SCDCache(artifacts, model)
+        model(ids[:, :prefix], **with_cache(model, cache), logits_to_keep=1)
+        for point in ("4x", "10x"):
+            check = cache.check_point(point)
+            payload = SCDPayload.of(cache.payload_head(point, check.predicted_kl), check.layers)
+            predicted.append(check.predicted_kl)
+            measured.append(_continuation_kl(model, artifacts, payload, ids, prefix))
+    ranks = [[sorted(values).index(v) for v in values] for values in (predicted, measured)]
+    n = len(predicted)
+    spearman = 1 - 6 * sum((a - b) ** 2 for a, b in zip(*ranks, strict=True)) / (n * (n * n - 1))
+    assert spearman >= 0.8, (predicted, measured)
+
+
+@torch.inference_mode()
+def test_a_tight_max_kl_on_random_ids_ships_a_faithful_point_that_continues_like_the_oracle(smollm2, artifacts):
+    model, tokenizer = smollm2
+    prefix, max_kl = 128, 1e-4
+    ids = _inputs(tokenizer, prefix + 64)["random"]
+    cache = SCDCache(artifacts, model)
+    model(ids[:, :prefix], **with_cache(model, cache), logits_to_keep=1)
+    payload = SCDPayload.from_bytes(cache.encode(max_kl=max_kl).to_bytes())
+    default = artifacts.point(artifacts.config.default_point)
+    assert artifacts.point(payload.operating_point).bytes_per_token > default.bytes_per_token
+    assert payload.predicted_kl <= max_kl or payload.operating_point == EXACT_POINT
+    assert _continuation_kl(model, artifacts, payload, ids, prefix) <= max_kl
+    rebuilt = SCDCache.from_payload(payload, artifacts, model)
+    steps = dict(max_new_tokens=8, do_sample=False)
+    shipped = model.generate(ids[:, : prefix + 1], **with_cache(model, rebuilt), **steps)
+    assert torch.equal(shipped, model.generate(ids[:, : prefix + 1], **steps))

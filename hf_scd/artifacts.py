@@ -25,10 +25,11 @@ from safetensors.torch import save as st_save
 from .arch import ModelHandle
 from .codes import MAX_BITS, TransformCode
 from .errors import ArtifactError, ArtifactFitWarning, ArtifactMismatchError, OperatingPointError
+from .fidelity import DistortionMetric
 from .patch import Aligner
-from .plan import PatchLayer, Plan, ReuseLayer, SinkPolicy
+from .plan import ALL_TOKENS, PatchLayer, Plan, ReuseLayer, SinkPolicy
 from .probe import fit_verdict
-from .schema import ARTIFACTS_FORMAT_VERSION, KINDS, ArtifactsConfig, OperatingPoint, TensorKeys
+from .schema import ARTIFACTS_FORMAT_VERSION, EXACT_POINT, KINDS, ArtifactsConfig, OperatingPoint, TensorKeys
 
 TENSORS_FILE = "codec.safetensors"
 
@@ -49,6 +50,7 @@ class SCDArtifacts(
         self.shape = config.model.shape
         self.points = list(config.operating_points)
         self._plans: dict[tuple[str, str], Plan] = {}
+        self._metrics: dict[tuple[str, str], DistortionMetric] = {}
 
     # ---- identity ---------------------------------------------------------------------------------------------
 
@@ -166,12 +168,23 @@ class SCDArtifacts(
         return max(candidates, key=lambda p: p.ratio_vs_bf16)
 
     def point(self, name: str) -> OperatingPoint:
+        """A calibrated point by name, or (same-model artifacts) the reserved `EXACT_POINT`."""
         for point in self.points:
             if point.name == name:
                 return point
+        if name == EXACT_POINT and not self.is_pair:
+            return self.exact_point
         raise OperatingPointError(
             f"operating point {name!r} is not in these artifacts: {[p.name for p in self.points]}"
         )
+
+    @property
+    def exact_point(self) -> OperatingPoint:
+        """The reserved point that ships every token's K/V in bf16, as the sink ships: what a fidelity check falls
+        back to when no point is faithful enough. A pair has none: the producer's exact K/V are another model's."""
+        if self.is_pair:
+            raise OperatingPointError(f"pair artifacts ({self.describe()}) have no {EXACT_POINT!r} point")
+        return OperatingPoint(EXACT_POINT, float(self.shape.bf16_bytes_per_token()), 1.0, 0.0, 1.0)
 
     def plan(self, point: str, device: torch.device | str = "cpu") -> Plan:
         """The plan of an operating point, its tensors on `device` (built once per point and device): Reuse coders
@@ -179,15 +192,30 @@ class SCDArtifacts(
         cache_key = (point, str(device))
         if cache_key not in self._plans:
             patch_layers = self.point(point).patch_layers
+            sink = SinkPolicy(exact=self.config.codec.exact_tokens, recomputed=self.config.codec.recomputed_tokens)
+            # The exact point codes no token: its (never used) coders are the default point's, its sink is everything.
+            coders = self.config.default_point if point == EXACT_POINT else point
+            if point == EXACT_POINT:
+                sink = SinkPolicy(exact=ALL_TOKENS)
             layers = tuple(
-                self._patch_layer(point, layer, device)
+                self._patch_layer(coders, layer, device)
                 if layer in patch_layers
-                else self._reuse_layer(point, layer, device)
+                else self._reuse_layer(coders, layer, device)
                 for layer in range(self.shape.num_layers)
             )
-            sink = SinkPolicy(exact=self.config.codec.exact_tokens, recomputed=self.config.codec.recomputed_tokens)
             self._plans[cache_key] = Plan(point, layers, sink, (self.shape.num_kv_heads, self.shape.head_dim))
         return self._plans[cache_key]
+
+    def distortion_metric(self, handle: ModelHandle, device: torch.device | str) -> DistortionMetric:
+        """The metric a fidelity check weighs this model's errors in (built once per weights and device)."""
+        fidelity = self.config.fidelity
+        if fidelity is None:
+            raise OperatingPointError(f"the {self.describe()} artifacts carry no fidelity map")
+        cache_key = (handle.fingerprint, str(device))
+        if cache_key not in self._metrics:
+            energy = [torch.tensor(layer) for layer in fidelity.query_energy]
+            self._metrics[cache_key] = DistortionMetric.of(energy, fidelity.layer_weights, handle, device)
+        return self._metrics[cache_key]
 
     def _reuse_layer(self, point: str, layer: int, device: torch.device | str) -> ReuseLayer:
         bits = self.tensors[TensorKeys.bits(point)]

@@ -12,9 +12,10 @@ from . import codec
 from .codes import CoderPair, LayerCodes
 
 
-def _row_coder(reference, x: torch.Tensor):
-    """The Triton kernel standing in for `reference` (`encode_rows` / `decode_rows`) on CUDA tensors, else itself."""
-    if x.is_cuda:
+def _row_coder(reference, x: torch.Tensor, rows: torch.Tensor):
+    """The Triton kernel standing in for `reference` (`encode_rows` / `decode_rows`) on CUDA tensors, else itself;
+    itself too when there are no `rows` to code (every token exact), which needs no launch."""
+    if x.is_cuda and rows.numel():
         from . import kernels  # hf_scd.kernels: imports triton, so only when a CUDA tensor is coded
 
         if kernels.available():
@@ -39,7 +40,7 @@ def encode_layers(
     """
     if not keys:
         return []
-    coded = _row_coder(codec.encode_rows, keys[0])(keys, values, cos, sin, coded_rows, coders)
+    coded = _row_coder(codec.encode_rows, keys[0], coded_rows)(keys, values, cos, sin, coded_rows, coders)
     exact_keys = codec.content_keys(torch.stack([codec.flat_rows(k, exact_rows) for k in keys]), cos, sin, exact_rows)
     exact_values = torch.stack([codec.flat_rows(v, exact_rows) for v in values])
     exact_keys, exact_values = exact_keys.to(torch.bfloat16), exact_values.to(torch.bfloat16)
@@ -74,7 +75,9 @@ def decode_layers(
     covered = coded_rows.numel() + exact_rows.numel() == batch * seq
     out = (torch.empty if covered else torch.zeros)(2, len(codes), batch, heads, seq, dim, dtype=dtype, device=device)
     keys, values = out.unbind(0)
-    _row_coder(codec.decode_rows, keys)(codes, cos, sin, coded_rows, coders, keys.unbind(0), values.unbind(0))
+    _row_coder(codec.decode_rows, keys, coded_rows)(
+        codes, cos, sin, coded_rows, coders, keys.unbind(0), values.unbind(0)
+    )
     if exact_rows.numel():
         exact_keys = torch.stack([layer.exact_keys for layer in codes])
         codec.scatter_rows(keys, exact_rows, codec.rotated_keys(exact_keys, cos, sin, exact_rows))

@@ -17,6 +17,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from .artifacts import SCDArtifacts
 from .compat import integration_error
 from .errors import ArtifactMismatchError, CacheStateError
+from .fidelity import PointChoice, check_point, choose_point
 from .payload import LayerCodes, PayloadHead, SCDPayload
 from .plan import DEFAULT_MAX_KV_BYTES
 from .recording import Recorder, TokenRecord
@@ -42,7 +43,8 @@ class SCDCache(Cache):
         artifacts: calibration artifacts fitted on `model` (`SCDArtifacts.from_pretrained(...)`).
         model: the model this cache serves; its decoder and attention modules are observed to record positions.
         ratio: compress at least this many times below BF16 (most faithful point that does).
-        max_kl: or: the smallest point whose validation KL is within this bound.
+        max_kl: or: the smallest point whose validation KL is within this bound (chosen once, from calibration
+            text; `encode(max_kl=...)` checks the bound against this request's own codes instead).
         point: or: an operating point by name. With none of these, the artifacts' default point.
         strict: accept only the weights the artifacts were fitted on; by default same-model artifacts also accept
             weights their codes fit (`SCDArtifacts.identify`), with an `ArtifactFitWarning`.
@@ -98,11 +100,41 @@ class SCDCache(Cache):
 
     # ---- shipping -----------------------------------------------------------------------------------------------
 
-    def encode(self, point: str | None = None) -> SCDPayload:
+    def encode(self, point: str | None = None, *, max_kl: float | None = None) -> SCDPayload:
         """The cache as compact codes, with everything the consumer needs to continue.
 
-        `point` names another operating point of the artifacts to encode at, instead of the cache's own.
+        `point` names another operating point of the artifacts to encode at, instead of the cache's own. `max_kl`
+        instead checks this request: the cheapest point whose predicted KL is within it, or exact bf16 K/V when
+        none is (`choose_point`); the payload records the prediction.
         """
+        if max_kl is not None:
+            if point is not None:
+                raise CacheStateError("pass point or max_kl to encode(), not both")
+            choice = self.choose_point(max_kl)
+            return SCDPayload.of(self.payload_head(choice.point, choice.predicted_kl), choice.layers)
+        self._check_encodable()
+        plan = self.artifacts.plan(point or self.operating_point.name, self.layers[0].keys.device)
+        return SCDPayload.of(
+            self.payload_head(plan.point), plan.encode(self._kv(), self.record, self.recorder.patch_input)
+        )
+
+    def choose_point(self, max_kl: float) -> PointChoice:
+        """Which point this cache should ship at for a next-token KL of at most `max_kl`: the cheapest whose KL,
+        predicted from the real distortion of its codes on this request, is within it, else the exact point (bf16
+        K/V). Needs artifacts with a fidelity map (same-model)."""
+        self._check_encodable()
+        return choose_point(self.artifacts, self.handle, self._kv(), self.record, self.recorder.patch_input, max_kl)
+
+    def check_point(self, point: str) -> PointChoice:
+        """The KL this cache's codes at `point` are predicted to cost, from their real distortion (and the codes)."""
+        self._check_encodable()
+        return check_point(self.artifacts, self.handle, self._kv(), self.record, self.recorder.patch_input, point)
+
+    def _kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(layer.keys, layer.values) for layer in self.layers]
+
+    def _check_encodable(self) -> None:
+        """Refuse to encode a cache that cannot ship: empty, unrecorded, filled from embeddings, or a consumer's."""
         if self.get_seq_length() == 0:
             raise CacheStateError("the cache is empty: run the model on a prompt with cache=cache first")
         if self.record is None:
@@ -119,13 +151,10 @@ class SCDCache(Cache):
                 f"this cache runs on {self.artifacts.config.consumer.name}, the consumer of these pair "
                 "artifacts; only their producer can encode with them"
             )
-        plan = self.artifacts.plan(point or self.operating_point.name, self.layers[0].keys.device)
-        kv = [(layer.keys, layer.values) for layer in self.layers]
-        return SCDPayload.of(self.payload_head(plan.point), plan.encode(kv, self.record, self.recorder.patch_input))
 
-    def payload_head(self, point: str) -> PayloadHead:
+    def payload_head(self, point: str, predicted_kl: float | None = None) -> PayloadHead:
         """What precedes the codes of this cache at `point`: the artifacts, the producer's own weights (the consumer
-        checks them) and the recorded tokens."""
+        checks them), the recorded tokens, and the KL a fidelity check predicted, if one chose the point."""
         return PayloadHead(
             artifacts_id=self.artifacts.artifacts_id,
             model_fingerprint=self.handle.fingerprint,
@@ -134,6 +163,7 @@ class SCDCache(Cache):
             position_ids=self.record.position_ids.cpu(),
             attention_mask=self.record.attention_mask.cpu(),
             num_layers=len(self.layers),
+            predicted_kl=predicted_kl,
         )
 
     @classmethod

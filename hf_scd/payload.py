@@ -54,6 +54,7 @@ class SCDPayload:
     position_ids: torch.Tensor  # (batch, seq) int64, the rotary positions the producer used
     attention_mask: torch.Tensor  # (batch, seq) bool, False for padding (which carries no codes)
     layers: list[LayerCodes]
+    predicted_kl: float | None = None  # the producer's fidelity check: the KL it predicts this payload costs
     _wire: dict[str, tuple[torch.Tensor, list[int] | None]] | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -97,6 +98,7 @@ class SCDPayload:
             head.position_ids,
             head.attention_mask,
             layers,
+            head.predicted_kl,
         )
 
     @property
@@ -109,6 +111,7 @@ class SCDPayload:
             self.position_ids,
             self.attention_mask,
             len(self.layers),
+            self.predicted_kl,
         )
 
     def to_bytes(self) -> bytes:
@@ -183,6 +186,7 @@ class SCDPayload:
                 position_ids=position_ids,
                 attention_mask=attention_mask,
                 layers=layers,
+                predicted_kl=_read_predicted_kl(metadata),
                 _wire=wire | {name: (tensors[name], None) for name in ("exact_keys", "exact_values")},
             )
         except KeyError as exc:
@@ -262,19 +266,24 @@ class PayloadHead:
     position_ids: torch.Tensor
     attention_mask: torch.Tensor
     num_layers: int
+    predicted_kl: float | None = None
 
     @property
     def num_tokens(self) -> int:
         return int(self.attention_mask.sum())
 
     def identity(self, format_name: str) -> dict[str, str]:
-        """The metadata a payload and a stream head both carry: format, artifacts, producer weights, point."""
-        return {
+        """The metadata a payload and a stream head both carry: format, artifacts, producer weights, point, and the
+        KL the producer's fidelity check predicted, if it made one."""
+        identity = {
             "format": format_name,
             "artifacts_id": self.artifacts_id,
             "model_fingerprint": self.model_fingerprint,
             "operating_point": self.operating_point,
         }
+        if self.predicted_kl is not None:
+            identity["predicted_kl"] = repr(float(self.predicted_kl))
+        return identity
 
     def to_bytes(self) -> bytes:
         tensors = _token_tensors(self.input_ids, self.position_ids, self.attention_mask)
@@ -293,6 +302,7 @@ class PayloadHead:
                 metadata["operating_point"],
                 *_read_tokens(tensors),
                 int(metadata["num_layers"]),
+                _read_predicted_kl(metadata),
             )
         except KeyError as exc:
             raise CorruptPayloadError(f"stream head is missing the field {exc}") from exc
@@ -333,6 +343,19 @@ def _read_body(body: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         return st_load(body), metadata
     except (SafetensorError, ValueError, KeyError, TypeError, OverflowError) as exc:
         raise CorruptPayloadError(f"body is not valid safetensors: {exc}") from exc
+
+
+def _read_predicted_kl(metadata: dict[str, str]) -> float | None:
+    """The producer's predicted KL, if it sent one: a finite number >= 0, or the payload is refused."""
+    if "predicted_kl" not in metadata:
+        return None
+    try:
+        value = float(metadata["predicted_kl"])
+    except ValueError as exc:
+        raise CorruptPayloadError(f"payload predicted_kl is not a number: {metadata['predicted_kl']!r}") from exc
+    if not math.isfinite(value) or value < 0:
+        raise CorruptPayloadError(f"payload predicted_kl must be a finite KL >= 0, got {value!r}")
+    return value
 
 
 def _token_tensors(input_ids, position_ids, attention_mask) -> dict[str, torch.Tensor]:

@@ -27,6 +27,8 @@ from .recording import TokenLayout, TokenRecord
 KV = tuple[torch.Tensor, torch.Tensor]
 # The most K/V memory a rebuilt cache may take unless the caller says otherwise: a peer cannot make us allocate more.
 DEFAULT_MAX_KV_BYTES = 8 << 30
+# A sink this long ships every token of any row exactly: the plan of the reserved exact point.
+ALL_TOKENS = 1 << 62
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,8 @@ from .errors import ArtifactError
 
 ARTIFACTS_FORMAT_VERSION = 3
 KINDS = ("k", "v")  # the two coders of a Reuse layer, in the order they are stacked
+# The reserved point that ships every token's K/V exactly, in bf16: what a fidelity check falls back to.
+EXACT_POINT = "bf16"
 
 
 class TensorKeys:
@@ -91,6 +93,21 @@ class FitProbe:
 
 
 @dataclass(frozen=True)
+class FidelityMap:
+    """What a producer needs to predict, per request, the KL its codes will cost (see `hf_scd.fidelity`): the metric
+    calibration weighs errors in (mean squared queries per key dimension; values are weighed by the model's output
+    projection), each layer's sensitivity (KL per unit of weighted squared error), and the fitted map from the
+    request's weighted distortion D to the continuation's next-token KL: log KL = intercept + slope * log D."""
+
+    query_energy: tuple[tuple[tuple[float, ...], ...], ...]  # (layers, kv_heads, head_dim)
+    layer_weights: tuple[tuple[float, ...], ...]  # (layers, K/V)
+    slope: float
+    intercept: float
+    residual: float  # RMS of the fit's residuals, in log KL: how far a prediction typically lands from the truth
+    samples: int  # (document, point) measurements the map was fitted on
+
+
+@dataclass(frozen=True)
 class ArtifactsConfig:
     """`config.json`: the model(s), the codec, the operating points and the calibration report (free-form)."""
 
@@ -101,6 +118,7 @@ class ArtifactsConfig:
     calibration: dict[str, Any]
     consumer: ModelEntry | None = None
     fit_probe: FitProbe | None = None  # same-model artifacts; without one, only the fitted weights are accepted
+    fidelity: FidelityMap | None = None  # same-model artifacts; without one, `max_kl` checks cannot be made
     format_version: int = ARTIFACTS_FORMAT_VERSION
     tensors_sha256: str = ""
 
@@ -123,8 +141,10 @@ class ArtifactsConfig:
         names = [point.name for point in points]
         if not points or len(set(names)) != len(names):
             raise ArtifactError(f"config.operating_points must be non-empty with distinct names, got {names}")
+        if EXACT_POINT in names:
+            raise ArtifactError(f"config.operating_points may not name a point {EXACT_POINT!r}: it is reserved")
         model = _model_entry(data.get("model"), "model")
-        probe = data.get("fit_probe")
+        probe, fidelity = data.get("fit_probe"), data.get("fidelity")
         config = cls(
             model=model,
             codec=CodecConfig(**_typed(CodecConfig, _mapping(data.get("codec"), "codec"), "codec")),
@@ -133,6 +153,7 @@ class ArtifactsConfig:
             calibration=_mapping(data.get("calibration", {}), "calibration"),
             consumer=_model_entry(data["consumer"], "consumer") if data.get("consumer") is not None else None,
             fit_probe=_fit_probe(probe, model.shape.num_layers) if probe is not None else None,
+            fidelity=_fidelity_map(fidelity, model.shape) if fidelity is not None else None,
             format_version=version,
             tensors_sha256=_field(data, "tensors_sha256", str, "config"),
         )
@@ -149,6 +170,8 @@ class ArtifactsConfig:
                 raise ArtifactError("config.fit_probe.point must be a point without Patch layers")
             if len(config.fit_probe.token_ids) <= config.codec.exact_tokens:
                 raise ArtifactError("config.fit_probe.token_ids must be longer than the exact sink")
+        if config.fidelity is not None and config.consumer is not None:
+            raise ArtifactError("config.fidelity is for same-model artifacts: a pair's producer cannot measure it")
         return config
 
     def to_dict(self) -> dict[str, Any]:
@@ -163,6 +186,8 @@ class ArtifactsConfig:
             probe = self.fit_probe
             errors = [list(pair) for pair in probe.errors]
             out["fit_probe"] = {"point": probe.point, "errors": errors, "token_ids": list(probe.token_ids)}
+        if self.fidelity is not None:
+            out["fidelity"] = _fidelity_dict(self.fidelity)
         out["operating_points"] = [_point_dict(point) for point in self.operating_points]
         out["default_point"] = self.default_point
         out["format_version"] = self.format_version
@@ -253,6 +278,63 @@ def _fit_probe(data: Any, num_layers: int) -> FitProbe:
         token_ids=tuple(ids),
         point=_field(data, "point", str, "fit_probe"),
         errors=tuple(tuple(float(e) for e in pair) for pair in errors),
+    )
+
+
+def _fidelity_dict(fidelity: FidelityMap) -> dict[str, Any]:
+    out = {f.name: getattr(fidelity, f.name) for f in fields(FidelityMap)}
+    out["query_energy"] = [[list(head) for head in layer] for layer in fidelity.query_energy]
+    out["layer_weights"] = [list(pair) for pair in fidelity.layer_weights]
+    return out
+
+
+def _finite_list(value: Any, length: int, positive: bool) -> bool:
+    """Whether `value` is a list of `length` finite numbers (> 0 with `positive`, else >= 0)."""
+    return (
+        isinstance(value, list)
+        and len(value) == length
+        and all(
+            not isinstance(v, bool)
+            and isinstance(v, int | float)
+            and math.isfinite(v)
+            and (v > 0 if positive else v >= 0)
+            for v in value
+        )
+    )
+
+
+def _fidelity_map(data: Any, shape: ModelShape) -> FidelityMap:
+    data = _mapping(data, "fidelity")
+    energy = _field(data, "query_energy", list, "fidelity")
+    if len(energy) != shape.num_layers or not all(
+        isinstance(layer, list)
+        and len(layer) == shape.num_kv_heads
+        and all(_finite_list(head, shape.head_dim, positive=False) for head in layer)
+        for layer in energy
+    ):
+        raise ArtifactError(
+            f"config.fidelity.query_energy must be ({shape.num_layers}, {shape.num_kv_heads}, {shape.head_dim}) "
+            "finite numbers >= 0"
+        )
+    weights = _field(data, "layer_weights", list, "fidelity")
+    if len(weights) != shape.num_layers or not all(_finite_list(pair, len(KINDS), positive=True) for pair in weights):
+        raise ArtifactError(f"config.fidelity.layer_weights must list {shape.num_layers} layers' [key, value] > 0")
+    numbers = {}
+    for name in ("slope", "intercept", "residual"):
+        value = data.get(name)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ArtifactError(f"config.fidelity.{name} must be a finite number, got {value!r}")
+        numbers[name] = float(value)
+    if numbers["slope"] <= 0 or numbers["residual"] < 0:
+        raise ArtifactError("config.fidelity.slope must be > 0 and residual >= 0: KL grows with distortion")
+    samples = data.get("samples")
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 2:
+        raise ArtifactError(f"config.fidelity.samples must be an integer >= 2, got {samples!r}")
+    return FidelityMap(
+        query_energy=tuple(tuple(tuple(float(v) for v in head) for head in layer) for layer in energy),
+        layer_weights=tuple(tuple(float(w) for w in pair) for pair in weights),
+        samples=samples,
+        **numbers,
     )
 
 

@@ -2,9 +2,10 @@
 distortion curves from a token sample, and bit allocations by greedy reverse water-filling over every
 (layer, K/V, head, component).
 
-The metric: a key error matters through the logits q.dk, so keys are weighted by the energy of the queries that
-read them; a value error matters through the output projection, so values are weighted by its Gram matrix. The
-basis is the principal axes of the weighted vectors, so bits go to directions that move the model's output.
+The metric (`hf_scd.fidelity.key_metric` / `value_metric`, which a producer's fidelity check measures in too): a key
+error matters through the logits q.dk, so keys are weighted by the energy of the queries that read them; a value
+error matters through the output projection, so values are weighted by its Gram matrix. The basis is the principal
+axes of the weighted vectors, so bits go to directions that move the model's output.
 """
 
 from __future__ import annotations
@@ -44,23 +45,6 @@ class LayerBasis:
     steps: torch.Tensor
     distortion: torch.Tensor
     residual: float
-
-
-def key_metric(query_energy: torch.Tensor) -> torch.Tensor:
-    """(H, d) mean squared queries -> (H, d, d) diagonal key metric.
-
-    RoPE turns the logit into q^T R(m-n) k with a relative rotation in each (i, i + d/2) plane; averaged over
-    offsets, each plane's weight is isotropic, so both dimensions of a pair get their mean query energy.
-    """
-    half = query_energy.shape[-1] // 2
-    paired = (query_energy[..., :half] + query_energy[..., half:]) / 2
-    return torch.diag_embed(torch.cat([paired, paired], -1)).float()
-
-
-def value_metric(o_proj_weight: torch.Tensor, kv_heads: int, head_dim: int) -> torch.Tensor:
-    """(hidden, q_heads * d) output projection -> (H, d, d): sum of W_h^T W_h over the query heads of each KV head."""
-    weight = o_proj_weight.detach().float().cpu().reshape(o_proj_weight.shape[0], kv_heads, -1, head_dim)
-    return torch.einsum("okgd,okge->kde", weight, weight)
 
 
 def _sqrt_and_inverse(metric: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

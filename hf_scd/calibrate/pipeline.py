@@ -19,12 +19,14 @@ from tqdm.auto import tqdm
 from ..arch import ModelHandle
 from ..artifacts import SCDArtifacts
 from ..codes import MAX_BITS
+from ..fidelity import key_metric, value_metric
 from ..probe import measure_fit_probe
 from ..schema import KINDS, ArtifactsConfig, CodecConfig, TensorKeys
 from .card import model_card
 from .collect import KVMoments, QueryEnergy, collect_kv_moments
-from .fit import LayerBasis, allocation_order, fit_layer_basis, key_metric, value_metric
-from .plan import default_point, model_entry, plan_points, stack_bases, validate_points
+from .fidelity import fidelity_metric, fit_fidelity_map
+from .fit import LayerBasis, allocation_order, fit_layer_basis
+from .plan import default_point, mean_fidelity, measure_points, model_entry, plan_points, stack_bases
 from .sensitivity import layer_sensitivity
 
 SENSITIVITY_DOCS, SENSITIVITY_TOKENS = 2, 256
@@ -184,21 +186,24 @@ def config(run: Calibration) -> ArtifactsConfig:
 
 def validate(run: Calibration) -> SCDArtifacts:
     """Measure every point (the consumer continuing from the producer's shipped cache), pick the default point,
-    record the fit probe of same-model artifacts at it (the start of the first validation document), and write the
-    card."""
+    record the fit probe of same-model artifacts at it (the start of the first validation document) and the fidelity
+    map fitted on the same measurements, and write the card."""
     job = run.job
     settings = config(run)
     draft = SCDArtifacts.build(settings, run.tensors)
-    results = validate_points(
-        job.consumer, draft, job.validation_docs, job.validation_prefix, job.progress, producer=job.producer
+    metric = None if job.is_pair else fidelity_metric(run, next(job.consumer.parameters()).device)
+    measured = measure_points(
+        job.consumer, draft, job.validation_docs, job.validation_prefix, job.progress, job.producer, metric
     )
     run.points = [
-        replace(point, val_kl=kl, val_top1=top1) for point, (kl, top1) in zip(run.points, results, strict=True)
+        replace(point, val_kl=kl, val_top1=top1)
+        for point, (kl, top1) in zip(run.points, mean_fidelity(measured), strict=True)
     ]
     default = default_point(run.points, job.default_max_kl, job.default_min_ratio)
     settings = replace(settings, operating_points=tuple(run.points), default_point=default)
     if not job.is_pair:  # what the codes of the default point do to the model's own K/V, for `identify` to compare
-        settings = replace(settings, fit_probe=measure_fit_probe(draft, job.producer, job.validation_docs[0], default))
+        probe = measure_fit_probe(draft, job.producer, job.validation_docs[0], default)
+        settings = replace(settings, fit_probe=probe, fidelity=fit_fidelity_map(run, measured))
     final = SCDArtifacts.build(settings, run.tensors)
     final.card = model_card(final)
     return final

@@ -7,6 +7,7 @@ of the consumer continuing from the shipped cache against the consumer's own pre
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -16,6 +17,7 @@ from ..artifacts import SCDArtifacts
 from ..codes import BitLayout
 from ..compat import with_cache
 from ..eval.metrics import next_token_kl, top1_agreement
+from ..fidelity import DistortionMetric
 from ..schema import KINDS, ModelEntry, OperatingPoint, TensorKeys
 from .fit import LayerBasis, allocate_bits
 
@@ -100,7 +102,57 @@ def model_entry(name: str, base_model: str | None, shape: ModelShape, model: tor
     return ModelEntry(name=name, base_model=base_model, shape=shape, fingerprint=model_fingerprint(model))
 
 
+@dataclass(frozen=True)
+class Measurement:
+    """One operating point on one document: KL and top-1 agreement against the oracle and, when a metric was
+    given, the weighted distortion of the shipped cache (what a fidelity check would have measured)."""
+
+    kl: float
+    top1: float
+    distortion: float | None = None
+
+
 @torch.inference_mode()
+def measure_points(
+    model: torch.nn.Module,
+    artifacts: SCDArtifacts,
+    docs: list[list[int]],
+    prefix_len: int,
+    progress: bool = True,
+    producer: torch.nn.Module | None = None,
+    metric: DistortionMetric | None = None,
+) -> dict[str, list[Measurement]]:
+    """Every operating point on every document: the producer (default: `model` itself) ships `prefix_len` tokens,
+    `model` teacher-forces the rest; the oracle is `model` prefilling everything. With a `metric`, also the
+    distortion of the rebuilt cache against the shipped one."""
+    from ..cache import SCDCache
+
+    producer = model if producer is None else producer
+    device = next(model.parameters()).device
+    results: dict[str, list[Measurement]] = {p.name: [] for p in artifacts.points}
+    for doc in tqdm(docs, desc="validating points", disable=not progress):
+        ids = torch.tensor([doc], device=device)
+        oracle = model(ids).logits[:, prefix_len:-1]
+        shipped = SCDCache(artifacts, producer)
+        producer(ids[:, :prefix_len], **with_cache(producer, shipped), logits_to_keep=1)
+        exact = [(layer.keys, layer.values) for layer in shipped.layers]
+        for point in artifacts.points:
+            consumer = SCDCache.from_payload(shipped.encode(point.name), artifacts, model)
+            distortion = None
+            if metric is not None:
+                rebuilt = [(layer.keys, layer.values) for layer in consumer.layers]
+                distortion = float(metric.distortion(exact, rebuilt, shipped.record.attention_mask).max())
+            logits = model(ids[:, prefix_len:], **with_cache(model, consumer)).logits[:, :-1]
+            kl, top1 = next_token_kl(oracle, logits), top1_agreement(oracle, logits)
+            results[point.name].append(Measurement(kl, top1, distortion))
+    return results
+
+
+def mean_fidelity(measured: dict[str, list[Measurement]]) -> list[tuple[float, float]]:
+    """(mean KL, mean top-1 agreement) of every point, in the order measured."""
+    return [(sum(m.kl for m in runs) / len(runs), sum(m.top1 for m in runs) / len(runs)) for runs in measured.values()]
+
+
 def validate_points(
     model: torch.nn.Module,
     artifacts: SCDArtifacts,
@@ -109,20 +161,5 @@ def validate_points(
     progress: bool = True,
     producer: torch.nn.Module | None = None,
 ) -> list[tuple[float, float]]:
-    """(KL vs oracle, top-1 agreement) of every operating point: the producer (default: `model` itself) ships
-    `prefix_len` tokens, `model` teacher-forces the rest; the oracle is `model` prefilling everything."""
-    from ..cache import SCDCache
-
-    producer = model if producer is None else producer
-    device = next(model.parameters()).device
-    results = {p.name: [] for p in artifacts.points}
-    for doc in tqdm(docs, desc="validating points", disable=not progress):
-        ids = torch.tensor([doc], device=device)
-        oracle = model(ids).logits[:, prefix_len:-1]
-        shipped = SCDCache(artifacts, producer)
-        producer(ids[:, :prefix_len], **with_cache(producer, shipped), logits_to_keep=1)
-        for point in artifacts.points:
-            consumer = SCDCache.from_payload(shipped.encode(point.name), artifacts, model)
-            logits = model(ids[:, prefix_len:], **with_cache(model, consumer)).logits[:, :-1]
-            results[point.name].append((next_token_kl(oracle, logits), top1_agreement(oracle, logits)))
-    return [tuple(sum(v) / len(v) for v in zip(*results[p.name], strict=True)) for p in artifacts.points]
+    """(KL vs oracle, top-1 agreement) of every operating point, averaged over `docs` (see `measure_points`)."""
+    return mean_fidelity(measure_points(model, artifacts, docs, prefix_len, progress, producer))

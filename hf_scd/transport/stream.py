@@ -67,11 +67,18 @@ class CacheSender:
 
     Stored (the cache is already filled): `CacheSender(link, cache).send(streaming=True)`; `streaming=False` sends
     one payload frame instead.
+
+    `max_kl` has the producer check this request (`SCDCache.choose_point`) and send at the point it chooses, the
+    prediction in the head. Stored sends only: the check measures the codes of every layer, so it cannot be made
+    before a live stream's layer 0 leaves, and a live stream with `max_kl` is refused.
     """
 
-    def __init__(self, link: Link, cache: SCDCache, *, point: str | None = None):
-        self.link, self.cache = link, cache
+    def __init__(self, link: Link, cache: SCDCache, *, point: str | None = None, max_kl: float | None = None):
+        if point is not None and max_kl is not None:
+            raise CacheStateError("pass point or max_kl to CacheSender, not both")
+        self.link, self.cache, self.max_kl = link, cache, max_kl
         self.point = point or cache.operating_point.name
+        self.predicted_kl: float | None = None
         self.report = SendReport(streaming=True)
         self._encode: queue.Queue[int | None] = queue.Queue()
         self._send: queue.Queue[Frame | None] = queue.Queue()
@@ -86,10 +93,15 @@ class CacheSender:
         """Send a filled cache: layer by layer, encoding the next while the last is on the wire, or in one frame."""
         if not streaming:
             start = time.perf_counter()
-            blob = self.cache.encode(self.point).to_bytes()
+            payload = self.cache.encode(self.point) if self.max_kl is None else self.cache.encode(max_kl=self.max_kl)
+            self.point, self.predicted_kl = payload.operating_point, payload.predicted_kl
+            blob = payload.to_bytes()
             self.report = SendReport(streaming=False, layers=len(self.cache.layers), encode_ms=_ms(start))
             self._ship(Frame(Kind.PAYLOAD, blob, tokens=int(self.cache.record.attention_mask.sum())))
             return self.report
+        if self.max_kl is not None:  # chosen before layer 0 leaves; the layers are then encoded as they go
+            choice = self.cache.choose_point(self.max_kl)
+            self.point, self.predicted_kl = choice.point, choice.predicted_kl
         self._start()
         for index in range(len(self.cache.layers)):
             self._encode.put(index)
@@ -101,6 +113,11 @@ class CacheSender:
     def __enter__(self) -> CacheSender:
         if self.cache.get_seq_length():
             raise CacheStateError("a live stream covers one prefill forward: start it on an empty cache")
+        if self.max_kl is not None:
+            raise CacheStateError(
+                "max_kl is checked on the whole cache, but a live stream sends layer 0 before the next is computed: "
+                "prefill first, then CacheSender(link, cache, max_kl=...).send()"
+            )
         self._start()
         self._started = time.perf_counter()
         self.cache.layer_listeners.append(self._encode.put)
@@ -156,7 +173,7 @@ class CacheSender:
                 raise CacheStateError(f"layer {index} was written before layer 0")
             self._plan = self.cache.artifacts.plan(self.point, self.cache.layers[0].keys.device)
             self._tokens = self._plan.layout(record)
-            self._head = self.cache.payload_head(self.point)
+            self._head = self.cache.payload_head(self.point, self.predicted_kl)
             self._send.put(Frame(Kind.OPEN, self._head.to_bytes(), tokens=self._head.num_tokens))
         if index != self.report.layers:
             raise CacheStateError(f"layer {index} was written where layer {self.report.layers} was due")
@@ -192,6 +209,7 @@ class TransferReport:
     fallback_reason: str | None = None
     streaming: bool | None = None
     operating_point: str | None = None
+    predicted_kl: float | None = None  # the producer's fidelity check, if it made one
     tokens: int = 0
     raw_bytes: int = 0  # the prefix's K/V in bf16: what shipping the cache raw would cost
     wire_bytes: int = 0  # every frame byte received, headers included
@@ -331,7 +349,11 @@ def _receive(
             decode_start = time.perf_counter()
             cache = rebuild.finish()
             report.decode_ms += _ms(decode_start)
-    report.operating_point, report.tokens = head.operating_point, head.num_tokens
+    report.operating_point, report.tokens, report.predicted_kl = (
+        head.operating_point,
+        head.num_tokens,
+        head.predicted_kl,
+    )
     report.raw_bytes = 2 * shape.num_layers * head.num_tokens * shape.num_kv_heads * shape.head_dim * 2
     report.wire_bytes = link.bytes_received - received_before
     return cache, head

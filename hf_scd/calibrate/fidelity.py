@@ -1,0 +1,83 @@
+"""Fit the fidelity map a producer predicts a request's KL with (`hf_scd.fidelity`).
+
+Calibration has what the check needs: the query energy the key metric is made of and each layer's sensitivity. The
+map itself is fitted on what validation measures anyway: for every (document, operating point), the weighted
+distortion D of the shipped cache and the KL of the continuation. Over the points' range of distortions KL follows a
+power of D closely (a line in log-log), so that line is the map.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..arch import ModelHandle
+from ..fidelity import DistortionMetric
+from ..schema import KINDS, FidelityMap
+from .plan import Measurement
+
+if TYPE_CHECKING:
+    from .pipeline import Calibration
+
+# Measurements at or below these are bf16 rounding, not codes: they would only bend the line.
+MIN_KL, MIN_DISTORTION = 1e-7, 1e-12
+
+
+def _significant(value: float) -> float:
+    """`value` to 6 significant digits: the config stays readable and the metric loses nothing that matters."""
+    return float(f"{value:.6g}")
+
+
+def fidelity_parts(run: Calibration) -> tuple[list[torch.Tensor], list[tuple[float, float]]]:
+    """Per layer the consumer's mean squared queries (H, d) and (key, value) sensitivity, from a run whose
+    `collect` and `weigh_layers` steps have run."""
+    energy = [run.queries[layer].mean().float() for layer in run.layers]
+    weights = [tuple(run.weights[(layer, kind)] for kind in KINDS) for layer in run.layers]
+    return energy, weights
+
+
+def fidelity_metric(run: Calibration, device: torch.device | str = "cpu") -> DistortionMetric:
+    energy, weights = fidelity_parts(run)
+    return DistortionMetric.of(energy, weights, ModelHandle(run.job.consumer), device)
+
+
+def fit_log_line(measured: dict[str, list[Measurement]]) -> tuple[float, float, float, int] | None:
+    """(slope, intercept, RMS residual, samples) of the least-squares line log KL = intercept + slope log D through
+    the measurements above rounding; None when they fix no rising line (fewer than two distinct distortions, or a
+    slope <= 0, as on toy models)."""
+    pairs = [
+        (math.log(m.distortion), math.log(m.kl))
+        for runs in measured.values()
+        for m in runs
+        if m.distortion is not None and m.distortion > MIN_DISTORTION and m.kl > MIN_KL
+    ]
+    if len(pairs) < 2:
+        return None
+    xs, ys = torch.tensor(pairs, dtype=torch.float64).unbind(-1)
+    spread = float((xs - xs.mean()).square().sum())
+    slope = float(((xs - xs.mean()) * (ys - ys.mean())).sum()) / spread if spread > 0 else 0.0
+    if not slope > 0:
+        return None
+    intercept = float(ys.mean()) - slope * float(xs.mean())
+    residual = float((ys - intercept - slope * xs).square().mean().sqrt())
+    return slope, intercept, residual, len(pairs)
+
+
+def fit_fidelity_map(run: Calibration, measured: dict[str, list[Measurement]]) -> FidelityMap | None:
+    """The fidelity map from measurements made with `fidelity_metric(run)`: the line (`fit_log_line`) and the parts
+    the producer's metric is rebuilt from; None when no line fits."""
+    line = fit_log_line(measured)
+    if line is None:
+        return None
+    slope, intercept, residual, samples = line
+    energy, weights = fidelity_parts(run)
+    return FidelityMap(
+        query_energy=tuple(tuple(tuple(map(_significant, head)) for head in layer.tolist()) for layer in energy),
+        layer_weights=tuple(tuple(map(_significant, pair)) for pair in weights),
+        slope=slope,
+        intercept=intercept,
+        residual=residual,
+        samples=samples,
+    )

@@ -32,13 +32,13 @@ ARTIFACTS = REPO / "hub_artifacts" / "smollm2-135m-instruct"
 STAGES = ("encode", "decode", "stream_encode", "stream_decode")
 
 
-def median_ms(run: Callable[[], object], repeats: int) -> float:
-    """Median wall time of `repeats` calls after one warm-up call."""
-    run()
+def median_ms(repeats: int, run: Callable[..., object], *args) -> float:
+    """Median wall time of `repeats` calls of `run(*args)` after one warm-up call."""
+    run(*args)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        run()
+        run(*args)
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
 
@@ -48,6 +48,10 @@ def prefilled(model, artifacts: SCDArtifacts, prompt: torch.Tensor) -> SCDCache:
     model(prompt, **with_cache(model, cache))
     cache.close()
     return cache
+
+
+def encode(cache: SCDCache, point: str) -> bytes:
+    return cache.encode(point).to_bytes()
 
 
 def stream_encode(cache: SCDCache, point: str) -> list[bytes]:
@@ -87,17 +91,17 @@ def measure(args: argparse.Namespace) -> list[dict]:
     for tokens in args.tokens:
         prompt = all_ids[:, :tokens]
         kv_bytes = tokens * artifacts.shape.bf16_bytes_per_token()
-        prefill_ms = median_ms(lambda: prefilled(model, artifacts, prompt), args.prefill_repeats)
+        prefill_ms = median_ms(args.prefill_repeats, prefilled, model, artifacts, prompt)
         cache = prefilled(model, artifacts, prompt)
         for point in args.points:
-            blob = cache.encode(point).to_bytes()
+            blob = encode(cache, point)
             payload = SCDPayload.from_bytes(blob)
             bodies = stream_encode(cache, point)
             times = {
-                "encode": median_ms(lambda: cache.encode(point).to_bytes(), args.repeats),
-                "decode": median_ms(lambda: decode(blob, artifacts, model), args.repeats),
-                "stream_encode": median_ms(lambda: stream_encode(cache, point), args.repeats),
-                "stream_decode": median_ms(lambda: stream_decode(payload, bodies, artifacts, model), args.repeats),
+                "encode": median_ms(args.repeats, encode, cache, point),
+                "decode": median_ms(args.repeats, decode, blob, artifacts, model),
+                "stream_encode": median_ms(args.repeats, stream_encode, cache, point),
+                "stream_decode": median_ms(args.repeats, stream_decode, payload, bodies, artifacts, model),
             }
             row = {
                 "tokens": tokens,

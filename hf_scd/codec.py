@@ -25,67 +25,108 @@ import torch
 from .codes import BitLayout, CoderPair, LayerCodes, RowCodes, TransformCode, code_to_scale, scale_to_code
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE as the Llama family applies it; x is (..., seq, head_dim), cos/sin broadcast against it."""
-    return x * cos + rotate_half(x) * sin
+    """RoPE as the Llama family applies it, x * cos + rotate_half(x) * sin; x is (..., seq, head_dim), cos/sin
+    broadcast against it."""
+    return _rotated(x, cos, sin, inverse=False)
 
 
 def remove_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Exact inverse of `apply_rotary`, also when cos/sin carry an attention scaling factor (YaRN, LongRoPE)."""
-    return (x * cos - rotate_half(x) * sin) / (cos * cos + sin * sin)
+    return _rotated(x, cos, sin, inverse=True).div_(cos * cos + sin * sin)
+
+
+def _rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> torch.Tensor:
+    shape, dtype = torch.broadcast_shapes(x.shape, cos.shape), torch.promote_types(x.dtype, cos.dtype)
+    out = torch.empty(shape, dtype=dtype, device=x.device)
+    _rotate_into(out, x, cos, sin, inverse)
+    return out
 
 
 def pack_codes(codes: torch.Tensor, layout: BitLayout) -> torch.Tensor:
     """(tokens, heads, dim) integer codes (0 where 0 bits) -> (tokens, bytes_per_token) uint8."""
-    byte, shift = (t.to(codes.device).reshape(-1).long() for t in layout.offsets)
-    shifted = codes.reshape(codes.shape[0], layout.bits.numel()).to(torch.int32) << shift.to(torch.int32)
-    # Two spare columns: a dropped component of a trailing empty head points one past the end, and its next byte two.
-    packed = torch.zeros(codes.shape[0], layout.bytes_per_token + 2, dtype=torch.int32, device=codes.device)
-    # Bits of different components never overlap, so adding them is OR-ing them.
-    packed.index_add_(1, byte, shifted & 0xFF)
-    packed.index_add_(1, byte + 1, shifted >> 8)
-    return packed[:, : layout.bytes_per_token].to(torch.uint8)
+    return _pack_heads(codes.transpose(0, 1).float(), layout)
+
+
+def _pack_heads(codes: torch.Tensor, layout: BitLayout) -> torch.Tensor:
+    """Head-major codes (H, tokens, dim), whole numbers in float32 -> (tokens, bytes_per_token) uint8.
+
+    Shifting each code to its bit offset and OR-ing the codes that start in one byte is one matmul per head: bits of
+    different components never overlap, so OR is addition, and every sum is a whole number below 2^16, exact in
+    float32 whatever the order of the additions. Column j of a head's words holds the bits that start in its byte j;
+    those past bit 8 belong to byte j + 1."""
+    words = torch.bmm(codes, _pack_matrix(layout, codes.device)).to(torch.int32)
+    packed = words & 0xFF
+    packed[..., 1:] |= words[..., :-1] >> 8
+    heads = [packed[head, :, :size] for head, size in enumerate(layout.head_bytes.tolist())]
+    return torch.cat(heads, -1).to(torch.uint8) if heads else packed.new_empty(codes.shape[1], 0, dtype=torch.uint8)
+
+
+def _pack_matrix(layout: BitLayout, device: torch.device) -> torch.Tensor:
+    """(H, dim, widest head's bytes) float32: 2^shift where a kept component's first bit is in that byte of its
+    head; made once per layout."""
+    tables = layout.__dict__.setdefault("_pack_matrix", {})
+    if device not in tables:
+        byte, shift = layout.offsets
+        heads, dim = layout.bits.shape
+        in_head = (byte - layout.head_start.unsqueeze(-1)).long()
+        width = int(layout.head_bytes.max()) if heads else 0
+        matrix = torch.zeros(heads, dim, width + 1)  # a dropped component of an empty head points at byte 0 of none
+        matrix.scatter_(
+            -1, in_head.unsqueeze(-1), torch.where(layout.bits > 0, torch.exp2(shift.float()), 0.0)[..., None]
+        )
+        tables[device] = matrix[..., :width].to(device)
+    return tables[device]
 
 
 def unpack_codes(packed: torch.Tensor, layout: BitLayout) -> torch.Tensor:
-    """Inverse of `pack_codes`: (tokens, bytes) uint8 -> (tokens, heads, dim) int16 codes (0 where 0 bits).
+    """Inverse of `pack_codes`: (tokens, bytes) uint8 -> (tokens, heads, dim) int32 codes (0 where 0 bits)."""
+    heads, dim = layout.bits.shape
+    return _unpack_rows(packed, layout).view(heads, dim, -1).permute(2, 0, 1)
 
-    Each component's two bytes are gathered side by side and read as one little-endian int16 (a code of at most 8
-    bits at a shift of at most 7 sits in its low 15 bits, so the sign bit never matters)."""
-    byte_pairs, shift, mask = _unpack_tables(layout, packed.device)
-    padded = torch.nn.functional.pad(packed, (0, 2))
-    words = padded.index_select(1, byte_pairs).view(torch.int16)
-    return ((words >> shift) & mask).reshape(packed.shape[0], *layout.bits.shape)
+
+def _unpack_rows(packed: torch.Tensor, layout: BitLayout) -> torch.Tensor:
+    """(tokens, bytes) uint8 -> (heads * dim, tokens) int32 codes: one row per component, gathered as whole rows."""
+    byte, shift, mask = _unpack_tables(layout, packed.device)
+    tokens = packed.shape[0]
+    # Row j of `words`: bytes j and j + 1 of every token as one 16-bit word (two spare rows of zeros at the end).
+    rows = torch.zeros(layout.bytes_per_token + 2, tokens, dtype=torch.int32, device=packed.device)
+    rows[:-2] = packed.T
+    words = rows[:-1]
+    words |= rows[1:] << 8
+    codes = words.index_select(0, byte)
+    codes >>= shift
+    codes &= mask
+    return codes
 
 
 def _unpack_tables(layout: BitLayout, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(byte, byte + 1) of every component, interleaved, its shift and its bit mask; made once per layout."""
+    """Each component's first byte (int64), its shift and its bit mask as columns (int32); made once per layout."""
     tables = layout.__dict__.setdefault("_unpack_tables", {})
     if device not in tables:
         byte, shift = (t.reshape(-1).to(device) for t in layout.offsets)
-        pairs = torch.stack([byte.long(), byte.long() + 1], -1).reshape(-1)
         mask = (1 << layout.bits.reshape(-1).to(device, torch.int32)) - 1
-        tables[device] = (pairs, shift.to(torch.int16), mask.to(torch.int16))
+        tables[device] = (byte.long(), shift.unsqueeze(-1), mask.unsqueeze(-1))
     return tables[device]
 
 
 @dataclass(frozen=True)
 class _Derived:
-    """What coding with one `TransformCode` needs besides its inputs, computed once per coder: the encoder with the
-    dropped components' columns zeroed, quantizer steps (1 where dropped, so 0 / 1 codes them 0), levels, the mid
-    offset of each code, and the decoder with each component's step folded in (zero rows where dropped)."""
+    """What coding with one `TransformCode` needs besides its inputs, computed once per coder and shaped to broadcast
+    against head-major (H, tokens, ...) tensors: the encoder with the dropped components' columns zeroed, the mean
+    (H, 1, d), kept components per head (H, 1), quantizer steps (1 where dropped, so 0 / 1 codes them 0), half the
+    levels and the top code (H, 1, C), the decoder with each component's step folded in (zero rows where dropped), the
+    mid offset of each code as a column (H * C, 1), and the output mean (H, 1, d)."""
 
     encoder: torch.Tensor
+    mean: torch.Tensor
     kept: torch.Tensor
     steps: torch.Tensor
-    levels: torch.Tensor
-    offsets: torch.Tensor
+    half_levels: torch.Tensor
+    top: torch.Tensor
     decoder: torch.Tensor
+    offsets: torch.Tensor
+    out_mean: torch.Tensor
 
 
 def _derived(code: TransformCode) -> _Derived:
@@ -97,34 +138,84 @@ def _derived(code: TransformCode) -> _Derived:
         levels = torch.exp2(bits)
         derived = _Derived(
             encoder=code.encoder * kept.unsqueeze(1),
-            kept=kept.sum(-1).clamp(min=1).float(),
-            steps=torch.where(kept, steps, 1.0),
-            levels=levels,
-            offsets=torch.where(kept, levels / 2 - 0.5, 0.0),
+            mean=code.mean.unsqueeze(1),
+            kept=kept.sum(-1).clamp(min=1).float().unsqueeze(-1),
+            steps=torch.where(kept, steps, 1.0).unsqueeze(1),
+            half_levels=(levels / 2).unsqueeze(1),
+            top=(levels - 1).unsqueeze(1),
             decoder=code.decoder * steps.unsqueeze(-1),
+            offsets=torch.where(kept, levels / 2 - 0.5, 0.0).reshape(-1, 1),
+            out_mean=code.out_mean.unsqueeze(1),
         )
         code.__dict__["_derived"] = derived
     return derived
 
 
-def encode_vectors(code: TransformCode, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(tokens, H, d) -> packed codes (tokens, bytes) uint8 and per-token scale codes (tokens, H) uint8."""
+def _encode_heads(code: TransformCode, centred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centred head-major vectors (H, tokens, d) float32 -> packed codes (tokens, bytes) uint8 and per-token scale
+    codes (tokens, H) uint8. Works in place on one (H, tokens, C) buffer."""
     derived = _derived(code)
-    unit = torch.einsum("nhd,hdc->nhc", x.float() - code.mean, derived.encoder)  # 0 at dropped components
+    unit = torch.bmm(centred, derived.encoder)  # 0 at dropped components
     rms = ((unit * unit).sum(-1) / derived.kept).sqrt()
     scale_codes = scale_to_code(rms)
-    ratio = unit / (derived.steps * code_to_scale(scale_codes).unsqueeze(-1))
-    levels = derived.levels
-    codes = torch.minimum(torch.clamp(torch.floor(ratio) + levels / 2, min=0), levels - 1)  # 0 where dropped
-    return pack_codes(codes.to(torch.int32), code.layout), scale_codes
+    steps = derived.steps * code_to_scale(scale_codes).unsqueeze(-1)
+    codes = torch.div(unit, steps, out=unit).floor_()
+    codes += derived.half_levels
+    codes.clamp_(min=0)
+    torch.minimum(codes, derived.top, out=codes)  # 0 where dropped
+    return _pack_heads(codes, code.layout), scale_codes.T.contiguous()
+
+
+def _decode_heads(
+    code: TransformCode, packed: torch.Tensor, scale_codes: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed codes and per-token scale codes -> head-major unit-RMS reconstruction (H, tokens, d) and the tokens'
+    scales (H, tokens, 1), float32: the vectors are `out_mean + unit * scale`, written where they are wanted."""
+    derived = _derived(code)
+    heads, components = code.bits.shape
+    centred = _unpack_rows(packed, code.layout).float().sub_(derived.offsets)  # 0 at dropped components
+    unit = torch.bmm(centred.view(heads, components, -1).transpose(1, 2), derived.decoder)
+    return unit, code_to_scale(scale_codes).T.unsqueeze(-1)
+
+
+def encode_vectors(code: TransformCode, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens, H, d) -> packed codes (tokens, bytes) uint8 and per-token scale codes (tokens, H) uint8."""
+    return _encode_heads(code, x.float().transpose(0, 1) - _derived(code).mean)
 
 
 def decode_vectors(code: TransformCode, packed: torch.Tensor, scale_codes: torch.Tensor) -> torch.Tensor:
     """Packed codes and per-token scale codes -> (tokens, H, d) float32 reconstruction."""
-    derived = _derived(code)
-    centred = unpack_codes(packed, code.layout).float() - derived.offsets  # 0 at dropped components
-    unit_out = torch.einsum("nhc,hcd->nhd", centred, derived.decoder)
-    return torch.addcmul(code.out_mean, unit_out, code_to_scale(scale_codes).unsqueeze(-1))
+    unit, scale = _decode_heads(code, packed, scale_codes)
+    return torch.addcmul(_derived(code).out_mean, unit, scale, out=unit).transpose(0, 1)
+
+
+def token_runs(rows: torch.Tensor, seq: int) -> list[tuple[int, int, int, int]]:
+    """Runs of consecutive positions of one batch row among `rows` (flat indices into batch*seq), as (batch row,
+    first position, end position, index of the run's first token in `rows`): the coded tokens of a row are one run
+    (padding and sink come first), so they are read and written as slices of a (batch, H, seq, d) cache instead of
+    being gathered and scattered token by token. Each run costs a few torch calls per layer."""
+    if rows.numel() == 0:
+        return []
+    rows = rows.cpu()
+    starts_run = torch.ones_like(rows, dtype=torch.bool)
+    starts_run[1:] = (rows[1:] != rows[:-1] + 1) | (rows[1:] % seq == 0)
+    firsts = starts_run.nonzero().squeeze(-1).tolist()
+    ends = firsts[1:] + [rows.numel()]
+    heads = rows[firsts].tolist()
+    return [
+        (row // seq, row % seq, row % seq + end - first, first)
+        for row, first, end in zip(heads, firsts, ends, strict=True)
+    ]
+
+
+def _rotate_into(out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> None:
+    """out = x * cos + rotate_half(x) * sin (with `inverse`, x * cos - rotate_half(x) * sin), half by half: the same
+    float ops as concatenating rotate_half(x), each half rounded once into `out`, whatever its dtype."""
+    half = x.shape[-1] // 2
+    x1, x2, cos1, cos2, sin1, sin2 = x[..., :half], x[..., half:], *cos.split(half, -1), *sin.split(half, -1)
+    first, second = (torch.add, torch.sub) if inverse else (torch.sub, torch.add)
+    first(x1 * cos1, x2 * sin1, out=out[..., :half])
+    second(x2 * cos2, x1 * sin2, out=out[..., half:])
 
 
 def flat_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -162,15 +253,27 @@ def encode_rows(
     d), each with its (key, value) coders.
 
     Keys are de-rotated with the exact (cos, sin) (batch*seq, d) they were rotated with. Per layer: key codes, key
-    scale codes, value codes, value scale codes.
+    scale codes, value codes, value scale codes. The tokens' rotary is gathered once for all layers; each layer's
+    tokens are read as slices of its cache (`token_runs`) into one head-major buffer per kind.
     """
-    return [
-        (
-            *encode_vectors(key_code, content_keys(flat_rows(k, rows), cos, sin, rows)),
-            *encode_vectors(value_code, flat_rows(v, rows)),
-        )
-        for k, v, (key_code, value_code) in zip(keys, values, coders, strict=True)
-    ]
+    if not keys:
+        return []
+    _, heads, seq, dim = keys[0].shape
+    runs = token_runs(rows, seq)
+    cos, sin = cos[rows].float(), sin[rows].float()
+    squared = cos * cos + sin * sin
+    encoded = []
+    for k, v, (key_code, value_code) in zip(keys, values, coders, strict=True):
+        content = torch.empty(heads, rows.numel(), dim, device=k.device)
+        centred_values = torch.empty_like(content)
+        for batch, start, end, first in runs:
+            tokens = slice(first, first + end - start)
+            _rotate_into(content[:, tokens], k[batch, :, start:end], cos[tokens], sin[tokens], inverse=True)
+            torch.sub(v[batch, :, start:end], _derived(value_code).mean, out=centred_values[:, tokens])
+        content /= squared  # `remove_rotary`, exact also under an attention scaling
+        content -= _derived(key_code).mean
+        encoded.append((*_encode_heads(key_code, content), *_encode_heads(value_code, centred_values)))
+    return encoded
 
 
 def decode_rows(
@@ -183,8 +286,19 @@ def decode_rows(
     out_values: Sequence[torch.Tensor],
 ) -> None:
     """Decode several layers' coded tokens into rows `rows` of their `out_keys`/`out_values` (batch, H, seq, d);
-    keys re-rotated with the consumer's (cos, sin) (batch*seq, d)."""
+    keys re-rotated with the consumer's (cos, sin) (batch*seq, d). The last op on each layer's values, and the
+    rotation of its keys, write straight into slices of the outputs (`token_runs`)."""
+    if not codes:
+        return
+    runs = token_runs(rows, out_keys[0].shape[-2])
+    cos, sin = cos[rows].float(), sin[rows].float()
     for layer, (key_code, value_code), out_k, out_v in zip(codes, coders, out_keys, out_values, strict=True):
-        keys = decode_vectors(key_code, layer.key_codes, layer.key_scales)
-        scatter_rows(out_k, rows, rotated_keys(keys, cos, sin, rows))
-        scatter_rows(out_v, rows, decode_vectors(value_code, layer.value_codes, layer.value_scales))
+        unit, scale = _decode_heads(key_code, layer.key_codes, layer.key_scales)
+        content = torch.addcmul(_derived(key_code).out_mean, unit, scale, out=unit)
+        unit, scale = _decode_heads(value_code, layer.value_codes, layer.value_scales)
+        for batch, start, end, first in runs:
+            tokens = slice(first, first + end - start)
+            _rotate_into(out_k[batch, :, start:end], content[:, tokens], cos[tokens], sin[tokens], inverse=False)
+            torch.addcmul(
+                _derived(value_code).out_mean, unit[:, tokens], scale[:, tokens], out=out_v[batch, :, start:end]
+            )

@@ -3,8 +3,22 @@
 import pytest
 import torch
 
-from hf_scd.codec import apply_rotary, decode_vectors, encode_vectors, pack_codes, remove_rotary, unpack_codes
-from hf_scd.codes import BitLayout, TransformCode, code_to_scale, scale_to_code
+from hf_scd.codec import (
+    apply_rotary,
+    content_keys,
+    decode_rows,
+    decode_vectors,
+    encode_rows,
+    encode_vectors,
+    flat_rows,
+    pack_codes,
+    remove_rotary,
+    rotated_keys,
+    scatter_rows,
+    token_runs,
+    unpack_codes,
+)
+from hf_scd.codes import BitLayout, LayerCodes, TransformCode, code_to_scale, scale_to_code
 
 
 def test_remove_rotary_inverts_apply_rotary_with_attention_scaling():
@@ -74,3 +88,61 @@ def test_a_coder_with_no_bits_emits_no_code_bytes():
     empty = BitLayout(torch.zeros(2, 4, dtype=torch.uint8))
     packed = pack_codes(torch.zeros(3, 2, 4, dtype=torch.int32), empty)
     assert packed.shape == (3, 0) and not unpack_codes(packed, empty).any()
+
+
+def _bit_by_bit(codes: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """`BitLayout`'s definition, one bit at a time: each head's codes in order, least significant bit first, each
+    head's run padded to a whole byte."""
+    rows = []
+    for token in codes:
+        out = []
+        for head_codes, head_bits in zip(token.tolist(), bits.tolist(), strict=True):
+            stream = [
+                (code >> bit) & 1 for code, width in zip(head_codes, head_bits, strict=True) for bit in range(width)
+            ]
+            stream += [0] * (-len(stream) % 8)
+            out += [sum(b << i for i, b in enumerate(stream[start : start + 8])) for start in range(0, len(stream), 8)]
+        rows.append(out)
+    return torch.tensor(rows, dtype=torch.uint8).reshape(codes.shape[0], -1)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_pack_matches_the_bit_by_bit_definition(seed):
+    generator = torch.Generator().manual_seed(seed)
+    bits = torch.randint(0, 9, (4, 24), generator=generator).to(torch.uint8)
+    bits[seed % 4] = 0  # an empty head, first, inside or last
+    layout = BitLayout(bits)
+    codes = (torch.rand(7, 4, 24, generator=generator) * torch.exp2(bits.float())).floor().to(torch.int32)
+    packed = pack_codes(codes, layout)
+    assert torch.equal(packed, _bit_by_bit(codes, bits))
+    assert torch.equal(unpack_codes(packed, layout), codes)
+
+
+def test_rows_in_several_runs_code_as_token_by_token():
+    """Rows split across batch rows and around a hole in the mask code as gathering them one by one would."""
+    torch.manual_seed(3)
+    batch, heads, seq, dim = 3, 2, 12, 16
+    mask = torch.ones(batch, seq, dtype=torch.bool)
+    mask[1, :4] = False  # left padding
+    mask[2, 5:8] = False  # a hole
+    rows = mask.reshape(-1).nonzero().squeeze(-1)
+    assert len(token_runs(rows, seq)) == 4
+    angles = torch.rand(batch * seq, dim // 2) * 20
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    keys, values = torch.randn(batch, heads, seq, dim), torch.randn(batch, heads, seq, dim)
+    key_code, value_code = _coder(4), _coder(3)
+    (got,) = encode_rows([keys], [values], cos, sin, rows, [(key_code, value_code)])
+    want = (
+        *encode_vectors(key_code, content_keys(flat_rows(keys, rows), cos, sin, rows)),
+        *encode_vectors(value_code, flat_rows(values, rows)),
+    )
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    out = torch.full((2, batch, heads, seq, dim), float("nan"))
+    empty = torch.empty(0)
+    decode_rows(
+        [LayerCodes(*got, empty, empty, empty, empty)], cos, sin, rows, [(key_code, value_code)], out[:1], out[1:]
+    )
+    expected = torch.full_like(out, float("nan"))
+    scatter_rows(expected[0], rows, rotated_keys(decode_vectors(key_code, *got[:2]), cos, sin, rows))
+    scatter_rows(expected[1], rows, decode_vectors(value_code, *got[2:]))
+    assert torch.allclose(out, expected, atol=1e-5, equal_nan=True)

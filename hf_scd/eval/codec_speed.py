@@ -1,0 +1,151 @@
+"""CPU codec throughput against the model's own prefill: can one core code K/V as fast as the model makes it?
+
+    python -m hf_scd.eval.codec_speed [--tokens 512,2048,4096] [--points 4x,8x] [--repeats 7]
+
+For SmolLM2-135M with its real artifacts, on real held-out text, one torch thread (run it pinned: `taskset -c 1`),
+the median time of: the prefill forward into an `SCDCache`; the one-shot encode (cache -> payload bytes) and decode
+(bytes -> rebuilt cache); and the streamed path, layer by layer (`Plan.encode_layer` and the frame's bytes on the
+producer, `layer_from_bytes` and `CacheRebuild.add_layer` on the consumer). Throughput is in GB/s of the bf16 K/V
+those tokens take (2 x layers x tokens x kv_heads x head_dim x 2 bytes), the prefill's too: the K/V it produces.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from ..artifacts import SCDArtifacts
+from ..cache import CacheRebuild, SCDCache
+from ..compat import with_cache
+from ..models import load_model
+from ..payload import SCDPayload, layer_from_bytes, layer_to_bytes
+from .corpus import evaluation_texts
+
+REPO = Path(__file__).resolve().parents[2]
+ARTIFACTS = REPO / "hub_artifacts" / "smollm2-135m-instruct"
+STAGES = ("encode", "decode", "stream_encode", "stream_decode")
+
+
+def median_ms(repeats: int, run: Callable[..., object], *args) -> float:
+    """Median wall time of `repeats` calls of `run(*args)` after one warm-up call."""
+    run(*args)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run(*args)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def prefilled(model, artifacts: SCDArtifacts, prompt: torch.Tensor) -> SCDCache:
+    cache = SCDCache(artifacts, model)
+    model(prompt, **with_cache(model, cache))
+    cache.close()
+    return cache
+
+
+def encode(cache: SCDCache, point: str) -> bytes:
+    return cache.encode(point).to_bytes()
+
+
+def stream_encode(cache: SCDCache, point: str) -> list[bytes]:
+    """What a `CacheSender` does per layer once the forward is done: each layer's codes as its frame's body."""
+    plan = cache.artifacts.plan(point, cache.layers[0].keys.device)
+    tokens = plan.layout(cache.record)
+    return [
+        layer_to_bytes(plan.encode_layer(index, layer.keys, layer.values, tokens))
+        for index, layer in enumerate(cache.layers)
+    ]
+
+
+def stream_decode(payload: SCDPayload, bodies: list[bytes], artifacts: SCDArtifacts, model) -> SCDCache:
+    """What `receive_cache` does with a stream: each frame's codes read, checked and decoded as it arrives."""
+    head = payload.head
+    with CacheRebuild(head, artifacts, model) as rebuild:
+        for index, body in enumerate(bodies):
+            rebuild.add_layer(index, layer_from_bytes(body, index, head.num_tokens))
+        cache = rebuild.finish()
+    cache.close()
+    return cache
+
+
+def decode(blob: bytes, artifacts: SCDArtifacts, model) -> SCDCache:
+    cache = SCDCache.from_payload(SCDPayload.from_bytes(blob), artifacts, model)
+    cache.close()
+    return cache
+
+
+def measure(args: argparse.Namespace) -> list[dict]:
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load_model("default")
+    artifacts = SCDArtifacts.from_pretrained(ARTIFACTS)
+    text = "\n\n".join(evaluation_texts())
+    all_ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    rows = []
+    for tokens in args.tokens:
+        prompt = all_ids[:, :tokens]
+        kv_bytes = tokens * artifacts.shape.bf16_bytes_per_token()
+        prefill_ms = median_ms(args.prefill_repeats, prefilled, model, artifacts, prompt)
+        cache = prefilled(model, artifacts, prompt)
+        for point in args.points:
+            blob = encode(cache, point)
+            payload = SCDPayload.from_bytes(blob)
+            bodies = stream_encode(cache, point)
+            times = {
+                "encode": median_ms(args.repeats, encode, cache, point),
+                "decode": median_ms(args.repeats, decode, blob, artifacts, model),
+                "stream_encode": median_ms(args.repeats, stream_encode, cache, point),
+                "stream_decode": median_ms(args.repeats, stream_decode, payload, bodies, artifacts, model),
+            }
+            row = {
+                "tokens": tokens,
+                "point": point,
+                "kv_bytes_bf16": kv_bytes,
+                "payload_bytes": len(blob),
+                "prefill_ms": prefill_ms,
+                "prefill_tokens_per_s": tokens / prefill_ms * 1e3,
+                "prefill_gbps": kv_bytes / prefill_ms / 1e6,
+                **{f"{stage}_ms": ms for stage, ms in times.items()},
+                **{f"{stage}_gbps": kv_bytes / ms / 1e6 for stage, ms in times.items()},
+                "threads": args.threads,
+                "repeats": args.repeats,
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown: per prompt and point, ms and GB/s of bf16-equivalent K/V for every stage, the prefill alongside."""
+    head = "| tokens | point | prefill ms (tok/s, GB/s K/V) | " + " | ".join(f"{s} ms (GB/s)" for s in STAGES) + " |"
+    lines = [head, "|" + "---:|" * (3 + len(STAGES))]
+    for row in rows:
+        prefill = f"{row['prefill_ms']:.0f} ({row['prefill_tokens_per_s']:.0f}, {row['prefill_gbps']:.3f})"
+        stages = " | ".join(f"{row[f'{s}_ms']:.1f} ({row[f'{s}_gbps']:.2f})" for s in STAGES)
+        lines.append(f"| {row['tokens']} | {row['point']} | {prefill} | {stages} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=lambda s: [int(x) for x in s.split(",")], default=[512, 2048, 4096])
+    parser.add_argument("--points", type=lambda s: s.split(","), default=["4x", "8x"])
+    parser.add_argument("--repeats", type=int, default=7, help="timed runs of each codec stage (median)")
+    parser.add_argument("--prefill-repeats", type=int, default=3, help="timed prefills per prompt (median)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--out", default="benchmarks/codec_speed_smollm2-135m-instruct.json")
+    args = parser.parse_args(argv)
+    with torch.inference_mode():
+        rows = measure(args)
+    Path(args.out).write_text(json.dumps(rows, indent=1))
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -25,7 +25,7 @@ def test_the_example_config_is_an_app_config():
     assert [route.name for route in config.routes] == ["smollm2-135m-instruct", "smollm2-135m-instruct-stdlib"]
     for route in config.routes:  # relative folders are made absolute: replicas need not share the working directory
         assert Path(route.artifacts).is_absolute() and (Path(route.artifacts) / "config.json").exists()
-    assert config.prefill.deployment_options("Prefill")["ray_actor_options"] == {"num_cpus": 1, "num_gpus": 0}
+    assert config.prefill.deployment_options("Prefill")["ray_actor_options"] == {"num_cpus": 0.5, "num_gpus": 0}
 
 
 def test_wrong_configs_are_refused_with_what_is_wrong(monkeypatch):

@@ -23,7 +23,9 @@ class _Strict(BaseModel):
 
 class Resources(_Strict):
     """One deployment's replicas and what each may use. `torch_threads` bounds torch's intra-op threads, so replicas
-    sharing a machine do not oversubscribe its cores (None: torch's default). `resources` are Ray custom resources,
+    sharing a machine do not oversubscribe its cores (None: torch's default). `cpu_affinity` pins each replica's
+    process to those CPUs (Linux): Ray counts CPUs but does not isolate them, so co-located replicas that must not
+    share cores, as in the load check's "two one-core machines", say so here. `resources` are Ray custom resources,
     to place a deployment on the nodes that declare them (`ray start --resources '{"prefill": 1}'`)."""
 
     num_replicas: int = Field(1, ge=1)
@@ -31,6 +33,7 @@ class Resources(_Strict):
     num_gpus: float = Field(0.0, ge=0)
     resources: dict[str, float] = Field(default_factory=dict)
     torch_threads: int | None = Field(None, ge=1)
+    cpu_affinity: list[int] | None = None
     max_ongoing_requests: int = Field(8, ge=1)
 
     def deployment_options(self, name: str) -> dict:

@@ -55,8 +55,16 @@ def _in_thread(fn, *args, **kwargs) -> asyncio.Future:
     return future
 
 
+def _pin(cpus: list[int]) -> None:
+    """Pin every thread of this process, and so every thread it starts later, to `cpus`."""
+    for thread in os.listdir("/proc/self/task"):
+        os.sched_setaffinity(int(thread), cpus)
+
+
 def _load(name: str, resources: Resources):
-    """(model, tokenizer) on this replica's device, with torch's threads bounded as configured."""
+    """(model, tokenizer) on this replica's device, with torch's threads and the process's CPUs as configured."""
+    if resources.cpu_affinity:
+        _pin(resources.cpu_affinity)
     if resources.torch_threads:
         torch.set_num_threads(resources.torch_threads)
     model, tokenizer = load_model(name)

@@ -128,6 +128,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--channels", nargs="+", default=["tcp", "object_store"], choices=["tcp", "object_store"])
     parser.add_argument("--point", help="operating point (default: the artifacts' default)")
     parser.add_argument("--torch-threads", type=int, default=1, help="torch threads per replica")
+    parser.add_argument(
+        "--no-pin",
+        dest="pin",
+        action="store_false",
+        help="leave replicas unpinned (default: prefill on CPU 0, decode on CPU 1, two one-core machines)",
+    )
     parser.add_argument("--address", help="an existing Ray cluster; default: start one on this machine")
     parser.add_argument("--port", type=int, default=8123)
     parser.add_argument("--json", type=Path, help="write the rows here")
@@ -151,14 +157,18 @@ def main(argv: list[str] | None = None) -> None:
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     url = f"http://127.0.0.1:{args.port}/v1/completions"
     replica = {"num_cpus": 0, "torch_threads": args.torch_threads, "max_ongoing_requests": max(args.concurrency)}
+    # Two one-core machines: the prefill replica on the first CPU, the decode replica on the second.
+    pinned = args.pin and len(os.sched_getaffinity(0)) >= 2
+    prefill_cpus, decode_cpus = ([0], [1]) if pinned else (None, None)
     rows: list[Row] = []
     try:
         for index, channel in enumerate(args.channels):
-            route = AppConfig().routes[0].model_dump() | {"decode": replica, "point": args.point}
+            decode = replica | {"cpu_affinity": decode_cpus}
+            route = AppConfig().routes[0].model_dump() | {"decode": decode, "point": args.point}
             config = AppConfig.model_validate(
                 {
                     "routes": [route],
-                    "prefill": replica,
+                    "prefill": replica | {"cpu_affinity": prefill_cpus},
                     "ingress": {"num_cpus": 0, "max_ongoing_requests": 4 * max(args.concurrency)},
                     "transport": {"channel": channel, "timeout_s": 120},
                     "max_prompt_tokens": args.prompt_tokens + 64,
@@ -178,7 +188,8 @@ def main(argv: list[str] | None = None) -> None:
         serve.shutdown()
         ray.shutdown()
     print()
-    threads = f"{args.torch_threads} torch thread(s) a replica"
+    placement = ", prefill on CPU 0, decode on CPU 1" if pinned else ", unpinned"
+    threads = f"{args.torch_threads} torch thread(s) a replica{placement}"
     print(f"{args.prompt_tokens}-token prompts, {args.max_tokens} new tokens, {threads}")
     print(format_table(rows))
     if args.json:

@@ -118,6 +118,9 @@ def test_link_policy_follows_cachegen_rule():
     policy = LinkPolicy(6000, 1e4, 4000, 200)
     policy.observe(TransferReport(tokens=1000, wire_bytes=6_000_000, wire_ms=48.0, decode_ms=250.0))
     assert policy.link_bytes_per_s > 1e4 and policy.choose(2048) == "transfer"
+    # What every transfer costs, whatever its length: a few tokens prefill sooner than they arrive.
+    policy = LinkPolicy(6000, 1.25e8, 4000, 2000, fixed_ms=50.0)
+    assert policy.choose(4) == "prefill" and policy.choose(2048) == "transfer"
 
 
 # ---- real processes ---------------------------------------------------------------------------------------------

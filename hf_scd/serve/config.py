@@ -90,9 +90,11 @@ class Transport(_Strict):
 
 class Policy(_Strict):
     """When a decode replica asks for a transfer at all (`hf_scd.transport.LinkPolicy`): the starting estimates, which
-    each finished request then updates. `enabled=False` always transfers."""
+    each finished request then updates, and `fixed_ms`, what any transfer costs whatever its length (a Serve call,
+    the producer's forward starting, the head frame). `enabled=False` always transfers."""
 
     enabled: bool = True
+    fixed_ms: float = Field(50.0, ge=0)
     link_gbit_s: float = Field(1.0, gt=0)
     decode_tokens_per_s: float = Field(20_000.0, gt=0)
     prefill_tokens_per_s: float = Field(2_000.0, gt=0)

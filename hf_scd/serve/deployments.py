@@ -222,6 +222,7 @@ class Decode:
             decode_tokens_per_s=policy.decode_tokens_per_s,
             prefill_tokens_per_s=policy.prefill_tokens_per_s,
             enabled=policy.enabled,
+            fixed_ms=policy.fixed_ms,
         )
         self.metrics = _Metrics(self.route.name)
         eos = self.model.generation_config.eos_token_id

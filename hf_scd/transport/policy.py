@@ -14,7 +14,9 @@ class LinkPolicy:
 
     `wire_bytes_per_token` is what the operating point ships per token (all layers, headers included);
     `link_bytes_per_s` the link's measured rate; `decode_tokens_per_s` and `prefill_tokens_per_s` this machine's
-    rebuild and prefill speeds. `enabled=False` always transfers. `smoothing` is the weight of a new observation.
+    rebuild and prefill speeds. `fixed_ms` is what any transfer costs whatever its length (asking the producer,
+    its forward's start, the head frame): without it a prompt of a few tokens looks cheap to transfer, and is not.
+    `enabled=False` always transfers. `smoothing` is the weight of a new observation.
     """
 
     wire_bytes_per_token: float
@@ -23,9 +25,11 @@ class LinkPolicy:
     prefill_tokens_per_s: float
     enabled: bool = True
     smoothing: float = 0.3
+    fixed_ms: float = 0.0
 
     def predicted_transfer_ms(self, tokens: int) -> float:
-        return 1e3 * tokens * (self.wire_bytes_per_token / self.link_bytes_per_s + 1 / self.decode_tokens_per_s)
+        per_token_s = self.wire_bytes_per_token / self.link_bytes_per_s + 1 / self.decode_tokens_per_s
+        return self.fixed_ms + 1e3 * tokens * per_token_s
 
     def predicted_prefill_ms(self, tokens: int) -> float:
         return 1e3 * tokens / self.prefill_tokens_per_s

@@ -210,7 +210,15 @@ class SCDArtifacts(
         """The metric a fidelity check weighs this model's errors in (built once per weights and device)."""
         fidelity = self.config.fidelity
         if fidelity is None:
-            raise OperatingPointError(f"the {self.describe()} artifacts carry no fidelity map")
+            remedy = (
+                "a pair's producer never holds the consumer's exact K/V to measure against"
+                if self.is_pair
+                else "re-run `hf-scd calibrate` or `python scripts/add_fidelity_map.py FOLDER`"
+            )
+            raise OperatingPointError(
+                f"the {self.describe()} artifacts carry no fidelity map, so a request's KL cannot be predicted: "
+                f"{remedy}"
+            )
         cache_key = (handle.fingerprint, str(device))
         if cache_key not in self._metrics:
             energy = [torch.tensor(layer) for layer in fidelity.query_energy]

@@ -1,6 +1,11 @@
 """Typed errors: every way a payload, an artifact or a model can be wrong has its own class; and the one warning."""
 
 
+def describe(error: BaseException) -> str:
+    """ "Type: message": how a report's fallback reason and a producer's ABORT frame name a failure."""
+    return f"{type(error).__name__}: {error}"
+
+
 class SCDError(Exception):
     """Base class of every error hf-scd raises on purpose."""
 

@@ -121,23 +121,13 @@ def check_point(
 ) -> PointChoice:
     """`point`'s codes for this cache and the KL they are predicted to cost: encoded once, decoded once, the
     distortion against `kv` measured in the metric. A batch is judged by its worst row."""
-    fidelity = artifacts.config.fidelity
-    if fidelity is None:
-        remedy = (
-            "a pair's producer never holds the consumer's exact K/V to measure against"
-            if artifacts.is_pair
-            else "re-run `hf-scd calibrate` or `python scripts/add_fidelity_map.py FOLDER`"
-        )
-        raise OperatingPointError(
-            f"the {artifacts.describe()} artifacts carry no fidelity map, so a request's KL cannot be predicted: "
-            f"{remedy}"
-        )
     device, dtype = kv[0][0].device, kv[0][0].dtype
+    metric = artifacts.distortion_metric(handle, device)  # refuses artifacts without a map before any coding
     plan = artifacts.plan(point, device)
     layers = plan.encode(kv, record, patch_input)
     rebuilt = plan.finish(plan.decode_layers(layers, record, handle, dtype), record, handle)
-    worst = float(artifacts.distortion_metric(handle, device).distortion(kv, rebuilt, record.attention_mask).max())
-    predicted = predict_kl(fidelity, worst)
+    worst = float(metric.distortion(kv, rebuilt, record.attention_mask).max())
+    predicted = predict_kl(artifacts.config.fidelity, worst)
     return PointChoice(point, predicted, layers, {point: predicted})
 
 

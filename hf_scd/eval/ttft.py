@@ -327,6 +327,12 @@ def arm_name(arm: dict) -> str:
     return f"scd-{arm['point']}" if arm["method"] == "scd" else arm["method"]
 
 
+def percentile(values: list[float], q: float) -> float:
+    """The nearest-rank `q` quantile of a few timings (no interpolation: a reported p90 is a run that happened)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
 def drive(args) -> None:
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model("default")
@@ -356,7 +362,7 @@ def drive(args) -> None:
                         run_arm(args, model, artifacts, prompt, request, gbps_app, oracle)
                     runs = [run_arm(args, model, artifacts, prompt, request, gbps_app, oracle)
                             for _ in range(args.repeats)]  # fmt: skip
-                    ttfts = sorted(run["ttft_ms"] for run in runs)
+                    ttfts = [run["ttft_ms"] for run in runs]
                     row = {
                         "scenario": scenario if arm["method"] != "prefill" else "any",
                         "method": arm_name(arm),
@@ -365,7 +371,7 @@ def drive(args) -> None:
                         "measured_gbps": measured if arm["method"] != "prefill" else None,
                         "tokens": tokens,
                         "ttft_ms": statistics.median(ttfts),
-                        "ttft_p90_ms": ttfts[min(len(ttfts) - 1, round(0.9 * (len(ttfts) - 1)))],
+                        "ttft_p90_ms": percentile(ttfts, 0.9),
                         **{k: statistics.median(run[k] for run in runs)
                            for k in ("wire_bytes", "prefill_ms", "encode_ms", "wire_ms", "decode_ms", "first_step_ms")},
                         "first_token_match": all(run["first_token_match"] for run in runs),

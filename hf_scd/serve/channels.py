@@ -18,6 +18,7 @@ import asyncio
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+from ..errors import describe
 from ..transport import ChunkLink, Link, TCPListener
 from .config import Transport
 
@@ -38,10 +39,6 @@ class Ticket:
 
     host: str
     port: int
-
-
-def _reason(error: BaseException) -> str:
-    return f"{type(error).__name__}: {error}"
 
 
 class Channel(ABC):
@@ -95,7 +92,7 @@ class TCPChannel(Channel):
                 call.cancel()
                 raise
             except Exception as error:
-                link.abort(_reason(error))
+                link.abort(describe(error))
 
         return link, asyncio.create_task(watch())
 

@@ -21,7 +21,7 @@ from transformers.generation.streamers import BaseStreamer
 from ..artifacts import SCDArtifacts
 from ..cache import SCDCache
 from ..compat import with_cache
-from ..errors import ArtifactMismatchError, RequestError
+from ..errors import ArtifactMismatchError, RequestError, describe
 from ..models import load_model
 from ..prefill import prefill
 from ..transport import CacheSender, ChunkLink, LinkPolicy, TCPLink, TransferReport, receive_cache
@@ -71,12 +71,6 @@ def _load(name: str, resources: Resources):
     if resources.num_gpus > 0 and torch.cuda.is_available():
         model.to("cuda")
     return model, tokenizer
-
-
-def bf16_bytes(artifacts: SCDArtifacts, tokens: int) -> int:
-    """What `tokens` tokens of K/V cost raw in bf16: the reference every transfer is measured against."""
-    shape = artifacts.shape
-    return 2 * shape.num_layers * tokens * shape.num_kv_heads * shape.head_dim * 2
 
 
 @serve.deployment
@@ -132,7 +126,7 @@ class Prefill:
                     raise RequestError(f"a prefill job holds 1 to {self.config.max_prompt_tokens} tokens")
                 cache = SCDCache(artifacts, self.model, point=job.point)
             except Exception as error:  # before the stream began: say why, rather than only hang up
-                link.send(json_frame(Kind.ABORT, {"reason": f"{type(error).__name__}: {error}"}))
+                link.send(json_frame(Kind.ABORT, {"reason": describe(error)}))
                 raise
             cache.layer_listeners.append(self._count_layer)
             ids = torch.tensor([job.input_ids], device=self.model.device)
@@ -217,7 +211,7 @@ class Decode:
         self.channel = CHANNELS[config.transport.channel](prefill_handle, config.transport)
         policy = config.policy
         self.policy = LinkPolicy(
-            wire_bytes_per_token=bf16_bytes(self.artifacts, 1) / self.point.ratio_vs_bf16,
+            wire_bytes_per_token=self.artifacts.shape.bf16_bytes_per_token() / self.point.ratio_vs_bf16,
             link_bytes_per_s=policy.link_gbit_s * 1e9 / 8,
             decode_tokens_per_s=policy.decode_tokens_per_s,
             prefill_tokens_per_s=policy.prefill_tokens_per_s,
@@ -316,13 +310,13 @@ class Decode:
         return received.cache, received.report
 
     def _transfer_usage(self, report: TransferReport, tokens: int) -> dict:
-        raw = bf16_bytes(self.artifacts, max(tokens, 0))
+        raw = tokens * self.artifacts.shape.bf16_bytes_per_token()
         return {
             "outcome": report.outcome,
             "fallback_reason": report.fallback_reason,
             "channel": self.channel.name,
             "operating_point": report.operating_point if report.outcome == "transferred" else None,
-            "tokens": max(tokens, 0),
+            "tokens": tokens,
             "wire_bytes": report.wire_bytes,
             "bf16_bytes": raw,
             "ratio_vs_bf16": raw / report.wire_bytes if report.wire_bytes and report.outcome == "transferred" else None,
@@ -420,7 +414,7 @@ class Ingress:
         except Exception as error:
             cause = _unwrap(error)
             if isinstance(cause, RequestError):
-                raise RequestError(str(cause), cause.status, cause.code) from None
+                raise cause from None
             raise
         reply = Reply(request.model, chat)
         if request.stream:
@@ -434,7 +428,8 @@ class Ingress:
 
     async def _stream(self, reply: Reply, first: dict, events, include_usage: bool):
         try:
-            yield reply.chunk(first=True) if reply.chat else ""
+            if reply.chat:
+                yield reply.chunk(first=True)
             async for event in events:
                 if "text" in event:
                     yield reply.chunk(event["text"])
@@ -443,8 +438,7 @@ class Ingress:
                     if include_usage:
                         yield reply.usage_chunk(self._usage(first, event))
         except Exception as error:  # the status line is gone: say it in the stream
-            cause = _unwrap(error)
-            yield sse(error_body(f"{type(cause).__name__}: {cause}", "generation_failed", "server_error"))
+            yield sse(error_body(describe(_unwrap(error)), "generation_failed", "server_error"))
         yield sse("[DONE]")
 
     @staticmethod

@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..eval.ttft import percentile
 from .config import AppConfig
 
 
@@ -37,11 +38,6 @@ class Row:
     fallbacks: int
     wire_mb: float
     bf16_mb: float
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def _stream_one(url: str, body: dict) -> tuple[float, dict]:
@@ -101,7 +97,7 @@ def run_arm(load: Load, arm: str, kv_transfer: str, concurrency: int, count: int
         requests_per_s=count / seconds,
         tokens_per_s=sum(usage["completion_tokens"] for usage in usages) / seconds,
         ttft_p50_ms=statistics.median(ttfts),
-        ttft_p90_ms=_percentile(ttfts, 0.9),
+        ttft_p90_ms=percentile(ttfts, 0.9),
         fallbacks=sum(t["outcome"] != "transferred" for t in transfers) if kv_transfer != "never" else 0,
         wire_mb=sum(t["wire_bytes"] for t in transfers) / count / 1e6,
         bf16_mb=sum(t["bf16_bytes"] for t in transfers) / count / 1e6,

@@ -19,7 +19,7 @@ from datetime import timedelta
 
 import torch
 
-from ..errors import ConnectionLostError, CorruptPayloadError, PayloadLimitError, TransferTimeoutError
+from ..errors import ConnectionLostError, CorruptPayloadError, PayloadLimitError, TransferTimeoutError, describe
 from .frames import HEADER_BYTES, Frame, FrameCodec, Kind
 
 DEFAULT_SEND_TIMEOUT_S = 60.0
@@ -253,7 +253,7 @@ class ChunkLink(Link):
             if item is None:
                 self._ended = ConnectionLostError(f"the stream ended {len(self._buffer)} bytes into a {size}-byte read")
             elif isinstance(item, BaseException):
-                self._ended = ConnectionLostError(f"the engine lost the producer: {type(item).__name__}: {item}")
+                self._ended = ConnectionLostError(f"the engine lost the producer: {describe(item)}")
                 self._ended.__cause__ = item
             else:
                 self._buffer += item

@@ -25,7 +25,7 @@ import torch
 from transformers import Cache
 
 from ..cache import CacheRebuild, SCDCache
-from ..errors import CacheStateError, ProducerAbortedError, SCDError, TransferError
+from ..errors import CacheStateError, ProducerAbortedError, SCDError, TransferError, describe
 from ..payload import PayloadHead, SCDPayload, layer_from_bytes, layer_to_bytes
 from ..plan import DEFAULT_MAX_KV_BYTES
 from ..prefill import prefill
@@ -148,8 +148,7 @@ class CacheSender:
                 timings = {"encode_ms": self.report.encode_ms, "prefill_ms": self.report.prefill_ms}
                 self._send.put(json_frame(Kind.END, {"layers": self.report.layers, **timings}))
         if exc is not None or self._errors:
-            reason = f"{type(exc or self._errors[0]).__name__}: {exc or self._errors[0]}"
-            self._send.put(json_frame(Kind.ABORT, {"reason": reason}))
+            self._send.put(json_frame(Kind.ABORT, {"reason": describe(exc or self._errors[0])}))
         self._send.put(None)
         self._threads[1].join()
         if self._errors and exc is None:
@@ -272,7 +271,7 @@ def receive_cache(
             raise
         if not isinstance(error, SCDError | OSError):
             warnings.warn(f"hf-scd transfer failed unexpectedly ({error!r}); prefilling locally", stacklevel=2)
-        report.outcome, report.fallback_reason = "prefilled", f"{type(error).__name__}: {error}"
+        report.outcome, report.fallback_reason = "prefilled", describe(error)
         prefill_start = time.perf_counter()
         with torch.inference_mode():
             cache = prefill(model, input_ids, attention_mask)
@@ -305,7 +304,7 @@ class _Caps:
         if input_ids is None:  # unknown prefix: the consumer's K/V budget bounds it
             return cls(min(max_kv_bytes, MAX_HEAD_BYTES), max_kv_bytes, max_kv_bytes)
         # A known prefix: 9 bytes of ids, positions and mask per token; a payload never exceeds the raw bf16 K/V.
-        raw = 2 * shape.num_layers * input_ids.numel() * shape.num_kv_heads * shape.head_dim * 2
+        raw = input_ids.numel() * shape.bf16_bytes_per_token()
         return cls(9 * input_ids.numel() + MAX_JSON_FRAME_BYTES, min(max_kv_bytes, raw + (1 << 20)), max_kv_bytes)
 
 
@@ -349,12 +348,9 @@ def _receive(
             decode_start = time.perf_counter()
             cache = rebuild.finish()
             report.decode_ms += _ms(decode_start)
-    report.operating_point, report.tokens, report.predicted_kl = (
-        head.operating_point,
-        head.num_tokens,
-        head.predicted_kl,
-    )
-    report.raw_bytes = 2 * shape.num_layers * head.num_tokens * shape.num_kv_heads * shape.head_dim * 2
+    report.operating_point, report.predicted_kl = head.operating_point, head.predicted_kl
+    report.tokens = head.num_tokens
+    report.raw_bytes = head.num_tokens * shape.bf16_bytes_per_token()
     report.wire_bytes = link.bytes_received - received_before
     return cache, head
 

@@ -222,6 +222,20 @@ def test_streaming_returns_the_same_tokens(cluster, smollm2):
     assert status == 200 and streamed == reply["choices"][0]["message"]["content"]
 
 
+def test_a_request_may_ask_for_no_transfer(cluster, smollm2):
+    model, tokenizer = smollm2
+    prompt = _prompts(tokenizer, 1, 200)[0]
+    transfer = (reply := _completion(cluster, prompt, kv_transfer="never"))["usage"]["hf_scd"]
+    assert (transfer["outcome"], transfer["fallback_reason"], transfer["wire_bytes"]) == (
+        "prefilled",
+        "asked for no transfer",
+        0,
+    )
+    assert transfer["prefill_ms"] > 0 and transfer["tokens"] == len(tokenizer(prompt)["input_ids"]) - 1
+    oracle, _ = _oracle(model, _ids(tokenizer, prompt))  # the decode replica's own prefill: the oracle exactly
+    assert reply["choices"][0]["text"] == tokenizer.decode(oracle, skip_special_tokens=True)
+
+
 def test_stop_strings_end_the_text(cluster, smollm2):
     _, tokenizer = smollm2
     prompt = _prompts(tokenizer, 1, 200)[0]

@@ -23,9 +23,9 @@ from ..cache import SCDCache
 from ..compat import with_cache
 from ..errors import ArtifactMismatchError, RequestError, describe
 from ..models import load_model
-from ..prefill import prefill
 from ..transport import CacheSender, ChunkLink, LinkPolicy, TCPLink, TransferReport, receive_cache
 from ..transport.frames import Kind, json_frame
+from ..transport.stream import prefill_instead
 from .channels import CHANNELS, PrefillJob, Ticket
 from .config import AppConfig, Resources
 from .openai import ChatRequest, CompletionRequest, Generation, Reply, error_body, generation, sse, usage
@@ -294,11 +294,10 @@ class Decode:
             return None, TransferReport(outcome="prefilled", fallback_reason="the prompt is one token: no cache")
         choice = {"always": "transfer", "never": "prefill"}.get(kv_transfer) or self.policy.choose(tokens)
         if choice == "prefill":
-            start = time.perf_counter()
-            cache = await _in_thread(_prefill, self.model, prefix)
             reason = "asked for no transfer" if kv_transfer == "never" else "the link policy predicts prefill sooner"
-            report = TransferReport(outcome="prefilled", fallback_reason=reason, tokens=tokens)
-            report.prefill_ms = report.total_ms = (time.perf_counter() - start) * 1e3
+            report = TransferReport()
+            cache = await _in_thread(prefill_instead, report, self.model, prefix, None, reason)
+            report.total_ms = report.prefill_ms
             return cache, report
         job = PrefillJob(self.route.name, prefix[0].tolist(), self.point.name)
         link, call = self.channel.open(job)
@@ -345,11 +344,6 @@ class Decode:
         except BaseException:
             streamer.end()
             raise
-
-
-def _prefill(model, prefix: torch.Tensor):
-    with torch.inference_mode():
-        return prefill(model, prefix, None)
 
 
 api = FastAPI(title="hf-scd", description="OpenAI-style completions over disaggregated prefill and decode.")

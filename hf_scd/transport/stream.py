@@ -271,17 +271,29 @@ def receive_cache(
             raise
         if not isinstance(error, SCDError | OSError):
             warnings.warn(f"hf-scd transfer failed unexpectedly ({error!r}); prefilling locally", stacklevel=2)
-        report.outcome, report.fallback_reason = "prefilled", describe(error)
-        prefill_start = time.perf_counter()
-        with torch.inference_mode():
-            cache = prefill(model, input_ids, attention_mask)
-        report.prefill_ms = _ms(prefill_start)
-        report.tokens = int(input_ids.numel() if attention_mask is None else attention_mask.sum())
-        head = None
+        cache, head = prefill_instead(report, model, input_ids, attention_mask, describe(error)), None
     report.total_ms = _ms(start)
     ids = head.input_ids if head is not None else input_ids
     mask = cache.attention_mask if isinstance(cache, SCDCache) else attention_mask
     return Received(cache, ids, mask, report)
+
+
+def prefill_instead(
+    report: TransferReport,
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    reason: str,
+) -> Cache:
+    """The consumer's own cache of the prefix, `report` saying so and why: a failed transfer's fallback, or a
+    transfer not made at all."""
+    report.outcome, report.fallback_reason = "prefilled", reason
+    start = time.perf_counter()
+    with torch.inference_mode():
+        cache = prefill(model, input_ids, attention_mask)
+    report.prefill_ms = _ms(start)
+    report.tokens = int(input_ids.numel() if attention_mask is None else attention_mask.sum())
+    return cache
 
 
 def _check_prefix(head: PayloadHead, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:

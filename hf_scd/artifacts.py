@@ -3,8 +3,9 @@
 ``config.json`` says which model (architecture, KV shape, weight fingerprint) the artifacts were fitted on, what the
 fit probe measured on it (same-model artifacts), how many leading tokens ship exactly, and lists the operating points
 of the plan; ``codec.safetensors`` holds, stacked
-over (layer, K/V), the means, encoder and decoder matrices and quantizer steps, and per operating point the bit
-allocation of every component; ``README.md`` is the model card. Loading checks the tensors against the hash the
+over (Reuse unit, K/V), the means, encoder matrices (and, across variants, decoder matrices: a model's own decoder is
+its encoder's inverse, derived on load) and quantizer steps, and per operating point the bit allocation of every
+component; ``README.md`` is the model card. Loading checks the tensors against the hash the
 config records.
 """
 
@@ -27,7 +28,7 @@ from .codes import MAX_BITS, TransformCode
 from .errors import ArtifactError, ArtifactFitWarning, ArtifactMismatchError, OperatingPointError
 from .fidelity import DistortionMetric
 from .patch import Aligner
-from .plan import ALL_TOKENS, PatchLayer, Plan, ReuseLayer, SinkPolicy
+from .plan import ALL_TOKENS, PatchLayer, Plan, ReuseUnit, SinkPolicy
 from .probe import fit_verdict
 from .schema import ARTIFACTS_FORMAT_VERSION, EXACT_POINT, KINDS, ArtifactsConfig, OperatingPoint, TensorKeys
 
@@ -51,6 +52,7 @@ class SCDArtifacts(
         self.points = list(config.operating_points)
         self._plans: dict[tuple[str, str], Plan] = {}
         self._metrics: dict[tuple[str, str], DistortionMetric] = {}
+        self.coders = _coder_matrices(tensors)
 
     # ---- identity ---------------------------------------------------------------------------------------------
 
@@ -197,12 +199,13 @@ class SCDArtifacts(
             coders = self.config.default_point if point == EXACT_POINT else point
             if point == EXACT_POINT:
                 sink = SinkPolicy(exact=ALL_TOKENS)
-            layers = tuple(
-                self._patch_layer(coders, layer, device)
-                if layer in patch_layers
-                else self._reuse_layer(coders, layer, device)
-                for layer in range(self.shape.num_layers)
-            )
+            layers: list[ReuseUnit | PatchLayer] = []
+            for unit, members in enumerate(self.config.codec.units(self.shape.num_layers)):
+                if set(members) <= set(patch_layers):  # a Patch layer is a unit of one layer (config checks)
+                    layers.append(self._patch_layer(coders, members[0], device))
+                else:
+                    layers.extend([self._reuse_unit(coders, unit, members, device)] * len(members))
+            layers = tuple(layers)
             self._plans[cache_key] = Plan(point, layers, sink, (self.shape.num_kv_heads, self.shape.head_dim))
         return self._plans[cache_key]
 
@@ -225,20 +228,21 @@ class SCDArtifacts(
             self._metrics[cache_key] = DistortionMetric.of(energy, fidelity.layer_weights, handle, device)
         return self._metrics[cache_key]
 
-    def _reuse_layer(self, point: str, layer: int, device: torch.device | str) -> ReuseLayer:
+    def _reuse_unit(self, point: str, unit: int, members: tuple[int, ...], device: torch.device | str) -> ReuseUnit:
         bits = self.tensors[TensorKeys.bits(point)]
+        coders = self.coders
         key, value = (
             TransformCode(
-                mean=self.tensors["mean"][layer, index],
-                encoder=self.tensors["encoder"][layer, index],
-                decoder=self.tensors["decoder"][layer, index],
-                steps=self.tensors["steps"][layer, index],
-                bits=bits[layer, index],
-                out_mean=self.tensors["out_mean"][layer, index] if "out_mean" in self.tensors else None,
+                mean=self.tensors["mean"][unit, index],
+                encoder=coders["encoder"][unit, index],
+                decoder=coders["decoder"][unit, index],
+                steps=self.tensors["steps"][unit, index],
+                bits=bits[unit, index],
+                out_mean=self.tensors["out_mean"][unit, index] if "out_mean" in self.tensors else None,
             ).to(device)
             for index in range(len(KINDS))
         )
-        return ReuseLayer(key, value)
+        return ReuseUnit(members, key, value)
 
     def _patch_layer(self, point: str, layer: int, device: torch.device | str) -> PatchLayer:
         slot = self.patch_candidates.index(layer)
@@ -328,12 +332,15 @@ def _check_tensors(config: ArtifactsConfig, tensors: dict[str, torch.Tensor]) ->
     """The tensors every operating point needs, with the shapes, dtypes and values a plan can run on: finite
     matrices, bits of at most MAX_BITS, and a positive quantizer step for every bit width a point uses."""
 
-    def need(key: str, shape: tuple[int | None, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def need(
+        key: str, shape: tuple[int | None, ...], dtype: torch.dtype | tuple[torch.dtype, ...] = torch.float32
+    ) -> torch.Tensor:
         tensor = tensors.get(key)
         if tensor is None:
             raise ArtifactError(f"{TENSORS_FILE} has no tensor {key!r}")
         expected = tuple(t if s is None else s for s, t in zip(shape, tensor.shape, strict=False))
-        if tensor.dtype != dtype or tensor.ndim != len(shape) or tuple(tensor.shape) != expected:
+        dtypes = dtype if isinstance(dtype, tuple) else (dtype,)
+        if tensor.dtype not in dtypes or tensor.ndim != len(shape) or tuple(tensor.shape) != expected:
             raise ArtifactError(
                 f"{TENSORS_FILE}: {key} is {tensor.dtype} {tuple(tensor.shape)}, expected {dtype} {shape}"
             )
@@ -351,13 +358,18 @@ def _check_tensors(config: ArtifactsConfig, tensors: dict[str, torch.Tensor]) ->
             raise ArtifactError(f"{TENSORS_FILE}: {key} uses a bit width whose quantizer step is not positive")
 
     shape = config.model.shape
-    layers, heads, dim = shape.num_layers, shape.num_kv_heads, shape.head_dim
-    need("mean", (layers, len(KINDS), heads, dim))
+    units = len(config.codec.units(shape.num_layers))
+    blocks, block_width = config.codec.blocks(shape)
+    need("mean", (units, len(KINDS), blocks, block_width))
     if "out_mean" in tensors:
-        need("out_mean", (layers, len(KINDS), heads, dim))
-    width = need("encoder", (layers, len(KINDS), heads, dim, None)).shape[-1]
-    need("decoder", (layers, len(KINDS), heads, width, dim))
-    steps = need("steps", (layers, len(KINDS), MAX_BITS + 1))
+        need("out_mean", (units, len(KINDS), blocks, block_width))
+    encoder = need("encoder", (units, len(KINDS), blocks, block_width, None), (torch.float32, torch.float16))
+    width = encoder.shape[-1]
+    if "decoder" in tensors:
+        need("decoder", (units, len(KINDS), blocks, width, block_width))
+    elif "out_mean" in tensors or width != block_width:
+        raise ArtifactError(f"{TENSORS_FILE} has no tensor 'decoder', and its encoders have no inverse to stand in")
+    steps = need("steps", (units, len(KINDS), MAX_BITS + 1))
     patched = any(point.patch_layers for point in config.operating_points)
     if patched:
         candidates = need(TensorKeys.PATCH_LAYERS, (None,), torch.int64)
@@ -368,7 +380,7 @@ def _check_tensors(config: ArtifactsConfig, tensors: dict[str, torch.Tensor]) ->
         need(TensorKeys.patch("decoder"), (count, 1, code_width, hidden))
         patch_steps = need(TensorKeys.patch("steps"), (count, MAX_BITS + 1))
     for point in config.operating_points:
-        check_bits(TensorKeys.bits(point.name), (layers, len(KINDS), heads, width), steps)
+        check_bits(TensorKeys.bits(point.name), (units, len(KINDS), blocks, width), steps)
         if point.patch_layers:
             if not set(point.patch_layers) <= set(candidates.tolist()):
                 raise ArtifactError(f"point {point.name} patches layers {point.patch_layers} with no Patch coder")
@@ -376,6 +388,19 @@ def _check_tensors(config: ArtifactsConfig, tensors: dict[str, torch.Tensor]) ->
     for key, tensor in tensors.items():
         if key.startswith("aligner.") and not bool(tensor.isfinite().all()):
             raise ArtifactError(f"{TENSORS_FILE}: {key} has non-finite values")
+
+
+def _coder_matrices(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The Reuse coders' encoder and decoder matrices in float32 (units, K/V, blocks, ...): a model's own decoder is
+    its encoder's inverse, computed on load in float64 rather than stored."""
+    encoder = tensors["encoder"].float()
+    decoder = tensors.get("decoder")
+    if decoder is None:
+        inverse, info = torch.linalg.inv_ex(encoder.double())
+        decoder = inverse.float()
+        if bool((info != 0).any()) or not bool(decoder.isfinite().all()):
+            raise ArtifactError(f"{TENSORS_FILE}: an encoder is singular, so it has no decoder")
+    return {"encoder": encoder, "decoder": decoder}
 
 
 def _looks_like_a_path(model_id: str) -> bool:

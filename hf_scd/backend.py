@@ -1,5 +1,8 @@
-"""Codes all Reuse layers of a cache at once, on the Triton kernels for CUDA tensors and the torch reference
+"""Codes all Reuse units of a cache at once, on the Triton kernels for CUDA tensors and the torch reference
 (`codec.py`) otherwise. The only module that imports the kernels: the choice between the two is made here alone.
+
+The kernels code units of one layer with per-head blocks (cross-variant artifacts); joint units of several layers
+take the reference on every device.
 """
 
 from __future__ import annotations
@@ -11,11 +14,18 @@ import torch
 from . import codec
 from .codes import CoderPair, LayerCodes
 
+KV = tuple[torch.Tensor, torch.Tensor]
 
-def _row_coder(reference, x: torch.Tensor, rows: torch.Tensor):
-    """The Triton kernel standing in for `reference` (`encode_rows` / `decode_rows`) on CUDA tensors, else itself;
-    itself too when there are no `rows` to code (every token exact), which needs no launch."""
-    if x.is_cuda and rows.numel():
+
+def _row_coder(reference, x: torch.Tensor, rows: torch.Tensor, units: Sequence[Sequence], coders: Sequence[CoderPair]):
+    """The Triton kernel standing in for `reference` (`encode_rows` / `decode_rows`) on CUDA tensors (x, a layer's
+    (batch, H, seq, d)) of units of one layer coded per head, else itself; itself too when there are no `rows` to
+    code (every token exact)."""
+    heads_dims = (x.shape[1], x.shape[3])
+    per_head = all(len(unit) == 1 for unit in units) and all(
+        tuple(code.mean.shape) == heads_dims for pair in coders for code in pair
+    )
+    if x.is_cuda and rows.numel() and per_head:
         from . import kernels  # hf_scd.kernels: imports triton, so only when a CUDA tensor is coded
 
         if kernels.available():
@@ -23,63 +33,90 @@ def _row_coder(reference, x: torch.Tensor, rows: torch.Tensor):
     return reference
 
 
-def encode_layers(
-    keys: Sequence[torch.Tensor],
-    values: Sequence[torch.Tensor],
+def encode_units(
+    keys: Sequence[Sequence[torch.Tensor]],
+    values: Sequence[Sequence[torch.Tensor]],
     cos: torch.Tensor,
     sin: torch.Tensor,
     coded_rows: torch.Tensor,
     exact_rows: torch.Tensor,
     coders: Sequence[CoderPair],
-) -> list[LayerCodes]:
-    """Layers' caches (batch, H, seq, d), rotary (batch*seq, d) -> per layer, codes of `coded_rows` and bf16
-    `exact_rows`.
+) -> list[list[LayerCodes]]:
+    """Units' member layers' caches (batch, H, seq, d), rotary (batch*seq, d) -> per unit, one `LayerCodes` per
+    member: bf16 `exact_rows` in each, the unit's codes of `coded_rows` in its last (zero-width codes in the others).
 
-    Row indices are flat into batch*seq; padding is in neither. All layers are coded together: on CUDA tensors that
-    is one Triton launch for all keys and one for all values.
+    Row indices are flat into batch*seq; padding is in neither. All units are coded together: on CUDA tensors of
+    per-head units that is one Triton launch for all keys and one for all values.
     """
     if not keys:
         return []
-    coded = _row_coder(codec.encode_rows, keys[0], coded_rows)(keys, values, cos, sin, coded_rows, coders)
-    exact_keys = codec.content_keys(torch.stack([codec.flat_rows(k, exact_rows) for k in keys]), cos, sin, exact_rows)
-    exact_values = torch.stack([codec.flat_rows(v, exact_rows) for v in values])
-    exact_keys, exact_values = exact_keys.to(torch.bfloat16), exact_values.to(torch.bfloat16)
-    no_hidden = torch.empty(coded_rows.numel(), 0, dtype=torch.uint8, device=keys[0].device)
-    return [
-        LayerCodes(*layer, k, v, no_hidden, no_hidden)
-        for layer, k, v in zip(coded, exact_keys, exact_values, strict=True)
-    ]
+    coded = _row_coder(codec.encode_rows, keys[0][0], coded_rows, keys, coders)(
+        keys, values, cos, sin, coded_rows, coders
+    )
+    out = []
+    for unit_keys, unit_values, unit_codes in zip(keys, values, coded, strict=True):
+        members = [
+            sink_layer(k, v, cos, sin, coded_rows, exact_rows) for k, v in zip(unit_keys, unit_values, strict=True)
+        ]
+        last = members[-1]
+        last.key_codes, last.key_scales, last.value_codes, last.value_scales = unit_codes
+        out.append(members)
+    return out
 
 
-def decode_layers(
-    codes: Sequence[LayerCodes],
+def sink_layer(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    coded_rows: torch.Tensor,
+    exact_rows: torch.Tensor,
+) -> LayerCodes:
+    """One layer's exact `exact_rows` in bf16 (keys de-rotated) and zero-width codes for its `coded_rows`: what a
+    layer of a unit that is not the unit's last puts on the wire."""
+    exact_keys = codec.content_keys(codec.flat_rows(keys, exact_rows), cos, sin, exact_rows).to(torch.bfloat16)
+    exact_values = codec.flat_rows(values, exact_rows).to(torch.bfloat16)
+    empty = torch.empty(coded_rows.numel(), 0, dtype=torch.uint8, device=keys.device)
+    return LayerCodes(empty, empty, empty, empty, exact_keys, exact_values, empty, empty)
+
+
+def decode_units(
+    members: Sequence[Sequence[LayerCodes]],
     cos: torch.Tensor,
     sin: torch.Tensor,
     coded_rows: torch.Tensor,
     exact_rows: torch.Tensor,
     coders: Sequence[CoderPair],
+    kv_shape: tuple[int, int],
     shape: tuple[int, int],
     dtype: torch.dtype,
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Layers' codes -> per layer, keys and values (batch, H, seq, d) in `dtype`, keys re-rotated with the given
-    (cos, sin).
+) -> list[list[KV]]:
+    """Units' member layers' `LayerCodes` (the unit's codes in its last, the exact sink in each) -> per unit, per
+    member, keys and values (batch, H, seq, d) in `dtype`, keys re-rotated with the given (cos, sin).
 
-    `shape` is (batch, seq). Padding rows come back as zeros: attention masks them anyway. All layers are decoded
-    together, into one allocation: on CUDA tensors one Triton launch for all keys and one for all values.
+    `shape` is (batch, seq), `kv_shape` (H, d). Padding rows come back as zeros: attention masks them anyway. All
+    units are decoded together, into one allocation: on CUDA tensors of per-head units one Triton launch for all keys
+    and one for all values.
     """
-    if not codes:
+    if not members:
         return []
+    codes = [unit[-1] for unit in members]
     batch, seq = shape
-    heads, _, dim = coders[0][0].decoder.shape
+    heads, dim = kv_shape
     device = codes[0].key_codes.device
+    layers = sum(map(len, members))
     covered = coded_rows.numel() + exact_rows.numel() == batch * seq
-    out = (torch.empty if covered else torch.zeros)(2, len(codes), batch, heads, seq, dim, dtype=dtype, device=device)
+    out = (torch.empty if covered else torch.zeros)(2, layers, batch, heads, seq, dim, dtype=dtype, device=device)
     keys, values = out.unbind(0)
-    _row_coder(codec.decode_rows, keys, coded_rows)(
-        codes, cos, sin, coded_rows, coders, keys.unbind(0), values.unbind(0)
+    sizes = [len(unit) for unit in members]
+    unit_keys = [list(part.unbind(0)) for part in keys.split(sizes)]
+    unit_values = [list(part.unbind(0)) for part in values.split(sizes)]
+    _row_coder(codec.decode_rows, unit_keys[0][0], coded_rows, unit_keys, coders)(
+        codes, cos, sin, coded_rows, coders, unit_keys, unit_values
     )
     if exact_rows.numel():
-        exact_keys = torch.stack([layer.exact_keys for layer in codes])
+        every = [layer for unit in members for layer in unit]
+        exact_keys = torch.stack([layer.exact_keys for layer in every])
         codec.scatter_rows(keys, exact_rows, codec.rotated_keys(exact_keys, cos, sin, exact_rows))
-        codec.scatter_rows(values, exact_rows, torch.stack([layer.exact_values for layer in codes]))
-    return list(zip(keys.unbind(0), values.unbind(0), strict=True))
+        codec.scatter_rows(values, exact_rows, torch.stack([layer.exact_values for layer in every]))
+    return [list(zip(k, v, strict=True)) for k, v in zip(unit_keys, unit_values, strict=True)]

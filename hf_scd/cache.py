@@ -277,6 +277,7 @@ class CacheRebuild:
             self.plan.check_tokens(self.record, handle, max_positions, max_kv_bytes)
             self.tokens = self.plan.layout(self.record)
             self.kv: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self.plan.layers)
+            self.waiting: dict[int, LayerCodes] = {}  # layers of a Reuse unit whose last layer has not arrived
         except BaseException:
             self.cache.close()
             raise
@@ -286,10 +287,13 @@ class CacheRebuild:
         return self.plan.layer_bytes(index, self.tokens.coded.numel(), self.tokens.sink.numel())
 
     def add_layer(self, index: int, codes: LayerCodes) -> None:
-        """Check and decode one layer as it arrives (the same values `add_all` gives it)."""
+        """Check one layer as it arrives and decode what it completes: itself, or its whole Reuse unit once the
+        unit's last layer is in (the same values `add_all` gives them)."""
         self.plan.check_layer(index, codes, self.tokens.coded.numel())
         on_device = codes.to(self.device)
-        self.kv[index] = self.plan.decode_layer(index, on_device, self.tokens, self.cache.handle, self.dtype)
+        done = self.plan.decode_layer(index, on_device, self.tokens, self.cache.handle, self.dtype, self.waiting)
+        for layer, kv in done.items():
+            self.kv[layer] = kv
 
     def add_all(self, payload: SCDPayload) -> None:
         """Check and decode every layer of a payload together (one kernel launch per kind on CUDA)."""

@@ -57,8 +57,11 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     } | ({"ratios": tuple(args.ratios)} if args.ratios else {})
     if args.consumer is None or _model_name(args.consumer) == producer_name:
         weigh = not args.no_layer_weights
+        extra = {"unit_layers": args.unit_layers} | (
+            {"exact_tokens": args.exact_tokens} if args.exact_tokens is not None else {}
+        )
         artifacts = calibrate(
-            producer, calibration_docs, validation, model_name=producer_name, weigh_layers=weigh, **common
+            producer, calibration_docs, validation, model_name=producer_name, weigh_layers=weigh, **common, **extra
         )
     else:
         consumer, _ = _load(args.consumer)
@@ -163,6 +166,10 @@ def main(argv: list[str] | None = None) -> None:
     cal.add_argument("--validation-docs", type=int, default=4)
     cal.add_argument("--validation-prefix", type=int, default=384)
     cal.add_argument("--no-layer-weights", action="store_true", help="skip the per-layer sensitivity measurement")
+    cal.add_argument(
+        "--unit-layers", type=int, help="same-model: consecutive layers per joint basis (default: a divisor, at most 5)"
+    )
+    cal.add_argument("--exact-tokens", type=int, help="same-model: leading tokens of each row shipped in bf16")
     cal.set_defaults(func=cmd_calibrate)
 
     ev = sub.add_parser("eval", help="fidelity of SCD operating points and baselines against the oracle")

@@ -1,18 +1,22 @@
 """The SCD math in plain torch: the reference implementation and the CPU path.
 
-A layer's keys (de-rotated: RoPE removed, so they live in a position-free content space) and values are coded per
-KV head by transform coding. Each head's vector is centred and multiplied by a calibrated encoder matrix whose
-columns give unit-spread coefficients in order of importance; each token's coefficients are normalised by their RMS
-(shipped as an 8-bit log code), quantized with the number of bits the plan gives each component (0 bits drops it),
-and packed. Decoding multiplies the dequantized coefficients by the decoder matrix. Encoder and decoder are
-separate inputs, not one orthonormal basis, so a weighted metric (keys weighted by query energy, values by the
-output projection) and a decoder fitted for another model both fit the same code path.
+Keys (de-rotated: RoPE removed, so they live in a position-free content space) and values are transform-coded per
+Reuse unit: one layer, or a run of consecutive layers coded together, whose KV heads side by side form one vector per
+token. The vector is split into blocks (one per head, or one for the whole unit: a joint basis that decorrelates
+heads and layers and lets one bit budget cover them), each centred and multiplied by a calibrated encoder matrix
+whose columns give unit-spread coefficients in order of importance. Each token's coefficients are normalised by a
+scale (their RMS, raised where it would clip a component of PEAK_BITS or more; shipped as an 8-bit log code),
+quantized with the number of bits the plan gives each component (0 bits drops it), and packed. Decoding multiplies
+the dequantized coefficients by the decoder matrix. Encoder and decoder are separate inputs, not one orthonormal
+basis, so a weighted metric (keys weighted by query energy, values by the output projection) and a decoder fitted for
+another model both fit the same code path.
 
 The first few tokens of every row (the attention sink) are not coded: they carry most of the attention mass and
 ship exactly, in bf16.
 
-Kernels in `kernels/` implement `encode_rows` / `decode_rows` (all layers of a cache at once) for CUDA tensors; this
-file is their reference and never imports them (`backend.py` chooses between the two).
+Kernels in `hf_scd/kernels/` implement `encode_rows` / `decode_rows` (all units of a cache at once) for CUDA tensors
+and units of one layer coded per head; this file is their reference and never imports them (`backend.py` chooses
+between the two).
 """
 
 from __future__ import annotations
@@ -22,7 +26,15 @@ from dataclasses import dataclass
 
 import torch
 
-from .codes import BitLayout, CoderPair, LayerCodes, RowCodes, TransformCode, code_to_scale, scale_to_code
+from .codes import (
+    BitLayout,
+    CoderPair,
+    LayerCodes,
+    RowCodes,
+    TransformCode,
+    code_to_scale,
+    scale_to_code,
+)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -54,8 +66,8 @@ def _pack_heads(codes: torch.Tensor, layout: BitLayout) -> torch.Tensor:
     Shifting each code to its bit offset and OR-ing the codes that start in one byte is one matmul per head: bits of
     different components never overlap, so OR is addition, and every sum is a whole number below 2^16, exact in
     float32 whatever the order of the additions. Column j of a head's words holds the bits that start in its byte j;
-    those past bit 8 belong to byte j + 1."""
-    words = torch.bmm(codes, _pack_matrix(layout, codes.device)).to(torch.int32)
+    those past bit 8 belong to byte j + 1. `codes` may stop after the last kept component (`_Derived.components`)."""
+    words = torch.bmm(codes, _pack_matrix(layout, codes.device)[:, : codes.shape[-1]]).to(torch.int32)
     packed = words & 0xFF
     packed[..., 1:] |= words[..., :-1] >> 8
     heads = [packed[head, :, :size] for head, size in enumerate(layout.head_bytes.tolist())]
@@ -85,9 +97,10 @@ def unpack_codes(packed: torch.Tensor, layout: BitLayout) -> torch.Tensor:
     return _unpack_rows(packed, layout).view(heads, dim, -1).permute(2, 0, 1)
 
 
-def _unpack_rows(packed: torch.Tensor, layout: BitLayout) -> torch.Tensor:
-    """(tokens, bytes) uint8 -> (heads * dim, tokens) int32 codes: one row per component, gathered as whole rows."""
-    byte, shift, mask = _unpack_tables(layout, packed.device)
+def _unpack_rows(packed: torch.Tensor, layout: BitLayout, components: int | None = None) -> torch.Tensor:
+    """(tokens, bytes) uint8 -> (heads * components, tokens) int32 codes of each head's first `components` (default
+    all): one row per component, gathered as whole rows."""
+    byte, shift, mask = _unpack_tables(layout, packed.device, components or layout.bits.shape[-1])
     tokens = packed.shape[0]
     # Row j of `words`: bytes j and j + 1 of every token as one 16-bit word (two spare rows of zeros at the end).
     rows = torch.zeros(layout.bytes_per_token + 2, tokens, dtype=torch.int32, device=packed.device)
@@ -100,23 +113,29 @@ def _unpack_rows(packed: torch.Tensor, layout: BitLayout) -> torch.Tensor:
     return codes
 
 
-def _unpack_tables(layout: BitLayout, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Each component's first byte (int64), its shift and its bit mask as columns (int32); made once per layout."""
+def _unpack_tables(
+    layout: BitLayout, device: torch.device, components: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The first `components` of each head: their first byte (int64), shift and bit mask as columns (int32); made
+    once per layout."""
     tables = layout.__dict__.setdefault("_unpack_tables", {})
-    if device not in tables:
-        byte, shift = (t.reshape(-1).to(device) for t in layout.offsets)
-        mask = (1 << layout.bits.reshape(-1).to(device, torch.int32)) - 1
-        tables[device] = (byte.long(), shift.unsqueeze(-1), mask.unsqueeze(-1))
-    return tables[device]
+    if (device, components) not in tables:
+        byte, shift = (t[:, :components].reshape(-1).to(device) for t in layout.offsets)
+        mask = (1 << layout.bits[:, :components].reshape(-1).to(device, torch.int32)) - 1
+        tables[(device, components)] = (byte.long(), shift.unsqueeze(-1), mask.unsqueeze(-1))
+    return tables[(device, components)]
 
 
 @dataclass(frozen=True)
 class _Derived:
     """What coding with one `TransformCode` needs besides its inputs, computed once per coder and shaped to broadcast
-    against head-major (H, tokens, ...) tensors: the encoder with the dropped components' columns zeroed, the mean
+    against head-major (H, tokens, ...) tensors. Every per-component part stops after the last component any head
+    keeps (`components`): past it all get 0 bits, so neither product spends time on them. The encoder with the
+    dropped components' columns zeroed, the mean
     (H, 1, d), kept components per head (H, 1), quantizer steps (1 where dropped, so 0 / 1 codes them 0), half the
     levels and the top code (H, 1, C), the decoder with each component's step folded in (zero rows where dropped), the
-    mid offset of each code as a column (H * C, 1), and the output mean (H, 1, d)."""
+    mid offset of each code as a column (H * C, 1), the output mean (H, 1, d), and the peak limits (H, 1, C) or None
+    when no component has PEAK_BITS bits."""
 
     encoder: torch.Tensor
     mean: torch.Tensor
@@ -127,36 +146,45 @@ class _Derived:
     decoder: torch.Tensor
     offsets: torch.Tensor
     out_mean: torch.Tensor
+    peak: torch.Tensor | None
+    components: int
 
 
 def _derived(code: TransformCode) -> _Derived:
     derived = code.__dict__.get("_derived")
     if derived is None:
-        bits = code.bits.float()
+        kept_any = (code.bits > 0).any(0)
+        components = int(kept_any.nonzero().max()) + 1 if bool(kept_any.any()) else 1
+        bits = code.bits[:, :components].float()
         kept = bits > 0
-        steps = code.component_steps()
+        steps = code.component_steps()[:, :components]
         levels = torch.exp2(bits)
+        peak = code.peak_limits()[:, :components]
         derived = _Derived(
-            encoder=code.encoder * kept.unsqueeze(1),
+            encoder=code.encoder[..., :components] * kept.unsqueeze(1),
             mean=code.mean.unsqueeze(1),
             kept=kept.sum(-1).clamp(min=1).float().unsqueeze(-1),
             steps=torch.where(kept, steps, 1.0).unsqueeze(1),
             half_levels=(levels / 2).unsqueeze(1),
             top=(levels - 1).unsqueeze(1),
-            decoder=code.decoder * steps.unsqueeze(-1),
+            decoder=code.decoder[:, :components] * steps.unsqueeze(-1),
             offsets=torch.where(kept, levels / 2 - 0.5, 0.0).reshape(-1, 1),
             out_mean=code.out_mean.unsqueeze(1),
+            peak=peak.unsqueeze(1) if bool((peak > 0).any()) else None,
+            components=components,
         )
         code.__dict__["_derived"] = derived
     return derived
 
 
 def _encode_heads(code: TransformCode, centred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Centred head-major vectors (H, tokens, d) float32 -> packed codes (tokens, bytes) uint8 and per-token scale
-    codes (tokens, H) uint8. Works in place on one (H, tokens, C) buffer."""
+    """Centred block-major vectors (G, tokens, W) float32 -> packed codes (tokens, bytes) uint8 and per-token scale
+    codes (tokens, G) uint8. Works in place on one (G, tokens, C) buffer."""
     derived = _derived(code)
     unit = torch.bmm(centred, derived.encoder)  # 0 at dropped components
     rms = ((unit * unit).sum(-1) / derived.kept).sqrt()
+    if derived.peak is not None:
+        rms = torch.maximum(rms, (unit.abs() * derived.peak).amax(-1))
     scale_codes = scale_to_code(rms)
     steps = derived.steps * code_to_scale(scale_codes).unsqueeze(-1)
     codes = torch.div(unit, steps, out=unit).floor_()
@@ -172,8 +200,8 @@ def _decode_heads(
     """Packed codes and per-token scale codes -> head-major unit-RMS reconstruction (H, tokens, d) and the tokens'
     scales (H, tokens, 1), float32: the vectors are `out_mean + unit * scale`, written where they are wanted."""
     derived = _derived(code)
-    heads, components = code.bits.shape
-    centred = _unpack_rows(packed, code.layout).float().sub_(derived.offsets)  # 0 at dropped components
+    heads, components = code.bits.shape[0], derived.components
+    centred = _unpack_rows(packed, code.layout, components).float().sub_(derived.offsets)  # 0 at dropped components
     unit = torch.bmm(centred.view(heads, components, -1).transpose(1, 2), derived.decoder)
     return unit, code_to_scale(scale_codes).T.unsqueeze(-1)
 
@@ -241,39 +269,54 @@ def rotated_keys(content: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ro
     return apply_rotary(content.float(), cos[rows, None].float(), sin[rows, None].float())
 
 
+def blocks(code: TransformCode, unit: torch.Tensor) -> torch.Tensor:
+    """A unit's token-major vectors (tokens, layers, H, d) as the coder's blocks (G, tokens, W), a view."""
+    return unit.view(unit.shape[0], *code.mean.shape).transpose(0, 1)
+
+
 def encode_rows(
-    keys: Sequence[torch.Tensor],
-    values: Sequence[torch.Tensor],
+    keys: Sequence[Sequence[torch.Tensor]],
+    values: Sequence[Sequence[torch.Tensor]],
     cos: torch.Tensor,
     sin: torch.Tensor,
     rows: torch.Tensor,
     coders: Sequence[CoderPair],
 ) -> list[RowCodes]:
-    """Code tokens `rows` (flat indices into batch*seq) of several layers' post-RoPE keys and values (batch, H, seq,
-    d), each with its (key, value) coders.
+    """Code tokens `rows` (flat indices into batch*seq) of several Reuse units, each its member layers' post-RoPE
+    keys and values (batch, H, seq, d), with the unit's (key, value) coders.
 
-    Keys are de-rotated with the exact (cos, sin) (batch*seq, d) they were rotated with. Per layer: key codes, key
-    scale codes, value codes, value scale codes. The tokens' rotary is gathered once for all layers; each layer's
-    tokens are read as slices of its cache (`token_runs`) into one head-major buffer per kind.
+    Keys are de-rotated with the exact (cos, sin) (batch*seq, d) they were rotated with. Per unit: key codes, key
+    scale codes, value codes, value scale codes. The tokens' rotary is gathered once for all units; each layer's
+    tokens are read as slices of its cache (`token_runs`) into one token-major buffer per unit and kind.
     """
     if not keys:
         return []
-    _, heads, seq, dim = keys[0].shape
+    _, heads, seq, dim = keys[0][0].shape
     runs = token_runs(rows, seq)
     cos, sin = cos[rows].float(), sin[rows].float()
-    squared = cos * cos + sin * sin
+    squared = (cos * cos + sin * sin).unsqueeze(1)
     encoded = []
-    for k, v, (key_code, value_code) in zip(keys, values, coders, strict=True):
-        content = torch.empty(heads, rows.numel(), dim, device=k.device)
-        centred_values = torch.empty_like(content)
-        for batch, start, end, first in runs:
-            tokens = slice(first, first + end - start)
-            _rotate_into(content[:, tokens], k[batch, :, start:end], cos[tokens], sin[tokens], inverse=True)
-            torch.sub(v[batch, :, start:end], _derived(value_code).mean, out=centred_values[:, tokens])
-        content /= squared  # `remove_rotary`, exact also under an attention scaling
-        content -= _derived(key_code).mean
-        encoded.append((*_encode_heads(key_code, content), *_encode_heads(value_code, centred_values)))
+    for unit_keys, unit_values, (key_code, value_code) in zip(keys, values, coders, strict=True):
+        content = torch.empty(rows.numel(), len(unit_keys), heads, dim, device=unit_keys[0].device)
+        vectors = torch.empty_like(content)
+        for member, (k, v) in enumerate(zip(unit_keys, unit_values, strict=True)):
+            for batch, start, end, first in runs:
+                tokens = slice(first, first + end - start)
+                out = content[tokens, member].transpose(0, 1)
+                _rotate_into(out, k[batch, :, start:end], cos[tokens], sin[tokens], inverse=True)
+                vectors[tokens, member] = v[batch, :, start:end].transpose(0, 1)
+        content /= squared.unsqueeze(1)  # `remove_rotary`, exact also under an attention scaling
+        key_blocks = blocks(key_code, content) - _derived(key_code).mean
+        value_blocks = blocks(value_code, vectors) - _derived(value_code).mean
+        encoded.append((*_encode_heads(key_code, key_blocks), *_encode_heads(value_code, value_blocks)))
     return encoded
+
+
+def _decoded_unit(code: TransformCode, packed: torch.Tensor, scale_codes: torch.Tensor, shape: tuple) -> torch.Tensor:
+    """A unit's packed codes -> its token-major vectors (tokens, layers, H, d) float32."""
+    unit, scale = _decode_heads(code, packed, scale_codes)
+    vectors = torch.addcmul(_derived(code).out_mean, unit, scale, out=unit)
+    return vectors.transpose(0, 1).reshape(vectors.shape[1], *shape)
 
 
 def decode_rows(
@@ -282,23 +325,27 @@ def decode_rows(
     sin: torch.Tensor,
     rows: torch.Tensor,
     coders: Sequence[CoderPair],
-    out_keys: Sequence[torch.Tensor],
-    out_values: Sequence[torch.Tensor],
+    out_keys: Sequence[Sequence[torch.Tensor]],
+    out_values: Sequence[Sequence[torch.Tensor]],
 ) -> None:
-    """Decode several layers' coded tokens into rows `rows` of their `out_keys`/`out_values` (batch, H, seq, d);
-    keys re-rotated with the consumer's (cos, sin) (batch*seq, d). The last op on each layer's values, and the
-    rotation of its keys, write straight into slices of the outputs (`token_runs`)."""
+    """Decode several Reuse units' coded tokens (each unit's codes as its last layer carries them) into rows `rows` of
+    their member layers' `out_keys`/`out_values` (batch, H, seq, d); keys re-rotated with the consumer's (cos, sin)
+    (batch*seq, d). The rotation of the keys and the copy of the values write straight into slices of the outputs
+    (`token_runs`)."""
     if not codes:
         return
-    runs = token_runs(rows, out_keys[0].shape[-2])
+    runs = token_runs(rows, out_keys[0][0].shape[-2])
     cos, sin = cos[rows].float(), sin[rows].float()
-    for layer, (key_code, value_code), out_k, out_v in zip(codes, coders, out_keys, out_values, strict=True):
-        unit, scale = _decode_heads(key_code, layer.key_codes, layer.key_scales)
-        content = torch.addcmul(_derived(key_code).out_mean, unit, scale, out=unit)
-        unit, scale = _decode_heads(value_code, layer.value_codes, layer.value_scales)
-        for batch, start, end, first in runs:
-            tokens = slice(first, first + end - start)
-            _rotate_into(out_k[batch, :, start:end], content[:, tokens], cos[tokens], sin[tokens], inverse=False)
-            torch.addcmul(
-                _derived(value_code).out_mean, unit[:, tokens], scale[:, tokens], out=out_v[batch, :, start:end]
-            )
+    for unit_codes, (key_code, value_code), unit_keys, unit_values in zip(
+        codes, coders, out_keys, out_values, strict=True
+    ):
+        _, heads, _, dim = unit_keys[0].shape
+        shape = (len(unit_keys), heads, dim)
+        content = _decoded_unit(key_code, unit_codes.key_codes, unit_codes.key_scales, shape)
+        vectors = _decoded_unit(value_code, unit_codes.value_codes, unit_codes.value_scales, shape)
+        for member, (out_k, out_v) in enumerate(zip(unit_keys, unit_values, strict=True)):
+            for batch, start, end, first in runs:
+                tokens = slice(first, first + end - start)
+                member_content = content[tokens, member].transpose(0, 1)
+                _rotate_into(out_k[batch, :, start:end], member_content, cos[tokens], sin[tokens], inverse=False)
+                out_v[batch, :, start:end] = vectors[tokens, member].transpose(0, 1)

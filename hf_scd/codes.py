@@ -1,6 +1,7 @@
-"""What a code is: the data the reference (`codec.py`) and the Triton kernels (`kernels/`) both read and write.
+"""What a code is: the data the reference (`codec.py`) and the Triton kernels (`hf_scd/kernels/`) both read and write.
 
-A `TransformCode` is one layer's calibrated coder of keys or values at one bit allocation, a `BitLayout` where each
+A `TransformCode` is one Reuse unit's calibrated coder of keys or values at one bit allocation (a unit is one layer
+or a run of consecutive layers coded together), a `BitLayout` where each
 component's bits sit in a token's packed codes, the per-token scale codes are 1/16-octave log codes, and a `LayerCodes`
 is what one layer puts on the wire. No math on vectors lives here, so the kernels depend on the format alone.
 """
@@ -16,6 +17,9 @@ MAX_BITS = 8
 # Per-token scales are shipped as uint8 codes of log2(rms) in steps of 1/SCALE_CODE_STEPS octave.
 SCALE_CODE_STEPS = 16
 SCALE_CODE_ZERO = 128
+# A token's scale is raised above its RMS where the RMS would clip a component of at least this many bits: tokens
+# with massive activations (a few per document) otherwise lose their largest coefficients.
+PEAK_BITS = 4
 
 
 def scale_to_code(rms: torch.Tensor) -> torch.Tensor:
@@ -66,13 +70,15 @@ class BitLayout:
 
 @dataclass
 class TransformCode:
-    """Calibrated transform coder of one layer's keys or values (all KV heads), at one bit allocation.
+    """Calibrated transform coder of one Reuse unit's keys or values, at one bit allocation.
 
-    mean (H, d); encoder (H, d, C) maps a centred vector to C unit-spread coefficients, most important first;
-    decoder (H, C, d) maps coefficients back; steps (MAX_BITS + 1,) the quantizer step per bit width for a unit
-    coefficient of a unit-RMS token; bits (H, C) the plan's bits per component. out_mean (H, d) is added back after
-    decoding: the same as `mean` when a model codes its own cache, the consumer's mean when the decoder predicts
-    another model's vectors (cross-variant Reuse).
+    A unit's vector per token is its member layers' KV heads side by side, (layers, H, d) flattened, split into G
+    blocks of width W that are coded independently: G = H blocks of one head each (per-head coders, W = d), or one
+    block of everything (a joint basis across heads and layers, W = layers * H * d). mean (G, W); encoder (G, W, C)
+    maps a centred block to C unit-spread coefficients, most important first; decoder (G, C, W) maps them back;
+    steps (MAX_BITS + 1,) the quantizer step per bit width for a unit coefficient of a unit-RMS token; bits (G, C) the
+    plan's bits per component. out_mean (G, W) is added back after decoding: the same as `mean` when a model codes its
+    own cache, the consumer's mean when the decoder predicts another model's vectors (cross-variant Reuse).
     """
 
     mean: torch.Tensor
@@ -94,11 +100,18 @@ class TransformCode:
         return TransformCode(*(getattr(self, f.name).to(device) for f in fields(self)))
 
     def component_steps(self) -> torch.Tensor:
-        """Quantizer step (H, C) of every component for a unit-RMS token; 0 where the component gets 0 bits."""
+        """Quantizer step (G, C) of every component for a unit-RMS token; 0 where the component gets 0 bits."""
         return self.steps.float()[self.bits.long()]
 
+    def peak_limits(self) -> torch.Tensor:
+        """(G, C) the inverse of the largest coefficient each component holds unclipped at scale 1, for components of
+        at least PEAK_BITS bits (0 elsewhere): a token's scale is at least its coefficients times these."""
+        bits = self.bits.long()
+        reach = self.component_steps() * torch.exp2(bits.float() - 1)
+        return torch.where(bits >= PEAK_BITS, 1 / torch.where(bits >= PEAK_BITS, reach, 1.0), 0.0)
+
     def bytes_per_token(self) -> int:
-        """Bytes of packed codes and scale codes this coder emits per token."""
+        """Bytes of packed codes and scale codes (one per block) this coder emits per token."""
         return self.layout.bytes_per_token + self.bits.shape[0]
 
 
@@ -111,12 +124,14 @@ CODED_KINDS = ("key", "value", "hidden")
 class LayerCodes:
     """What one layer puts on the wire: codes and scale codes for K and V, and the exact (sink) tokens in bf16.
 
+    A Reuse unit of several layers ships its codes with its last layer; its other layers carry their sink alone.
+
     A Patch layer of a cross-variant plan ships, instead of K/V codes, codes of the producer's normalised attention
     input (`hidden_*`); its K/V codes are then zero-width. Other layers' hidden codes are zero-width.
     """
 
-    key_codes: torch.Tensor  # (coded tokens, key bytes) uint8
-    key_scales: torch.Tensor  # (coded tokens, H) uint8
+    key_codes: torch.Tensor  # (coded tokens, key bytes) uint8; zero-width but at a unit's last layer
+    key_scales: torch.Tensor  # (coded tokens, blocks) uint8
     value_codes: torch.Tensor
     value_scales: torch.Tensor
     exact_keys: torch.Tensor  # (exact tokens, H, d) bf16, de-rotated

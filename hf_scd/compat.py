@@ -16,7 +16,7 @@ from .errors import CacheStateError, UnsupportedModelError
 
 # The oldest release CI tests and the newest one it was last green on; pyproject.toml allows >=5.4,<6.
 OLDEST_TESTED = "5.4.0"
-NEWEST_TESTED = "5.24.0"
+NEWEST_TESTED = "5.25.0"
 CACHE_KEYWORDS = ("cache", "past_key_values")  # newest spelling first
 
 

@@ -27,7 +27,9 @@ from .errors import CorruptPayloadError, PayloadVersionError, TruncatedPayloadEr
 
 MAGIC = b"HFSCD\0"
 # 4: the metadata is one sorted-JSON entry, so two encodes of the same cache are the same bytes.
-FORMAT_VERSION = 4
+# 5: codec v3: a Reuse unit of several layers ships its codes with its last layer (the others carry their sink), and
+# one scale code per block of the unit.
+FORMAT_VERSION = 5
 METADATA_KEY = "hf-scd"
 _HEADER = struct.Struct("<6sHIQ")
 _TOKEN_DTYPES = {"input_ids": torch.int32, "position_ids": torch.int32, "attention_mask": torch.uint8}

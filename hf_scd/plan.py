@@ -1,6 +1,7 @@
 """Plan: what one operating point does with every layer of a cache and with its first tokens.
 
-Each layer has one coder: a `ReuseLayer` transform-codes its K/V (a model's own cache, or, across variants, a
+Each layer has one coder: a `ReuseUnit` transform-codes the K/V of its layers together (one layer, or a run of
+consecutive layers whose heads share one basis and one bit budget; a model's own cache, or, across variants, a
 prediction of the consumer's), a `PatchLayer` codes the producer's normalized attention input so the consumer
 recomputes K/V with its own projections. The `SinkPolicy` says how the first real tokens of each row travel. Same-model
 transfer is a plan of Reuse layers with an exact sink; a cross-variant plan adds Patch layers and a recomputed sink.
@@ -41,19 +42,29 @@ class SinkPolicy:
     recomputed: int = 0
 
 
-@dataclass(frozen=True)
-class ReuseLayer:
-    """K/V transform-coded per KV head: the same model's own, or (cross-variant Reuse) predicted for the consumer."""
+@dataclass(frozen=True, eq=False)
+class ReuseUnit:
+    """The K/V of consecutive layers `members`, transform-coded together: the same model's own, or (cross-variant
+    Reuse) predicted for the consumer. Its codes travel with its last layer, so a stream sends one unit per frame
+    that carries codes; the other layers' frames carry their exact sink alone."""
 
+    members: tuple[int, ...]
     key: TransformCode
     value: TransformCode
 
-    def widths(self) -> tuple[int, int, int]:
-        """Bytes per coded token of the (key, value, hidden) codes this layer puts on the wire."""
+    def carries(self, index: int) -> bool:
+        return index == self.members[-1]
+
+    def widths(self, index: int) -> tuple[int, int, int]:
+        """Bytes per coded token of the (key, value, hidden) codes layer `index` puts on the wire."""
+        if not self.carries(index):
+            return (0, 0, 0)
         return (self.key.layout.bytes_per_token, self.value.layout.bytes_per_token, 0)
 
-    def scale_widths(self) -> tuple[int, int, int]:
-        """Per-token scale codes of (key, value, hidden): one per KV head."""
+    def scale_widths(self, index: int) -> tuple[int, int, int]:
+        """Per-token scale codes of (key, value, hidden) of layer `index`: one per block of the unit's coders."""
+        if not self.carries(index):
+            return (0, 0, 0)
         return (self.key.bits.shape[0], self.value.bits.shape[0], 0)
 
 
@@ -65,25 +76,29 @@ class PatchLayer:
     hidden: TransformCode
     aligner: Aligner | None
 
-    def widths(self) -> tuple[int, int, int]:
+    def widths(self, index: int) -> tuple[int, int, int]:
         return (0, 0, self.hidden.layout.bytes_per_token)
 
-    def scale_widths(self) -> tuple[int, int, int]:
+    def scale_widths(self, index: int) -> tuple[int, int, int]:
         return (0, 0, 1)
 
 
 @dataclass(frozen=True)
 class Plan:
-    """One operating point: a coder for every layer, the sink policy, and the KV shape (kv_heads, head_dim)."""
+    """One operating point: a coder for every layer (a unit's coder at each of its layers), the sink policy, and the
+    KV shape (kv_heads, head_dim)."""
 
     point: str
-    layers: tuple[ReuseLayer | PatchLayer, ...]
+    layers: tuple[ReuseUnit | PatchLayer, ...]
     sink: SinkPolicy
     kv_shape: tuple[int, int]
 
     @property
-    def reuse_layers(self) -> list[int]:
-        return [index for index, coder in enumerate(self.layers) if isinstance(coder, ReuseLayer)]
+    def units(self) -> list[ReuseUnit]:
+        """The Reuse units, in layer order."""
+        return [
+            coder for index, coder in enumerate(self.layers) if isinstance(coder, ReuseUnit) and coder.carries(index)
+        ]
 
     @property
     def patch_layers(self) -> list[int]:
@@ -93,42 +108,42 @@ class Plan:
         self, kv: Sequence[KV], record: TokenRecord, patch_input: Callable[[int], torch.Tensor]
     ) -> list[LayerCodes]:
         """Every layer's post-RoPE (keys, values) (batch, H, seq, d) -> its payload codes; `patch_input(layer)` is the
-        producer's recorded attention input (batch, seq, hidden) at a Patch layer. All Reuse layers are coded
-        together (one kernel launch on CUDA); `encode_layer` codes one, for streaming."""
+        producer's recorded attention input (batch, seq, hidden) at a Patch layer. All Reuse units are coded
+        together (one kernel launch on CUDA); `encode_layer` codes one layer, for streaming."""
         tokens = self.layout(record, [keys.shape[2] for keys, _ in kv])
-        reuse = self.reuse_layers
-        encoded = backend.encode_layers(
-            [kv[index][0] for index in reuse],
-            [kv[index][1] for index in reuse],
-            tokens.cos,
-            tokens.sin,
-            tokens.coded,
-            tokens.sink,
-            [(self.layers[index].key, self.layers[index].value) for index in reuse],
-        )
         layers: list[LayerCodes | None] = [None] * len(self.layers)
-        for index, layer_codes in zip(reuse, encoded, strict=True):
-            layers[index] = layer_codes
+        for unit, codes in zip(self.units, self._encode_units(self.units, kv, tokens), strict=True):
+            for index, layer_codes in zip(unit.members, codes, strict=True):
+                layers[index] = layer_codes
         for index in self.patch_layers:
             layers[index] = encode_patch_layer(
                 patch_input(index), tokens.coded, self.layers[index].hidden, self.kv_shape
             )
         return layers
 
+    def _encode_units(self, units: Sequence[ReuseUnit], kv: Sequence[KV], tokens: TokenLayout) -> list[list]:
+        return backend.encode_units(
+            [[kv[index][0] for index in unit.members] for unit in units],
+            [[kv[index][1] for index in unit.members] for unit in units],
+            tokens.cos,
+            tokens.sin,
+            tokens.coded,
+            tokens.sink,
+            [(unit.key, unit.value) for unit in units],
+        )
+
     def encode_layer(
-        self,
-        index: int,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        tokens: TokenLayout,
-        patch_input: torch.Tensor | None = None,
+        self, index: int, kv: Sequence[KV], tokens: TokenLayout, patch_input: torch.Tensor | None = None
     ) -> LayerCodes:
-        """One layer's codes, the same bytes `encode` gives it: a layer can leave while the next is being computed."""
+        """Layer `index`'s codes, the same bytes `encode` gives it, from the (keys, values) of layers 0..index (at
+        least): a layer can leave while the next is being computed. A unit's last layer codes the whole unit."""
         coder = self.layers[index]
         if isinstance(coder, PatchLayer):
             return encode_patch_layer(patch_input, tokens.coded, coder.hidden, self.kv_shape)
-        coders = [(coder.key, coder.value)]
-        return backend.encode_layers([keys], [values], tokens.cos, tokens.sin, tokens.coded, tokens.sink, coders)[0]
+        if coder.carries(index):
+            return self._encode_units([coder], kv, tokens)[0][-1]
+        keys, values = kv[index]
+        return backend.sink_layer(keys, values, tokens.cos, tokens.sin, tokens.coded, tokens.sink)
 
     def layout(self, record: TokenRecord, layer_tokens: Sequence[int] = ()) -> TokenLayout:
         """Where the recorded tokens go on the wire under this plan's sink; every layer must hold them all."""
@@ -152,14 +167,14 @@ class Plan:
         coder = self.layers[index]
         widths = tuple(getattr(layer_codes, f"{kind}_codes").shape[-1] for kind in CODED_KINDS)
         scale_widths = tuple(getattr(layer_codes, f"{kind}_scales").shape[-1] for kind in CODED_KINDS)
-        if widths != coder.widths() or scale_widths != coder.scale_widths():
+        if widths != coder.widths(index) or scale_widths != coder.scale_widths(index):
             raise ArtifactMismatchError(f"layer {index} codes do not match the artifacts' bit allocation")
         if layer_codes.key_codes.shape[0] != coded or layer_codes.exact_keys.shape[1:] != self.kv_shape:
             raise ArtifactMismatchError(f"layer {index} of the payload does not match the artifacts' layout")
 
     def layer_bytes(self, index: int, coded: int, exact: int) -> int:
         """Bytes one layer's codes take for `coded` coded and `exact` sink tokens: what a peer may declare."""
-        widths, scales = self.layers[index].widths(), self.layers[index].scale_widths()
+        widths, scales = self.layers[index].widths(index), self.layers[index].scale_widths(index)
         return coded * (sum(widths) + sum(scales)) + 2 * exact * self.kv_shape[0] * self.kv_shape[1] * 2
 
     def check_tokens(
@@ -187,36 +202,62 @@ class Plan:
         self, layers: Sequence[LayerCodes], record: TokenRecord, handle: ModelHandle, dtype: torch.dtype
     ) -> list[KV]:
         """Payload layers (checked with `check`) -> every layer's post-RoPE (keys, values) (batch, H, seq, d) in
-        `dtype`, keys rotated with the consumer's own (cos, sin) in `record`, before `finish`. All Reuse layers are
-        decoded together (one kernel launch on CUDA); `decode_layer` decodes one as it arrives."""
+        `dtype`, keys rotated with the consumer's own (cos, sin) in `record`, before `finish`. All Reuse units are
+        decoded together (one kernel launch on CUDA); `decode_layer` decodes layers as they arrive."""
         tokens = record.layout(self.sink.exact)
-        reuse = self.reuse_layers
-        decoded = backend.decode_layers(
-            [layers[index] for index in reuse],
+        kv: list[KV | None] = [None] * len(self.layers)
+        units = self.units
+        for unit, decoded in zip(units, self._decode_units(units, layers, tokens, dtype), strict=True):
+            for index, keys_values in zip(unit.members, decoded, strict=True):
+                kv[index] = keys_values
+        for index in self.patch_layers:
+            kv[index] = self._decode_patch(index, layers[index], tokens, handle, dtype)
+        return kv
+
+    def _decode_units(
+        self, units: Sequence[ReuseUnit], layers: Sequence[LayerCodes] | dict, tokens: TokenLayout, dtype: torch.dtype
+    ) -> list[list[KV]]:
+        return backend.decode_units(
+            [[layers[index] for index in unit.members] for unit in units],
             tokens.cos,
             tokens.sin,
             tokens.coded,
             tokens.sink,
-            [(self.layers[index].key, self.layers[index].value) for index in reuse],
+            [(unit.key, unit.value) for unit in units],
+            self.kv_shape,
             tokens.shape,
             dtype,
         )
-        kv: list[KV | None] = [None] * len(self.layers)
-        for index, keys_values in zip(reuse, decoded, strict=True):
-            kv[index] = keys_values
-        for index in self.patch_layers:
-            kv[index] = self.decode_layer(index, layers[index], tokens, handle, dtype)
-        return kv
 
     def decode_layer(
+        self,
+        index: int,
+        layer_codes: LayerCodes,
+        tokens: TokenLayout,
+        handle: ModelHandle,
+        dtype: torch.dtype,
+        waiting: dict[int, LayerCodes],
+    ) -> dict[int, KV]:
+        """The layers that layer `index`'s arrival completes, with the values `decode_layers` gives them, before
+        `finish`: itself, or nothing while its unit waits (in `waiting`) for the last layer, then the whole unit."""
+        coder = self.layers[index]
+        if isinstance(coder, PatchLayer):
+            return {index: self._decode_patch(index, layer_codes, tokens, handle, dtype)}
+        waiting[index] = layer_codes
+        if not coder.carries(index):
+            return {}
+        missing = [member for member in coder.members if member not in waiting]
+        if missing:
+            raise CacheStateError(f"layer {index} arrived before layers {missing} of its unit")
+        (decoded,) = self._decode_units([coder], waiting, tokens, dtype)
+        for member in coder.members:
+            del waiting[member]
+        return dict(zip(coder.members, decoded, strict=True))
+
+    def _decode_patch(
         self, index: int, layer_codes: LayerCodes, tokens: TokenLayout, handle: ModelHandle, dtype: torch.dtype
     ) -> KV:
-        """One layer's (keys, values), the same values `decode_layers` gives it, before `finish`."""
         coder = self.layers[index]
-        if isinstance(coder, ReuseLayer):
-            coders = [(coder.key, coder.value)]
-            args = (tokens.cos, tokens.sin, tokens.coded, tokens.sink, coders, tokens.shape, dtype)
-            return backend.decode_layers([layer_codes], *args)[0]
         return decode_patch_layer(
             layer_codes,
             tokens.cos,

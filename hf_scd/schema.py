@@ -14,8 +14,8 @@ from typing import Any
 from .arch import ModelShape
 from .errors import ArtifactError
 
-ARTIFACTS_FORMAT_VERSION = 3
-KINDS = ("k", "v")  # the two coders of a Reuse layer, in the order they are stacked
+ARTIFACTS_FORMAT_VERSION = 4
+KINDS = ("k", "v")  # the two coders of a Reuse unit, in the order they are stacked
 # The reserved point that ships every token's K/V exactly, in bf16: what a fidelity check falls back to.
 EXACT_POINT = "bf16"
 
@@ -23,7 +23,9 @@ EXACT_POINT = "bf16"
 class TensorKeys:
     """Names of the tensors in `codec.safetensors`."""
 
-    # Reuse coders, each stacked over (layer, K/V): `out_mean` only in cross-variant artifacts.
+    # Reuse coders, each stacked over (unit, K/V): `out_mean` only in cross-variant artifacts; `decoder` only where
+    # it is not the encoder's inverse (cross-variant), so same-model artifacts derive it on load; `encoder` float16 or
+    # float32.
     REUSE_FIELDS = ("mean", "out_mean", "encoder", "decoder", "steps")
     PATCH_LAYERS = "patch.layers"  # (candidates,) int64: layers whose attention input the producer can code
 
@@ -34,7 +36,7 @@ class TensorKeys:
 
     @staticmethod
     def bits(point: str) -> str:
-        """(layers, K/V, kv_heads, head_dim) uint8 bits per component of an operating point."""
+        """(units, K/V, blocks, components) uint8 bits per component of an operating point."""
         return f"points.{point}.bits"
 
     @staticmethod
@@ -61,13 +63,27 @@ class ModelEntry:
 @dataclass(frozen=True)
 class CodecConfig:
     """How the codes are made: `exact_tokens` sink tokens of each row ship in bf16, `recomputed_tokens` are
-    recomputed by the consumer (cross-variant); `reuse` names the cross-variant Reuse fit ("rrr", "joint-svd")."""
+    recomputed by the consumer (cross-variant); `reuse` names the cross-variant Reuse fit ("rrr", "joint-svd").
+    Reuse units are runs of `unit_layers` consecutive layers; with `joint_basis` a unit's heads and layers share one
+    basis (one block per unit), else each head of each layer is a block of its own."""
 
     max_bits: int
     token_scale: str
     exact_tokens: int
     recomputed_tokens: int = 0
     reuse: str | None = None
+    unit_layers: int = 1
+    joint_basis: bool = False
+
+    def units(self, num_layers: int) -> list[tuple[int, ...]]:
+        """The member layers of every Reuse unit, in order."""
+        return [tuple(range(start, start + self.unit_layers)) for start in range(0, num_layers, self.unit_layers)]
+
+    def blocks(self, shape: ModelShape) -> tuple[int, int]:
+        """(blocks, width) of a unit's coders: the shape of their `TransformCode.mean`."""
+        if self.joint_basis:
+            return (1, self.unit_layers * shape.num_kv_heads * shape.head_dim)
+        return (self.unit_layers * shape.num_kv_heads, shape.head_dim)
 
 
 @dataclass(frozen=True)
@@ -161,6 +177,13 @@ class ArtifactsConfig:
             raise ArtifactError(f"config.default_point {config.default_point!r} is not one of {names}")
         if config.codec.exact_tokens < 0 or config.codec.recomputed_tokens < 0:
             raise ArtifactError("config.codec exact_tokens and recomputed_tokens must be >= 0")
+        unit_layers = config.codec.unit_layers
+        if not 0 < unit_layers <= model.shape.num_layers or model.shape.num_layers % unit_layers:
+            raise ArtifactError(
+                f"config.codec.unit_layers must divide the model's {model.shape.num_layers} layers, got {unit_layers}"
+            )
+        if unit_layers > 1 and any(point.patch_layers for point in points):
+            raise ArtifactError("config.codec.unit_layers must be 1 where points patch layers: a Patch layer is a unit")
         if config.consumer is not None and config.consumer.shape != config.model.shape:
             raise ArtifactError("config.consumer must have the producer's KV shape")
         if config.fit_probe is not None:
@@ -213,6 +236,7 @@ def _entry_dict(entry: ModelEntry) -> dict[str, Any]:
 # What each annotated type of the config's dataclasses accepts from JSON.
 _JSON_TYPES: dict[str, tuple[type, ...]] = {
     "str": (str,),
+    "bool": (bool,),
     "str | None": (str, type(None)),
     "int": (int,),
     "float": (int, float),
@@ -230,7 +254,7 @@ def _typed(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
             raise ArtifactError(f"config.{where} has no field {f.name!r}")
         value = data[f.name]
         accepted = _JSON_TYPES[f.type]
-        if isinstance(value, bool) or not isinstance(value, accepted):
+        if (isinstance(value, bool) and f.type != "bool") or not isinstance(value, accepted):
             raise ArtifactError(f"config.{where}.{f.name} must be {f.type}, got {value!r}")
         if f.type == "tuple[int, ...]":
             if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):

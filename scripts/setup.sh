@@ -65,11 +65,13 @@ fi
 if (( oldest )); then
   version=$(python -c "from hf_scd.compat import OLDEST_TESTED; print(OLDEST_TESTED)")
   venv=.venv/transformers-oldest
-  if [[ -x "$venv/bin/python" ]] && [[ "$("$venv/bin/python" -c 'import transformers; print(transformers.__version__)' 2>/dev/null)" == "$version" ]]; then
+  if [[ -x "$venv/bin/python" ]] && [[ "$("$venv/bin/python" -c 'import transformers.activations; print(transformers.__version__)' 2>/dev/null)" == "$version" ]]; then
     echo "setup: $venv already has transformers $version"
   else
-    # Sees this environment's packages (torch, hf-scd, pytest, the models), with its own transformers on top.
+    # Sees this environment's packages (torch, hf-scd, pytest, the models), with its own transformers on top, and
+    # the Hugging Face `kernels` that release pins: the newest transformers depends on a `kernels` whose API the old
+    # one's start-up import (transformers.integrations.hub_kernels) cannot use.
     python -m venv --clear --system-site-packages "$venv"
-    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "transformers==$version"
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "transformers[kernels]==$version"
   fi
 fi

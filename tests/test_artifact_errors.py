@@ -105,8 +105,18 @@ def _zero_steps(tensors):
     tensors["steps"][:, :, 1:] = 0.0  # every used bit width has a zero step
 
 
-def _nan_decoder(tensors):
-    tensors["decoder"][3, 1, 0, 0, 0] = float("nan")
+def _nan_encoder(tensors):
+    tensors["encoder"][3, 1, 0, 0, 0] = float("nan")
+
+
+def _singular_encoder(tensors):
+    tensors["encoder"][2, 0, 0, :, 5] = 0.0  # a component nothing maps to: no inverse to decode with
+
+
+def _no_decoder_for_a_truncated_encoder(tensors):
+    tensors["encoder"] = tensors["encoder"][..., :-1].contiguous()
+    for key in [key for key in tensors if key.endswith(".bits")]:
+        tensors[key] = tensors[key][..., :-1].contiguous()
 
 
 def _drop_tensor(tensors):
@@ -125,7 +135,9 @@ def _pickled(_tensors):
         (_set_bits(9), "more than 8 bits"),
         (_set_bits(255), "more than 8 bits"),
         (_zero_steps, "quantizer step is not positive"),
-        (_nan_decoder, "decoder has non-finite values"),
+        (_nan_encoder, "encoder has non-finite values"),
+        (_singular_encoder, "an encoder is singular"),
+        (_no_decoder_for_a_truncated_encoder, "no tensor 'decoder'"),
         (_drop_tensor, "no tensor 'encoder'"),
         (_pickled, "not a valid safetensors file"),
     ],

@@ -43,10 +43,11 @@ def test_corrupted_tensors_and_unknown_version(artifacts, tmp_path):
     shutil.rmtree(folder)
     artifacts.save_pretrained(folder)
     config = json.loads((folder / "config.json").read_text())
-    config["format_version"] = 99
-    (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ArtifactError, match="format version 99"):
-        SCDArtifacts.from_pretrained(folder)
+    for old in (3, 99):  # 3: codec v2's artifacts, per-layer coders
+        config["format_version"] = old
+        (folder / "config.json").write_text(json.dumps(config))
+        with pytest.raises(ArtifactError, match=f"format version {old}; this hf-scd reads 4"):
+            SCDArtifacts.from_pretrained(folder)
     with pytest.raises(ArtifactError, match="no config.json"):
         SCDArtifacts.from_pretrained(tmp_path)
 

@@ -59,8 +59,9 @@ def test_near_lossless_transfer_continues_like_the_oracle(smollm2, artifacts, ch
 
 
 @torch.inference_mode()
-# Floors set from measurements on this document: 4x KL 0.0034 top-1 0.976; 8x KL 0.046 top-1 0.913.
-@pytest.mark.parametrize("point,max_kl,min_top1", [("4x", 0.01, 0.95), ("8x", 0.1, 0.88)])
+# Floors set from measurements on this document (codec v3): 4x KL 0.00045 top-1 1.0; 8x KL 0.0038 top-1 0.984; 12x
+# KL 0.0096 top-1 0.937. Codec v2 measured 4x KL 0.0034 top-1 0.976, 8x KL 0.046 top-1 0.913.
+@pytest.mark.parametrize("point,max_kl,min_top1", [("4x", 0.002, 0.98), ("8x", 0.01, 0.96), ("12x", 0.025, 0.91)])
 def test_compressed_points_meet_fidelity_floors(smollm2, artifacts, point, max_kl, min_top1):
     """Teacher-forced on real held-out text (the language reference), against the oracle."""
     from hf_scd.eval.corpus import evaluation_texts, token_documents

@@ -131,7 +131,7 @@ def test_rows_in_several_runs_code_as_token_by_token():
     cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
     keys, values = torch.randn(batch, heads, seq, dim), torch.randn(batch, heads, seq, dim)
     key_code, value_code = _coder(4), _coder(3)
-    (got,) = encode_rows([keys], [values], cos, sin, rows, [(key_code, value_code)])
+    (got,) = encode_rows([[keys]], [[values]], cos, sin, rows, [(key_code, value_code)])
     want = (
         *encode_vectors(key_code, content_keys(flat_rows(keys, rows), cos, sin, rows)),
         *encode_vectors(value_code, flat_rows(values, rows)),
@@ -140,9 +140,70 @@ def test_rows_in_several_runs_code_as_token_by_token():
     out = torch.full((2, batch, heads, seq, dim), float("nan"))
     empty = torch.empty(0)
     decode_rows(
-        [LayerCodes(*got, empty, empty, empty, empty)], cos, sin, rows, [(key_code, value_code)], out[:1], out[1:]
+        [LayerCodes(*got, empty, empty, empty, empty)], cos, sin, rows, [(key_code, value_code)], [[out[0]]], [[out[1]]]
     )
     expected = torch.full_like(out, float("nan"))
     scatter_rows(expected[0], rows, rotated_keys(decode_vectors(key_code, *got[:2]), cos, sin, rows))
     scatter_rows(expected[1], rows, decode_vectors(value_code, *got[2:]))
     assert torch.allclose(out, expected, atol=1e-5, equal_nan=True)
+
+
+def _joint_coder(bits_per_component: int, width: int, seed: int) -> TransformCode:
+    """One block over a whole unit (a joint basis), principal axes a random rotation with spreads 3 .. 0.1."""
+    generator = torch.Generator().manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(1, width, width, generator=generator))[0]
+    spread = torch.linspace(3, 0.1, width)
+    steps = torch.tensor([0.0] + [8.0 / 2**b for b in range(1, 9)])
+    bits = torch.full((1, width), bits_per_component, dtype=torch.uint8)
+    mean = torch.randn(1, width, generator=generator) * 0.2
+    return TransformCode(mean, basis / spread, spread[:, None] * basis.transpose(-1, -2), steps, bits)
+
+
+def test_a_joint_unit_codes_its_layers_heads_side_by_side():
+    """A unit of two layers with one basis: its codes are the codes of each token's (layers, heads, dim) vector, and
+    decoding writes each member layer back, keys re-rotated."""
+    torch.manual_seed(4)
+    batch, heads, seq, dim = 2, 2, 9, 16
+    rows = torch.arange(batch * seq)[3:]
+    angles = torch.rand(batch * seq, dim // 2) * 20
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    keys = [torch.randn(batch, heads, seq, dim) for _ in range(2)]
+    values = [torch.randn(batch, heads, seq, dim) for _ in range(2)]
+    key_code, value_code = _joint_coder(6, 2 * heads * dim, 0), _joint_coder(5, 2 * heads * dim, 1)
+    (got,) = encode_rows([keys], [values], cos, sin, rows, [(key_code, value_code)])
+    joint_keys = torch.stack([content_keys(flat_rows(k, rows), cos, sin, rows) for k in keys], 1)
+    joint_values = torch.stack([flat_rows(v, rows) for v in values], 1)
+    want = (
+        *encode_vectors(key_code, joint_keys.reshape(rows.numel(), 1, -1)),
+        *encode_vectors(value_code, joint_values.reshape(rows.numel(), 1, -1)),
+    )
+    assert got[1].shape == (rows.numel(), 1)  # one scale code per token for the whole unit
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    out = torch.zeros(2, 2, batch, heads, seq, dim)
+    empty = torch.empty(0)
+    codes = [LayerCodes(*got, empty, empty, empty, empty)]
+    decode_rows(codes, cos, sin, rows, [(key_code, value_code)], [list(out[0])], [list(out[1])])
+    decoded_keys = decode_vectors(key_code, *got[:2]).reshape(rows.numel(), 2, heads, dim)
+    decoded_values = decode_vectors(value_code, *got[2:]).reshape(rows.numel(), 2, heads, dim)
+    for member in range(2):
+        expected_keys, expected_values = torch.zeros_like(out[0, 0]), torch.zeros_like(out[1, 0])
+        scatter_rows(expected_keys, rows, rotated_keys(decoded_keys[:, member], cos, sin, rows))
+        scatter_rows(expected_values, rows, decoded_values[:, member])
+        assert torch.allclose(out[0, member], expected_keys, atol=1e-5)
+        assert torch.allclose(out[1, member], expected_values, atol=1e-5)
+
+
+def test_a_token_with_a_massive_coefficient_is_not_clipped():
+    """The scale is raised above the RMS where the RMS would clip a component of PEAK_BITS or more: one huge
+    coefficient among small ones (a massive activation) survives, and the other tokens are coded as before."""
+    coder = _coder(6)
+    torch.manual_seed(5)
+    unit = torch.randn(64, 2, 16) * 0.5
+    unit[7, 0, 3] = 60.0  # 20 times what its bits reach at the token's RMS
+    x = torch.einsum("nhc,hcd->nhd", unit, coder.decoder) + coder.mean
+    decoded = decode_vectors(coder, *encode_vectors(coder, x))
+    error = (decoded - x).norm(dim=-1) / (x - coder.mean).norm(dim=-1)
+    assert error[7, 0] < 0.1  # clipped at the RMS's reach it would keep about 1/20 of the coefficient
+    assert error.max() < 0.1
+    assert coder.peak_limits().shape == (2, 16) and bool((coder.peak_limits() > 0).all())
+    assert not bool((_coder(3).peak_limits() > 0).any())  # below PEAK_BITS: the RMS alone, as in codec v2

@@ -22,12 +22,11 @@ if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("without a GPU these tests need TRITON_INTERPRET=1 (conftest.py sets it)", allow_module_level=True)
 pytest.importorskip("triton")
 
+from hf_scd import codec, codes  # noqa: E402
 from hf_scd.kernels import available  # noqa: E402
 from hf_scd.kernels.accuracy import random_cache, random_coder, random_rope  # noqa: E402
 from hf_scd.kernels.decode import decode_rows  # noqa: E402
 from hf_scd.kernels.encode import encode_rows  # noqa: E402
-
-from hf_scd import codec, codes  # noqa: E402
 
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 MAX_SCALE_MISMATCH = 0.02  # fraction of token-heads whose scale code is off by 1 (never more than 1)
@@ -60,7 +59,12 @@ def _setup(batch, seq, heads, dim, n_rows, dtype, layers, seed):
     values = [random_cache(batch, heads, seq, dim, dtype, generator, DEVICE) for _ in range(layers)]
     cos, sin = random_rope(batch, seq, dim, generator, DEVICE)
     rows = torch.randperm(batch * seq, generator=generator)[:n_rows].to(DEVICE)
-    return keys, values, cos, sin, rows, coders
+    return units(keys), units(values), cos, sin, rows, coders
+
+
+def units(layers) -> list[list[torch.Tensor]]:
+    """Layers as Reuse units of one layer each: what the kernels code."""
+    return [[layer] for layer in layers]
 
 
 def _check_codes(got_codes, got_scales, ref_codes, ref_scales, code: codes.TransformCode) -> float:
@@ -109,8 +113,8 @@ def test_decode_matches_reference_and_writes_only_rows(batch, seq, heads, dim, n
     codes = _layer_codes(codec.encode_rows(keys, values, cos, sin, rows, coders))
     poison = torch.full((2, 2, layers, batch, heads, seq, dim), float("nan"), dtype=dtype, device=DEVICE)
     (got_keys, got_values), (ref_keys, ref_values) = poison.unbind(0)
-    decode_rows(codes, cos, sin, rows, coders, got_keys.unbind(0), got_values.unbind(0))
-    codec.decode_rows(codes, cos, sin, rows, coders, ref_keys.unbind(0), ref_values.unbind(0))
+    decode_rows(codes, cos, sin, rows, coders, units(got_keys.unbind(0)), units(got_values.unbind(0)))
+    codec.decode_rows(codes, cos, sin, rows, coders, units(ref_keys.unbind(0)), units(ref_values.unbind(0)))
     written = torch.zeros(batch * seq, dtype=torch.bool, device=DEVICE)
     written[rows] = True
     written = written.view(1, batch, 1, seq, 1).expand_as(got_keys)
@@ -124,7 +128,7 @@ def test_decode_matches_reference_and_writes_only_rows(batch, seq, heads, dim, n
 def test_layers_in_separate_allocations_match_one_launch():
     """Layers whose tensors do not share strides (a launch each) give the same codes and outputs as one launch."""
     keys, values, cos, sin, rows, coders = _setup(1, 13, 2, 64, 11, torch.bfloat16, 2, seed=7)
-    contiguous_keys = [keys[0].contiguous(), keys[1]]  # strides now differ between the layers
+    contiguous_keys = [[keys[0][0].contiguous()], keys[1]]  # strides now differ between the layers
     together, apart = (
         encode_rows(keys, values, cos, sin, rows, coders),
         encode_rows(contiguous_keys, values, cos, sin, rows, coders),
@@ -133,10 +137,10 @@ def test_layers_in_separate_allocations_match_one_launch():
         assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
     codes = _layer_codes(together)
     out = torch.zeros(2, 2, 1, 2, 13, 64, dtype=torch.bfloat16, device=DEVICE)
-    decode_rows(codes, cos, sin, rows, coders, out[0].unbind(0), out[1].unbind(0))
+    decode_rows(codes, cos, sin, rows, coders, units(out[0].unbind(0)), units(out[1].unbind(0)))
     separate = [torch.zeros(1, 2, 13, 64, dtype=torch.bfloat16, device=DEVICE) for _ in range(3)]
     separate.append(torch.zeros(1, 13, 2, 64, dtype=torch.bfloat16, device=DEVICE).transpose(1, 2))
-    decode_rows(codes, cos, sin, rows, coders, separate[:2], separate[2:])
+    decode_rows(codes, cos, sin, rows, coders, units(separate[:2]), units(separate[2:]))
     assert all(torch.equal(a, b) for a, b in zip(out.reshape(4, 1, 2, 13, 64), separate, strict=True))
 
 
@@ -146,8 +150,8 @@ def test_empty_rows_and_available():
     encoded = encode_rows(keys, values, cos, sin, rows, coders)
     for (key_codes, _, _, value_scales), (key_code, _) in zip(encoded, coders, strict=True):
         assert key_codes.shape == (0, key_code.layout.bytes_per_token) and value_scales.shape == (0, 2)
-    out = [torch.zeros_like(k) for k in keys + values]
-    decode_rows(_layer_codes(encoded), cos, sin, rows, coders, out[:2], out[2:])
+    out = [torch.zeros_like(unit[0]) for unit in keys + values]
+    decode_rows(_layer_codes(encoded), cos, sin, rows, coders, units(out[:2]), units(out[2:]))
     assert all((o == 0).all() for o in out)
     assert available() == ON_GPU
 
@@ -160,12 +164,12 @@ def test_round_trip_through_kernels_alone_matches_reference_round_trip():
     outputs = []
     for encode, decode in ((encode_rows, decode_rows), (codec.encode_rows, codec.decode_rows)):
         codes = _layer_codes(encode(keys, values, cos, sin, rows, coders))
-        out_keys, out_values = torch.empty_like(keys[0]), torch.empty_like(values[0])
-        decode(codes, cos, sin, rows, coders, [out_keys], [out_values])
+        out_keys, out_values = torch.empty_like(keys[0][0]), torch.empty_like(values[0][0])
+        decode(codes, cos, sin, rows, coders, [[out_keys]], [[out_values]])
         outputs.append(
             [
                 float((got - ref).pow(2).mean() / ref.pow(2).mean())
-                for got, ref in ((out_keys, keys[0]), (out_values, values[0]))
+                for got, ref in ((out_keys, keys[0][0]), (out_values, values[0][0]))
             ]
         )
     (kernel_key, kernel_value), (ref_key, ref_value) = outputs

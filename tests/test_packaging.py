@@ -1,8 +1,8 @@
 """The built wheel installs one import package, `hf_scd`, and works installed from it.
 
-The Triton kernels live in the repo's top-level `kernels/` folder but install as `hf_scd.kernels`: a top-level
-`kernels` package would overwrite, or be overwritten by, Hugging Face's `kernels` package (the Hub kernel loader
-that transformers uses), which serving stacks commonly have installed.
+The Triton kernels are `hf_scd.kernels`: a top-level `kernels` package would overwrite, or be overwritten by, Hugging
+Face's `kernels` package (the Hub kernel loader that transformers 5.25+ depends on and imports at start-up), and a
+`kernels/` package folder at the repo root would shadow it for anything run from the checkout.
 """
 
 import shutil
@@ -20,8 +20,7 @@ def wheel(tmp_path_factory):
     source = tmp_path_factory.mktemp("source")
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, source / name)
-    for name in ("hf_scd", "kernels"):
-        shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "hf_scd", source / "hf_scd", ignore=shutil.ignore_patterns("__pycache__"))
     out = tmp_path_factory.mktemp("wheel")
     build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", out, source]
     subprocess.run(build, check=True, timeout=300, capture_output=True)
@@ -65,3 +64,12 @@ def test_installed_wheel_dispatches_to_its_own_kernels_beside_another_kernels_pa
         timeout=300,
     )
     assert run.returncode == 0, run.stderr
+
+
+def test_transformers_imports_from_the_checkout_root():
+    """`python -m ...` puts the working directory first on sys.path: run from the repo root, nothing there may shadow
+    a package transformers imports (it imports Hugging Face's `kernels` at start-up since 5.25)."""
+    probe = "import transformers.activations, hf_scd.kernels, kernels; assert 'hf_scd' not in kernels.__name__"
+    run = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert not (REPO / "kernels" / "__init__.py").exists()

@@ -86,10 +86,11 @@ def test_not_a_payload_and_trailing_bytes():
         SCDPayload.from_bytes(_payload().to_bytes() + b"\0")
 
 
-def test_unknown_version():
+@pytest.mark.parametrize("version", [4, 99])  # 4: codec v2's payloads, every layer carrying its own codes
+def test_unknown_version(version):
     blob = bytearray(_payload().to_bytes())
-    struct.pack_into("<H", blob, 6, 99)
-    with pytest.raises(PayloadVersionError, match="version 99"):
+    struct.pack_into("<H", blob, 6, version)
+    with pytest.raises(PayloadVersionError, match=f"version {version}; this hf-scd reads version 5"):
         SCDPayload.from_bytes(blob)
 
 

@@ -110,7 +110,8 @@ def test_ship_download_and_continue_in_a_browser(page, tmp_path):
     stats = page.inner_text("#ship-stats")
     page.screenshot(path=tmp_path / "ship.png", full_page=True)
     ratio = float(re.search(r"([\d.]+)x smaller than BF16 KV", stats).group(1))
-    assert 3.5 < ratio < 4.5, stats  # the default 4x point, everything in the payload counted
+    # The default 8x point on a short conversation: everything in the payload counted, the 4 exact sink tokens too.
+    assert 5.5 < ratio < 8.0, stats
     # A real model reading a real passage: both answers name the country the passage says holds most of the forest.
     assert "Brazil" in scd and "Brazil" in oracle, (scd, oracle)
 

@@ -22,6 +22,7 @@ from hf_scd.errors import (
     ProducerAbortedError,
     TransferTimeoutError,
 )
+from hf_scd.eval.corpus import evaluation_texts
 from hf_scd.transport import (
     ChunkLink,
     Frame,
@@ -153,11 +154,16 @@ def producer(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def prompt(smollm2):
-    """A real prompt: 400 tokens of the README, and its oracle continuation on SmolLM2."""
+    """A real prompt: 400 tokens of held-out text, and its oracle continuation on SmolLM2. Its greedy continuation
+    has no near tie (a margin of at least 0.2 nats between the two best tokens at every step, checked here): where
+    two tokens are within a few hundredths, any lossy code of the cache may flip it, which would say nothing of the
+    transport."""
     model, tokenizer = smollm2
-    ids = tokenizer((REPO / "README.md").read_text(), return_tensors="pt")["input_ids"][:, :400]
+    ids = tokenizer(evaluation_texts()[5], return_tensors="pt")["input_ids"][:, :400]
     with torch.inference_mode():
         oracle = model.generate(ids, max_new_tokens=12, do_sample=False)
+        best = model(oracle[:, :-1]).logits[0, ids.shape[1] - 1 :].log_softmax(-1).topk(2).values
+    assert ids.shape[1] == 400 and float((best[:, 0] - best[:, 1]).min()) >= 0.2
     return ids, oracle
 
 
@@ -180,7 +186,7 @@ def test_streamed_one_shot_and_stored_transfers_continue_like_the_oracle(produce
         report = received.report
         assert isinstance(received.cache, SCDCache) and report.outcome == "transferred", report
         assert report.streaming == (mode != "oneshot") and report.fallback_reason is None
-        assert report.wire_bytes < report.raw_bytes / 3  # the default 4x point, frames included
+        assert report.wire_bytes < report.raw_bytes / 6  # the default 8x point, frames and the exact sink included
         assert len(report.layer_arrival_ms) == 30 and report.decode_ms > 0
         assert out[0, -12:].tolist() == oracle[0, -12:].tolist(), mode
         caches[mode] = received.cache

@@ -139,11 +139,13 @@ def test_fuzzed_payloads_that_rebuild_also_generate(smollm2, artifacts, shipped)
 
 
 @torch.inference_mode()
-def test_scale_widths_must_match_the_kv_heads(smollm2, artifacts, shipped):
+@pytest.mark.parametrize("layer_index", [3, 4])  # inside a unit of 5 layers, and its last, which carries the codes
+def test_scale_widths_must_match_the_units_blocks(smollm2, artifacts, shipped, layer_index):
     model, _ = smollm2
     payload = SCDPayload.from_bytes(shipped.to_bytes())
-    layer = payload.layers[3]
-    layer.key_scales = layer.key_scales[:, :1]  # one scale column instead of one per KV head
+    layer = payload.layers[layer_index]
+    assert layer.key_scales.shape[1] == (layer_index == 4)  # one scale code per token for the unit's joint block
+    layer.key_scales = torch.zeros(layer.key_scales.shape[0], 3, dtype=torch.uint8)  # one per KV head instead
     payload._wire = None
     with pytest.raises(ArtifactMismatchError, match="bit allocation"):
         SCDCache.from_payload(payload, artifacts, model)

@@ -1,5 +1,5 @@
-"""Collect what calibration fits on: pre-RoPE keys and values, as running moments plus a token sample, and the
-energy of the queries that will read the keys.
+"""Collect what calibration fits on: pre-RoPE keys and values of every Reuse unit, as running moments plus a token
+sample, and the energy of the queries that will read the keys.
 
 Pre-RoPE keys are exactly the output of `k_proj` (bias included), so forward hooks on `k_proj`/`v_proj` read the
 content-space keys directly, with no rotary embedding involved. The first tokens of each document are left out:
@@ -19,7 +19,7 @@ from ..schema import KINDS
 
 @dataclass
 class KVMoments:
-    """Running first and second moments (float64) of one layer's K or V per head, and a sample of tokens."""
+    """Running first and second moments (float64) of one unit's K or V per block, and a sample of tokens."""
 
     heads: int
     dim: int
@@ -128,27 +128,39 @@ def collect_kv_moments(
     progress: bool = True,
     consumer: torch.nn.Module | None = None,
     hidden_layers: tuple[int, ...] = (),
+    units: list[tuple[int, ...]] | None = None,
+    blocks: tuple[int, int] | None = None,
 ) -> tuple[dict[tuple[int, str], KVMoments], dict[int, QueryEnergy]]:
-    """Run each document (a list of token ids) through the model; gather K/V moments and query energy per layer,
-    leaving out each document's first `skip_tokens` tokens.
+    """Run each document (a list of token ids) through the model; gather K/V moments per Reuse unit (keyed (unit,
+    kind); `units` lists their member layers, default one per layer) in its coders' `blocks` (count, width; default
+    one per head), and query energy per layer, leaving out each document's first `skip_tokens` tokens.
 
-    With a `consumer` (a variant of `model`), moments are of joint [model's; consumer's] vectors per head, the query
+    With a `consumer` (a variant of `model`), moments are of joint [model's; consumer's] vectors per block, the query
     energy is the consumer's, and `hidden_layers` also get joint moments of the normalised attention input (kind
-    "h", one head of the model width).
+    "h", keyed by layer, one block of the model width).
     """
     shape = ModelHandle(model).shape
+    units = units or [(layer,) for layer in range(shape.num_layers)]
+    count, width = blocks or (shape.num_kv_heads, shape.head_dim)
     moments: dict[tuple[int, str], KVMoments] = {}
     queries = {layer: QueryEnergy(shape.num_kv_heads, shape.head_dim) for layer in range(shape.num_layers)}
     factor = 1 if consumer is None else 2
+
+    def add(key: tuple[int, str], parts: list[torch.Tensor], reader_parts: list[torch.Tensor], heads: int, dim: int):
+        x = torch.cat(parts, -1).reshape(-1, heads, dim)
+        if consumer is not None:
+            x = torch.cat([x, torch.cat(reader_parts, -1).reshape(-1, heads, dim)], -1)
+        moments.setdefault(key, KVMoments(heads, dim * factor)).add(x, keep_every)
+
     for doc in tqdm(documents, desc="collecting K/V", disable=not progress):
         acts = _activations(model, doc, skip_tokens, hidden_layers)
         reader = acts if consumer is None else _activations(consumer, doc, skip_tokens, hidden_layers)
         for layer in range(shape.num_layers):
             queries[layer].add(reader[(layer, "q")])
-            for kind in KINDS + (("h",) if layer in hidden_layers else ()):
-                heads, dim = (1, acts[(layer, kind)].shape[-1]) if kind == "h" else (shape.num_kv_heads, shape.head_dim)
-                x = acts[(layer, kind)].reshape(-1, heads, dim)
-                if consumer is not None:
-                    x = torch.cat([x, reader[(layer, kind)].reshape(-1, heads, dim)], -1)
-                moments.setdefault((layer, kind), KVMoments(heads, dim * factor)).add(x, keep_every)
+        for unit, members in enumerate(units):
+            for kind in KINDS:
+                parts = [acts[(layer, kind)] for layer in members]
+                add((unit, kind), parts, [reader[(layer, kind)] for layer in members], count, width)
+        for layer in hidden_layers:
+            add((layer, "h"), [acts[(layer, "h")]], [reader[(layer, "h")]], 1, acts[(layer, "h")].shape[-1])
     return moments, queries

@@ -113,7 +113,7 @@ def rank_patch_layers(run: Calibration) -> None:
     for layer in tqdm(run.layers, desc="ranking Patch layers" if run.job.patching else "naive error",
                       disable=not run.job.progress):  # fmt: skip
         keys = [(layer, kind) for kind in KINDS]
-        reuse_error = sum(run.bases[key].residual * run.weights[key] for key in keys)
+        reuse_error = sum(run.bases[key].residual for key in keys)  # weighed in the units' metrics already
         naive = sum(_naive_error(run.moments[key], run.metrics[key]) * run.weights[key] for key in keys)
         run.report.append({"layer": layer, "naive": naive, "reuse": reuse_error})
         if run.job.patching:

@@ -55,6 +55,8 @@ class Job:
     patch_counts: tuple[int, ...] = (0,)
     weigh_layers: bool = True
     validation_prefix: int = 384
+    unit_layers: int = 1  # consecutive layers per Reuse unit
+    joint_basis: bool = False  # one basis over a unit's heads and layers, else one per head
     default_max_kl: float | None = None
     default_min_ratio: float | None = None
     progress: bool = True
@@ -71,11 +73,24 @@ class Job:
     def patching(self) -> bool:
         return max(self.patch_counts) > 0
 
+    @property
+    def codec(self) -> CodecConfig:
+        codec = CodecConfig(
+            max_bits=MAX_BITS,
+            token_scale="log2-uint8",
+            exact_tokens=self.exact_tokens,
+            unit_layers=self.unit_layers,
+            joint_basis=self.joint_basis,
+        )
+        if self.is_pair:
+            codec = replace(codec, recomputed_tokens=self.recomputed_tokens, reuse=self.reuse)
+        return codec
+
 
 @dataclass
 class Calibration:
-    """A `Job` and what the steps have built so far. Coders, metrics and weights are keyed by (layer, kind): kind
-    "k"/"v" for K/V, "h" for a Patch layer's attention input."""
+    """A `Job` and what the steps have built so far. Metrics and weights are keyed by (layer, kind), moments and
+    coders by (unit, kind) for K/V ("k"/"v") and by (layer, "h") for a Patch layer's attention input."""
 
     job: Job
     handle: ModelHandle  # the consumer's: its metrics, weights and validation are what the plan optimises
@@ -99,6 +114,11 @@ class Calibration:
     def layers(self) -> range:
         return range(self.handle.shape.num_layers)
 
+    @property
+    def units(self) -> list[tuple[int, ...]]:
+        """The member layers of every Reuse unit."""
+        return self.job.codec.units(self.handle.shape.num_layers)
+
 
 Step = Callable[[Calibration], None]
 
@@ -110,6 +130,7 @@ def collect(run: Calibration) -> None:
     run.moments, run.queries = collect_kv_moments(
         job.producer, job.calibration_docs, skip_tokens=job.skip_tokens, progress=job.progress,
         consumer=job.consumer if job.is_pair else None, hidden_layers=tuple(run.layers) if job.patching else (),
+        units=run.units, blocks=job.codec.blocks(run.handle.shape),
     )  # fmt: skip
 
 
@@ -122,9 +143,11 @@ def measure_metrics(run: Calibration) -> None:
         run.metrics[(layer, "v")] = value_metric(o_proj, shape.num_kv_heads, shape.head_dim)
 
 
-def _consumer_rms(moments: KVMoments, dim: int) -> float:
-    """RMS per component of the consumer's vectors: the last `dim` of the (possibly joint) moments."""
-    return math.sqrt(float(moments.covariance()[..., -dim:, -dim:].diagonal(dim1=-2, dim2=-1).mean()))
+def _consumer_rms(moments: KVMoments, width: int, members: int) -> list[float]:
+    """RMS per component of the consumer's vectors, per member layer of a unit: the last `width` of each block of the
+    (possibly joint [producer; consumer]) moments, laid out (members, heads, head_dim)."""
+    variance = moments.covariance().diagonal(dim1=-2, dim2=-1)[..., -width:]
+    return [math.sqrt(float(part.mean())) for part in variance.reshape(members, -1)]
 
 
 def weigh_layers(run: Calibration) -> None:
@@ -134,40 +157,69 @@ def weigh_layers(run: Calibration) -> None:
     if not job.weigh_layers:
         run.weights = {key: 1.0 / float(m.diagonal(dim1=-2, dim2=-1).sum()) for key, m in run.metrics.items()}
         return
-    dim = run.handle.shape.head_dim
-    rms = {key: _consumer_rms(m, dim) for key, m in run.moments.items() if key[1] in KINDS}
+    _, width = job.codec.blocks(run.handle.shape)
+    rms = {}
+    for unit, members in enumerate(run.units):
+        for kind in KINDS:
+            figures = _consumer_rms(run.moments[(unit, kind)], width, len(members))
+            rms.update({(layer, kind): figure for layer, figure in zip(members, figures, strict=True)})
     docs = [doc[:SENSITIVITY_TOKENS] for doc in job.validation_docs[:SENSITIVITY_DOCS]]
     run.weights = layer_sensitivity(
         job.consumer, docs, rms, run.metrics, skip_tokens=job.skip_tokens, progress=job.progress
     )
 
 
+def unit_metric(run: Calibration, members: tuple[int, ...], kind: str) -> torch.Tensor:
+    """A unit's metric, its blocks' (blocks, width, width): each member layer's metric scaled by that layer's
+    sensitivity, so one basis and one bit budget weigh every layer's error by what it costs the output. Joint: one
+    block-diagonal matrix over the unit's layers and heads."""
+    parts = [run.weights[(layer, kind)] * run.metrics[(layer, kind)] for layer in members]
+    if run.job.joint_basis:
+        return torch.block_diag(*[head for part in parts for head in part]).unsqueeze(0)
+    return torch.cat(parts)
+
+
 def fit_reuse_coders(run: Calibration) -> None:
-    """Every layer's K and V coder: the model's own principal axes, or a cross-model predictor for a pair."""
-    for key in tqdm(list(run.metrics), desc="fitting Reuse coders", disable=not run.job.progress):
-        run.bases[key] = fit_layer_basis(run.moments[key], run.metrics[key], cross=run.job.reuse)
+    """Every unit's K and V coder: the model's own principal axes, or a cross-model predictor for a pair."""
+    keys = [(unit, kind) for unit in range(len(run.units)) for kind in KINDS]
+    for unit, kind in tqdm(keys, desc="fitting Reuse coders", disable=not run.job.progress):
+        metric = unit_metric(run, run.units[unit], kind)
+        run.bases[(unit, kind)] = fit_layer_basis(run.moments[(unit, kind)], metric, cross=run.job.reuse)
 
 
 def plan(run: Calibration) -> None:
     """Water-filled bits per (ratio, Patch set), and every tensor the artifacts store."""
     shape = run.handle.shape
-    order = allocation_order(run.bases, run.weights)
+    # K/V errors are weighed in their units' metrics already; a Patch layer's attention input by its weight.
+    weights = {key: 1.0 if key[1] in KINDS else run.weights[key] for key in run.bases}
+    order = allocation_order(run.bases, weights)
     run.moments = {}  # the largest thing calibration holds; not needed past the fits
-    # Same-model artifacts store no `out_mean`: it is the mean.
-    coder_fields = TensorKeys.REUSE_FIELDS
-    fields = coder_fields if run.job.reuse else tuple(f for f in coder_fields if f != "out_mean")
-    run.tensors = stack_bases(run.bases, shape.num_layers, fields)
+    # Same-model artifacts store no `out_mean` (it is the mean) and no `decoder` (the encoder's inverse), and their
+    # encoders in float16: the decoder inverts the stored encoder exactly, so that rounding costs nothing but a
+    # slightly less optimal basis.
+    fields = TensorKeys.REUSE_FIELDS if run.job.reuse else ("mean", "encoder", "steps")
+    run.tensors = stack_bases(run.bases, len(run.units), fields)
+    if not run.job.reuse:
+        run.tensors["encoder"] = half_if_exact(run.tensors["encoder"])
     run.tensors.update(run.patch_tensors)
-    run.points, bits = plan_points(order, shape, run.job.ratios, run.patch_sets, run.candidates, run.hidden_width)
+    blocks, _, components = run.bases[(0, KINDS[0])].encoder.shape
+    run.points, bits = plan_points(
+        order, shape, run.units, (blocks, components), run.job.ratios, run.patch_sets, run.candidates, run.hidden_width
+    )
     run.tensors.update(bits)
+
+
+def half_if_exact(encoder: torch.Tensor) -> torch.Tensor:
+    """float16 where every column keeps its norm to 2^-10 in it (nothing overflows, and the rounding of what falls
+    below float16's normal range stays below that), else float32."""
+    half = encoder.half()
+    error = (half.float() - encoder).norm(dim=-2) / encoder.norm(dim=-2).clamp(min=1e-30)
+    return half if bool(half.isfinite().all()) and float(error.max()) <= 2**-10 else encoder
 
 
 def config(run: Calibration) -> ArtifactsConfig:
     """The artifacts' config (before `SCDArtifacts.build` stamps the format version and tensor hash)."""
     job, shape = run.job, run.handle.shape
-    codec = CodecConfig(max_bits=MAX_BITS, token_scale="log2-uint8", exact_tokens=job.exact_tokens)
-    if job.is_pair:
-        codec = replace(codec, recomputed_tokens=job.recomputed_tokens, reuse=job.reuse)
     calibration = {
         "documents": len(job.calibration_docs),
         "tokens": sum(map(len, job.calibration_docs)),
@@ -177,7 +229,7 @@ def config(run: Calibration) -> ArtifactsConfig:
     return ArtifactsConfig(
         model=model_entry(job.model_name, job.base_model, shape, job.producer),
         consumer=model_entry(job.consumer_name, job.base_model, shape, job.consumer) if job.is_pair else None,
-        codec=codec,
+        codec=job.codec,
         calibration=calibration,
         operating_points=tuple(run.points),
         default_point=run.points[0].name,

@@ -22,11 +22,11 @@ from ..schema import KINDS, ModelEntry, OperatingPoint, TensorKeys
 from .fit import LayerBasis, allocate_bits
 
 
-def stack_bases(bases: dict[tuple[int, str], LayerBasis], num_layers: int, fields: tuple[str, ...]) -> dict:
-    """The K/V coders' tensors, each stacked over (layer, K/V)."""
+def stack_bases(bases: dict[tuple[int, str], LayerBasis], num_units: int, fields: tuple[str, ...]) -> dict:
+    """The K/V coders' tensors, each stacked over (unit, K/V)."""
     return {
         field: torch.stack(
-            [torch.stack([getattr(bases[(layer, kind)], field) for kind in KINDS]) for layer in range(num_layers)]
+            [torch.stack([getattr(bases[(unit, kind)], field) for kind in KINDS]) for unit in range(num_units)]
         )
         for field in fields
     }
@@ -35,6 +35,8 @@ def stack_bases(bases: dict[tuple[int, str], LayerBasis], num_layers: int, field
 def plan_points(
     order: list[tuple[int, str, int, int]],
     shape: ModelShape,
+    units: list[tuple[int, ...]],
+    coder_shape: tuple[int, int],
     ratios: tuple[float, ...],
     patch_sets: dict[int, list[int]],
     candidates: list[int],
@@ -42,27 +44,27 @@ def plan_points(
 ) -> tuple[list[OperatingPoint], dict[str, torch.Tensor]]:
     """One point per (ratio, Patch set): water-filled bits within the budget, as config entries and bit tensors.
 
-    `order` covers K/V components of every layer ("k", "v") and hidden components of the Patch `candidates` ("h");
-    a point takes the K/V increments of its Reuse layers and the hidden ones of its Patch layers. Points are named
+    `coder_shape` is (blocks, components) of every unit's K/V coders. `order` covers K/V components of every unit
+    ("k", "v", keyed by unit) and hidden components of the Patch `candidates` ("h", keyed by layer); a point takes the
+    K/V increments of its Reuse units and the hidden ones of its Patch layers (units of one layer). Points are named
     by ratio ("4x"), with "+p<count>" when they patch layers.
     """
     points, tensors = [], {}
-    heads, dim = shape.num_kv_heads, shape.head_dim
+    blocks, components = coder_shape
     for count, patch in sorted(patch_sets.items()):
-        steps = [step for step in order if (step[1] == "h") == (step[0] in patch)]
-        shapes = {
-            (layer, kind): (heads, dim) for layer in range(shape.num_layers) if layer not in patch for kind in KINDS
-        }
+        reuse = [unit for unit, members in enumerate(units) if not set(members) & set(patch)]
+        steps = [step for step in order if step[0] in (patch if step[1] == "h" else reuse)]
+        shapes = {(unit, kind): (blocks, components) for unit in reuse for kind in KINDS}
         shapes.update({(layer, "h"): (1, hidden_width) for layer in patch})
-        scale_bytes = len(KINDS) * heads * (shape.num_layers - len(patch)) + len(patch)
+        scale_bytes = len(KINDS) * blocks * len(reuse) + len(patch)
         for ratio in ratios:
             budget = math.floor(shape.bf16_bytes_per_token() / ratio) - scale_bytes
             bits = allocate_bits(steps, budget, shapes)
             name = f"{ratio:g}x" + (f"+p{count}" if count else "")
-            kv_bits = torch.zeros(shape.num_layers, len(KINDS), heads, dim, dtype=torch.uint8)
-            for (layer, kind), value in bits.items():
+            kv_bits = torch.zeros(len(units), len(KINDS), blocks, components, dtype=torch.uint8)
+            for (unit, kind), value in bits.items():
                 if kind in KINDS:
-                    kv_bits[layer, KINDS.index(kind)] = value
+                    kv_bits[unit, KINDS.index(kind)] = value
             tensors[TensorKeys.bits(name)] = kv_bits
             if candidates:
                 hidden_bits = torch.zeros(len(candidates), 1, hidden_width, dtype=torch.uint8)

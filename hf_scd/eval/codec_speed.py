@@ -58,10 +58,8 @@ def stream_encode(cache: SCDCache, point: str) -> list[bytes]:
     """What a `CacheSender` does per layer once the forward is done: each layer's codes as its frame's body."""
     plan = cache.artifacts.plan(point, cache.layers[0].keys.device)
     tokens = plan.layout(cache.record)
-    return [
-        layer_to_bytes(plan.encode_layer(index, layer.keys, layer.values, tokens))
-        for index, layer in enumerate(cache.layers)
-    ]
+    kv = [(layer.keys, layer.values) for layer in cache.layers]
+    return [layer_to_bytes(plan.encode_layer(index, kv, tokens)) for index in range(len(kv))]
 
 
 def stream_decode(payload: SCDPayload, bodies: list[bytes], artifacts: SCDArtifacts, model) -> SCDCache:

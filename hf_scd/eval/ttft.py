@@ -484,7 +484,7 @@ def report(path: Path) -> None:
     ttft_plot(rows, path.with_suffix(".png"))
 
 
-# The projection's inputs: kernels/RESULTS.md (one H100, Llama-3-8B shape, 8K tokens) and stated assumptions.
+# The projection's inputs: hf_scd/kernels/RESULTS.md (one H100, Llama-3-8B shape, 8K tokens) and stated assumptions.
 PROJECTION = {
     "tokens": 8192,
     "layers": 32,

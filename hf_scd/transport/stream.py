@@ -176,9 +176,9 @@ class CacheSender:
             self._send.put(Frame(Kind.OPEN, self._head.to_bytes(), tokens=self._head.num_tokens))
         if index != self.report.layers:
             raise CacheStateError(f"layer {index} was written where layer {self.report.layers} was due")
-        layer = self.cache.layers[index]
+        written = [(layer.keys, layer.values) for layer in self.cache.layers[: index + 1]]
         patch_input = self.cache.recorder.patch_input(index) if index in self._plan.patch_layers else None
-        codes = self._plan.encode_layer(index, layer.keys, layer.values, self._tokens, patch_input)
+        codes = self._plan.encode_layer(index, written, self._tokens, patch_input)
         body = layer_to_bytes(codes)
         self.report.layers += 1
         self.report.encode_ms += _ms(start)

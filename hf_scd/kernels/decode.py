@@ -13,7 +13,7 @@ import triton.language as tl
 from hf_scd.codes import CoderPair, LayerCodes, TransformCode
 
 from ._bf16 import MMA_DTYPE
-from ._launch import KernelLaunch, autotuned, cache_tables, layer_pointers, unit_stride
+from ._launch import KernelLaunch, autotuned, cache_tables, layer_pointers, single_layers, unit_stride
 from ._rotary import load_rotary
 from ._tables import BYTE_CHUNK, DECODER_PIECES
 
@@ -165,11 +165,12 @@ def decode_rows(
     sin: torch.Tensor,
     rows: torch.Tensor,
     coders: Sequence[CoderPair],
-    out_keys: Sequence[torch.Tensor],
-    out_values: Sequence[torch.Tensor],
+    out_keys: Sequence[Sequence[torch.Tensor]],
+    out_values: Sequence[Sequence[torch.Tensor]],
 ) -> None:
-    """Kernel version of `hf_scd.codec.decode_rows` (same arguments, writes in place): one launch for all layers'
-    keys, one for their values."""
+    """Kernel version of `hf_scd.codec.decode_rows` (same arguments, writes in place) for units of one layer coded
+    per head: one launch for all layers' keys, one for their values."""
+    out_keys, out_values = single_layers(out_keys), single_layers(out_values)
     runs = [
         run
         for kind, outs in (("key", out_keys), ("value", out_values))

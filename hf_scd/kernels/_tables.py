@@ -69,6 +69,7 @@ class CodeTables:
     head_col: torch.Tensor  # (L, H) int32 same, in all layers' codes side by side
     head_bytes: torch.Tensor  # (L, H) int32
     kept: torch.Tensor  # (L, H) fp32 components with bits > 0, at least 1 (the RMS divisor)
+    peak: torch.Tensor  # (L, H, C) fp32 `TransformCode.peak_limits`: 0 below PEAK_BITS bits
     scale_table: torch.Tensor  # (256,) fp32 code_to_scale of every scale code, exactly as the reference
 
 
@@ -116,6 +117,7 @@ def _build(codes: Sequence[TransformCode], device: torch.device) -> CodeTables:
             "head_col": head_start + sum(layer_bytes),
             "head_bytes": head_bytes,
             "kept": (bits > 0).sum(-1).clamp(min=1).float(),
+            "peak": _pad_comps(code.peak_limits().float().cpu(), comps, -1),
         }
         for name, t in parts.items():
             per_layer.setdefault(name, []).append(t)

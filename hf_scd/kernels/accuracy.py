@@ -90,14 +90,14 @@ def main(argv: list[str] | None = None) -> int:
         keys, values = (random_cache(batch, heads, seq, dim, dtype, generator, device) for _ in range(2))
         cos, sin = random_rope(batch, seq, dim, generator, device)
         rows = torch.randperm(batch * seq, generator=generator)[: args.rows].to(device)
-        got = encode_rows([keys], [values], cos, sin, rows, [pair])[0]
-        ref = codec.encode_rows([keys], [values], cos, sin, rows, [pair])[0]
+        got = encode_rows([[keys]], [[values]], cos, sin, rows, [pair])[0]
+        ref = codec.encode_rows([[keys]], [[values]], cos, sin, rows, [pair])[0]
         (key_scale, key_codes), (value_scale, value_codes) = code_mismatch(got, ref, pair)
         layer = [codes.LayerCodes(*ref, None, None, None, None)]
         exact = [torch.zeros(keys.shape, dtype=torch.float32, device=device) for _ in range(2)]
-        codec.decode_rows(layer, cos, sin, rows, [pair], exact[:1], exact[1:])
+        codec.decode_rows(layer, cos, sin, rows, [pair], [exact[:1]], [exact[1:]])
         out = [torch.zeros(keys.shape, dtype=dtype, device=device) for _ in range(2)]
-        decode_rows(layer, cos, sin, rows, [pair], out[:1], out[1:])
+        decode_rows(layer, cos, sin, rows, [pair], [out[:1]], [out[1:]])
         error = max(float((o.float() - e).abs().max() / e.abs().max()) for o, e in zip(out, exact, strict=True))
         rounding = max(float((e.to(dtype).float() - e).abs().max() / e.abs().max()) for e in exact)
         print(

@@ -1,5 +1,5 @@
-"""Fused encode kernel: gather rows -> de-rotate keys -> centre -> encoder product (bf16 pieces) -> RMS -> scale
-code -> quantize -> pack (8-bit one-hot products), in one pass per (block of tokens, head, layer). Only the packed
+"""Fused encode kernel: gather rows -> de-rotate keys -> centre -> encoder product (bf16 pieces) -> RMS and peak ->
+scale code -> quantize -> pack (8-bit one-hot products), in one pass per (block of tokens, head, layer). Only the packed
 codes and scale codes reach global memory, and one launch codes every layer of a cache."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import triton.language as tl
 from hf_scd.codes import CoderPair, RowCodes, TransformCode
 
 from ._bf16 import MMA_DTYPE, round_bf16
-from ._launch import KernelLaunch, autotuned, cache_tables, layer_pointers, unit_stride
+from ._launch import KernelLaunch, autotuned, cache_tables, layer_pointers, single_layers, unit_stride
 from ._rotary import load_rotary
 from ._tables import BYTE_CHUNK
 
@@ -39,7 +39,7 @@ def _project(unit, x, enc_ptr, piece_stride, d, c, C: tl.constexpr, X_EXACT: tl.
 def _encode_kernel(
     x_ptr, x_off_ptr, cos_ptr, sin_ptr, rows_ptr,
     mean_ptr, mean_code_ptr, enc_ptr, enc_piece_stride, byte_ptr, byte_count_ptr, shift_ptr, bits_ptr, step_ptr,
-    head_col_ptr, head_bytes_ptr, kept_ptr, scale_table_ptr,
+    head_col_ptr, head_bytes_ptr, kept_ptr, scale_table_ptr, peak_ptr,
     codes_ptr, scales_ptr,
     N, seq, H, codes_stride, scales_stride,
     sxb, sxh, sxs, scr, ssr,
@@ -91,11 +91,13 @@ def _encode_kernel(
                 x = x.to(tl.float32) - tl.load(mean_ptr + d)[None, :]
             unit = _project(unit, x, enc_ptr, enc_piece_stride, d, c, C, X_EXACT)
 
-    # Per token-head RMS over kept components -> log scale code -> per-component step.
+    # Per token-head RMS over kept components (or the peak) -> log scale code -> per-component step.
     bits = tl.load(bits_ptr + lh * C + c)
     kept = (bits > 0)[None, :]
     power = tl.sum(tl.where(kept, unit * unit, 0.0), axis=1)
     rms = tl.math.sqrt_rn(tl.math.div_rn(power, tl.load(kept_ptr + lh)))
+    # Raised where the RMS would clip a component of PEAK_BITS or more (its limit is 0 elsewhere).
+    rms = tl.maximum(rms, tl.max(tl.abs(unit) * tl.load(peak_ptr + lh * C + c)[None, :], axis=1))
     scode = tl.floor(tl.log2(tl.maximum(rms, 0.00390625)) * 16.0 + 0.5) + 128.0
     scode = tl.minimum(tl.maximum(scode, 0.0), 255.0).to(tl.int32)
     scale = tl.load(scale_table_ptr + scode)
@@ -166,7 +168,7 @@ def encode_launches(
         pointers.base, pointers.offsets, cos, sin, rows,
         tab.mean, tab.mean_code, tab.encoder, tab.encoder.stride(0),
         tab.byte_rel, tab.byte_count, tab.shift, tab.bits, tab.step,
-        tab.head_col, tab.head_bytes, tab.kept, tab.scale_table,
+        tab.head_col, tab.head_bytes, tab.kept, tab.scale_table, tab.peak,
         packed, scales,
         n, seq, heads, packed.stride(0), scales.stride(0),
         *pointers.base.stride()[:3], cos.stride(0), sin.stride(0),
@@ -179,15 +181,16 @@ def encode_launches(
 
 
 def encode_rows(
-    keys: Sequence[torch.Tensor],
-    values: Sequence[torch.Tensor],
+    keys: Sequence[Sequence[torch.Tensor]],
+    values: Sequence[Sequence[torch.Tensor]],
     cos: torch.Tensor,
     sin: torch.Tensor,
     rows: torch.Tensor,
     coders: Sequence[CoderPair],
 ) -> list[RowCodes]:
-    """Kernel version of `hf_scd.codec.encode_rows` (same arguments and results): one launch for all layers' keys,
-    one for their values."""
+    """Kernel version of `hf_scd.codec.encode_rows` (same arguments and results) for units of one layer coded per
+    head: one launch for all layers' keys, one for their values."""
+    keys, values = single_layers(keys), single_layers(values)
     key_runs, key_codes, key_scales = encode_launches(keys, cos, sin, rows, [pair[0] for pair in coders], True)
     value_runs, value_codes, value_scales = encode_launches(values, cos, sin, rows, [pair[1] for pair in coders], False)
     for run in key_runs + value_runs:

@@ -105,3 +105,11 @@ def cache_tables(
             f"caches {[tuple(x.shape) for x in caches]} do not all have the codes' {tab.heads} x {tab.dim}"
         )
     return tab, shape, rows.to(device=device, dtype=torch.int64).contiguous()
+
+
+def single_layers(units: Sequence[Sequence[torch.Tensor]]) -> list[torch.Tensor]:
+    """The layers of Reuse units of one layer each: the kernels code per-head units only (joint units take the
+    torch reference, see `hf_scd.backend`)."""
+    if any(len(unit) != 1 for unit in units):
+        raise ValueError("the kernels code Reuse units of one layer; joint units of several layers take the reference")
+    return [unit[0] for unit in units]

@@ -2,7 +2,7 @@
 
 Per model shape and context length it times encode and decode of all layers (one launch for all keys, one for all
 values; median of triton's do_bench), counts the bytes each must move, and compares the achieved bandwidth with a
-device-to-device copy measured in the same run and the time with the plain-torch reference path. `decode_layers`
+device-to-device copy measured in the same run and the time with the plain-torch reference path. `decode_units`
 is what a consumer runs (the library entry: allocation, both launches, 4 exact sink tokens). It then puts that
 time for an 8K-token Llama-3-8B cache next to 1% of that model's prefill time (random weights; the forward's cost
 does not depend on them). Synthetic operating point: ~4 bits/component (a ~4x smaller cache than bf16), random
@@ -66,7 +66,7 @@ def _model_rows(name: str, tokens: int, device: torch.device, copy_gbps: float) 
     n_layers, heads, dim = SHAPES[name]
     generator = torch.Generator().manual_seed(0)
     kv = torch.randn(2, n_layers, 1, heads, tokens, dim, device=device, dtype=torch.bfloat16)
-    keys, values = list(kv[0].unbind(0)), list(kv[1].unbind(0))
+    keys, values = [[k] for k in kv[0].unbind(0)], [[v] for v in kv[1].unbind(0)]  # Reuse units of one layer
     coders = [(_coder(heads, dim, generator, device), _coder(heads, dim, generator, device)) for _ in range(n_layers)]
     cos, sin = _rope(tokens, dim, device)
     rows = torch.arange(tokens, device=device)
@@ -74,7 +74,7 @@ def _model_rows(name: str, tokens: int, device: torch.device, copy_gbps: float) 
         codes.LayerCodes(*e, None, None, None, None) for e in kernels.encode_rows(keys, values, cos, sin, rows, coders)
     ]
     out = torch.empty_like(kv)
-    out_keys, out_values = list(out[0].unbind(0)), list(out[1].unbind(0))
+    out_keys, out_values = [[k] for k in out[0].unbind(0)], [[v] for v in out[1].unbind(0)]
 
     def run_encode(impl):
         return lambda: impl(keys, values, cos, sin, rows, coders)
@@ -103,12 +103,13 @@ def _model_rows(name: str, tokens: int, device: torch.device, copy_gbps: float) 
         codes.LayerCodes(*e, None, None, None, None)
         for e in kernels.encode_rows(keys, values, cos, sin, rows[4:], coders)
     ]
-    for layer, k, v in zip(layer_codes, keys, values, strict=True):
+    for layer, (k,), (v,) in zip(layer_codes, keys, values, strict=True):
         layer.exact_keys, layer.exact_values = codec.flat_rows(k, sink), codec.flat_rows(v, sink)
+    units = [[layer] for layer in layer_codes]
     library_ms = _bench(
-        lambda: backend.decode_layers(layer_codes, cos, sin, rows[4:], sink, coders, (1, tokens), torch.bfloat16)
+        lambda: backend.decode_units(units, cos, sin, rows[4:], sink, coders, (heads, dim), (1, tokens), torch.bfloat16)
     )
-    result.append(dict(result[-1], kernel="decode_layers", ms=library_ms, gbps=moved / (library_ms * 1e-3) / 1e9))
+    result.append(dict(result[-1], kernel="decode_units", ms=library_ms, gbps=moved / (library_ms * 1e-3) / 1e9))
     result[-1]["copy_frac"] = result[-1]["gbps"] / copy_gbps
     result[-1].update(
         torch_ms=float("nan"), speedup=float("nan"), check="library entry: allocation, 2 launches, 4 sink tokens"
@@ -120,7 +121,7 @@ def _agreement(keys, values, cos, sin, rows, coders, codes) -> dict[str, str]:
     """Kernel vs torch path on the first layer: off-by-one code fractions (encode), max relative error (decode)."""
     from hf_scd import codec, codes, kernels
 
-    args = ([keys[0]], [values[0]], cos, sin, rows, coders[:1])
+    args = (keys[:1], values[:1], cos, sin, rows, coders[:1])
     (encoded,), (ref,) = kernels.encode_rows(*args), codec.encode_rows(*args)
     key_code, value_code = coders[0]
     scale_off = sum(float((a != b).float().mean()) for a, b in ((encoded[1], ref[1]), (encoded[3], ref[3]))) / 2
@@ -132,9 +133,10 @@ def _agreement(keys, values, cos, sin, rows, coders, codes) -> dict[str, str]:
     code_off = sum(
         float(((a != b) & m).sum() / (m.sum() * a.shape[-1])) for (a, b), m in zip(unpacked, same, strict=True)
     )
-    outputs = torch.empty(2, 2, *keys[0].shape, dtype=keys[0].dtype, device=keys[0].device)
+    first = keys[0][0]
+    outputs = torch.empty(2, 2, *first.shape, dtype=first.dtype, device=first.device)
     for (out_keys, out_values), impl in zip(outputs, (kernels, codec), strict=True):
-        impl.decode_rows(codes[:1], cos, sin, rows, coders[:1], [out_keys], [out_values])
+        impl.decode_rows(codes[:1], cos, sin, rows, coders[:1], [[out_keys]], [[out_values]])
     err = max(float((a.float() - b.float()).abs().max() / b.float().abs().max()) for a, b in zip(*outputs, strict=True))
     return {"encode": f"scales {scale_off:.1e}, codes {code_off / 2:.1e}", "decode": f"max rel err {err:.1e}"}
 
@@ -215,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             if not llama:
                 llama = _model_rows("Llama-3-8B", PREFILL_TOKENS, device, copy_gbps)
                 torch.cuda.empty_cache()
-            decode_ms = next(r["ms"] for r in llama if r["kernel"] == "decode_layers")
+            decode_ms = next(r["ms"] for r in llama if r["kernel"] == "decode_units")
             prefill = _prefill_ms(device)
             text += (
                 f"\n\nLlama-3-8B, 8K tokens: decode of the whole cache {decode_ms:.2f} ms vs prefill {prefill:.0f} ms "

@@ -1,6 +1,6 @@
 """Ship a real prompt's KV cache as SCD codes and continue generation from them, next to the oracle.
 
-    python examples/quickstart.py [--ratio 4]
+    python examples/quickstart.py [--ratio 8]
 
 Producer and consumer run in one process here for a side-by-side view; the bytes handed between them are exactly
 what would cross the wire.
@@ -33,7 +33,7 @@ PASSAGE = (
 @torch.inference_mode()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--ratio", type=float, default=4.0, help="compress at least this much below BF16")
+    parser.add_argument("--ratio", type=float, default=8.0, help="compress at least this much below BF16")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     args = parser.parse_args()
 

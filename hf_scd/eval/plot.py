@@ -1,8 +1,15 @@
-"""The quality-bytes frontier as a picture: KL and QA F1 against bytes per token, one marker per method."""
+"""The quality-bytes frontier as a picture: KL and QA F1 against bytes per token, one marker per method; and, from
+saved `hf-scd eval --json` runs, KL against the ratio to BF16, one panel per run:
+
+    python -m hf_scd.eval.plot --out frontier.png benchmarks/eval_A.json benchmarks/eval_B.json
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -94,3 +101,55 @@ def ttft_plot(rows: Sequence[dict], path: str | Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def _family(method: str) -> str:
+    """The series a method's row belongs to in the frontier: its name without the ratio."""
+    if method.startswith("kvtc-"):
+        return "KVTC-style" + (", 128 recent exact" if not re.search(r"-w\d+$", method) else "")
+    return "SCD" if method.startswith("scd-") else method
+
+
+def frontier_plot(runs: dict[str, list[dict]], path: str | Path) -> None:
+    """One panel per run (title -> `hf-scd eval --json` rows): KL (log) against the whole payload's ratio to BF16,
+    one line per method family in order of ratio."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(runs), figsize=(5.6 * len(runs), 4.4), squeeze=False)
+    for axis, (title, rows) in zip(axes[0], runs.items(), strict=True):
+        families: dict[str, list[tuple[float, float, str]]] = {}
+        for row in rows:
+            if row["method"] != "oracle" and row["kl"] and row["kl"] > 0:
+                families.setdefault(_family(row["method"]), []).append((row["ratio_vs_bf16"], row["kl"], row["method"]))
+        for name, points in sorted(families.items()):
+            points.sort()
+            axis.plot([p[0] for p in points], [p[1] for p in points], "o-" if len(points) > 1 else "s", label=name)
+            if name == "SCD":
+                for x, y, method in points:
+                    axis.annotate(method[4:], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        axis.set(yscale="log", xlabel="ratio to BF16 K/V (whole payload)", ylabel="KL(oracle || method), nats",
+                 title=title)  # fmt: skip
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="KL against the ratio to BF16, one panel per saved eval run")
+    parser.add_argument("runs", nargs="+", type=Path, help="`hf-scd eval --json` files")
+    parser.add_argument("--titles", nargs="*", help="one per run (default: the file names)")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    titles = args.titles or [run.stem for run in args.runs]
+    if len(titles) != len(args.runs):
+        parser.error("give one title per run")
+    frontier_plot({title: json.loads(run.read_text()) for title, run in zip(titles, args.runs, strict=True)}, args.out)
+
+
+if __name__ == "__main__":
+    main()

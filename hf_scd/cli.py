@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     cal.add_argument("--validation-prefix", type=int, default=384)
     cal.add_argument("--no-layer-weights", action="store_true", help="skip the per-layer sensitivity measurement")
     cal.add_argument(
-        "--unit-layers", type=int, help="same-model: consecutive layers per joint basis (default: a divisor, at most 5)"
+        "--unit-layers", type=int, help="same-model: layers per joint basis (default: the fewest, a divisor, 960 wide)"
     )
     cal.add_argument("--exact-tokens", type=int, help="same-model: leading tokens of each row shipped in bf16")
     cal.set_defaults(func=cmd_calibrate)

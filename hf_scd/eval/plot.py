@@ -118,15 +118,22 @@ def frontier_plot(runs: dict[str, list[dict]], path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, len(runs), figsize=(5.6 * len(runs), 4.4), squeeze=False)
-    for axis, (title, rows) in zip(axes[0], runs.items(), strict=True):
+    columns = min(2, len(runs))
+    lines = -(-len(runs) // columns)
+    figure, axes = plt.subplots(lines, columns, figsize=(6.4 * columns, 4.4 * lines), squeeze=False)
+    names = sorted({_family(row["method"]) for rows in runs.values() for row in rows if row["method"] != "oracle"})
+    colors = {name: f"C{index}" for index, name in enumerate(names)}  # one color per family in every panel
+    for axis in axes.flat[len(runs) :]:
+        axis.set_visible(False)
+    for axis, (title, rows) in zip(axes.flat, runs.items(), strict=False):
         families: dict[str, list[tuple[float, float, str]]] = {}
         for row in rows:
             if row["method"] != "oracle" and row["kl"] and row["kl"] > 0:
                 families.setdefault(_family(row["method"]), []).append((row["ratio_vs_bf16"], row["kl"], row["method"]))
         for name, points in sorted(families.items()):
             points.sort()
-            axis.plot([p[0] for p in points], [p[1] for p in points], "o-" if len(points) > 1 else "s", label=name)
+            style = "o-" if len(points) > 1 else "s"
+            axis.plot([p[0] for p in points], [p[1] for p in points], style, label=name, color=colors[name])
             if name == "SCD":
                 for x, y, method in points:
                     axis.annotate(method[4:], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from . import codec
-from .codes import CoderPair, LayerCodes
+from .codes import CoderPair, LayerCodes, RowCodes
 
 KV = tuple[torch.Tensor, torch.Tensor]
 
@@ -33,6 +33,23 @@ def _row_coder(reference, x: torch.Tensor, rows: torch.Tensor, units: Sequence[S
     return reference
 
 
+def code_units(
+    keys: Sequence[Sequence[torch.Tensor]],
+    values: Sequence[Sequence[torch.Tensor]],
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    coded_rows: torch.Tensor,
+    coders: Sequence[CoderPair],
+) -> list[RowCodes]:
+    """Units' member layers' caches (batch, H, seq, d), rotary (batch*seq, d) -> per unit, the codes of its
+    `coded_rows` (flat into batch*seq): on CUDA tensors of per-head units one Triton launch for all keys and one for
+    all values."""
+    if not keys:
+        return []
+    coder = _row_coder(codec.encode_rows, keys[0][0], coded_rows, keys, coders)
+    return coder(keys, values, cos, sin, coded_rows, coders)
+
+
 def encode_units(
     keys: Sequence[Sequence[torch.Tensor]],
     values: Sequence[Sequence[torch.Tensor]],
@@ -42,42 +59,34 @@ def encode_units(
     exact_rows: torch.Tensor,
     coders: Sequence[CoderPair],
 ) -> list[list[LayerCodes]]:
-    """Units' member layers' caches (batch, H, seq, d), rotary (batch*seq, d) -> per unit, one `LayerCodes` per
-    member: bf16 `exact_rows` in each, the unit's codes of `coded_rows` in its last (zero-width codes in the others).
-
-    Row indices are flat into batch*seq; padding is in neither. All units are coded together: on CUDA tensors of
-    per-head units that is one Triton launch for all keys and one for all values.
-    """
-    if not keys:
-        return []
-    coded = _row_coder(codec.encode_rows, keys[0][0], coded_rows, keys, coders)(
-        keys, values, cos, sin, coded_rows, coders
-    )
-    out = []
-    for unit_keys, unit_values, unit_codes in zip(keys, values, coded, strict=True):
-        members = [
-            sink_layer(k, v, cos, sin, coded_rows, exact_rows) for k, v in zip(unit_keys, unit_values, strict=True)
+    """Units' member layers' caches -> per unit, one `LayerCodes` per member: bf16 `exact_rows` in each, the unit's
+    codes (`code_units`) in its last and zero-width codes in the others. Padding is in neither set of rows."""
+    coded = code_units(keys, values, cos, sin, coded_rows, coders)
+    return [
+        [
+            layer_codes(k, v, cos, sin, coded_rows, exact_rows, unit_codes if member == len(unit_keys) - 1 else None)
+            for member, (k, v) in enumerate(zip(unit_keys, unit_values, strict=True))
         ]
-        last = members[-1]
-        last.key_codes, last.key_scales, last.value_codes, last.value_scales = unit_codes
-        out.append(members)
-    return out
+        for unit_keys, unit_values, unit_codes in zip(keys, values, coded, strict=True)
+    ]
 
 
-def sink_layer(
+def layer_codes(
     keys: torch.Tensor,
     values: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
     coded_rows: torch.Tensor,
     exact_rows: torch.Tensor,
+    codes: RowCodes | None = None,
 ) -> LayerCodes:
-    """One layer's exact `exact_rows` in bf16 (keys de-rotated) and zero-width codes for its `coded_rows`: what a
-    layer of a unit that is not the unit's last puts on the wire."""
+    """What one layer of a unit puts on the wire: its exact `exact_rows` in bf16 (keys de-rotated), and the unit's
+    `codes` if it is the unit's last layer, else zero-width codes for its `coded_rows`."""
     exact_keys = codec.content_keys(codec.flat_rows(keys, exact_rows), cos, sin, exact_rows).to(torch.bfloat16)
     exact_values = codec.flat_rows(values, exact_rows).to(torch.bfloat16)
     empty = torch.empty(coded_rows.numel(), 0, dtype=torch.uint8, device=keys.device)
-    return LayerCodes(empty, empty, empty, empty, exact_keys, exact_values, empty, empty)
+    key_codes, key_scales, value_codes, value_scales = codes or (empty, empty, empty, empty)
+    return LayerCodes(key_codes, key_scales, value_codes, value_scales, exact_keys, exact_values, empty, empty)
 
 
 def decode_units(

@@ -26,15 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .codes import (
-    BitLayout,
-    CoderPair,
-    LayerCodes,
-    RowCodes,
-    TransformCode,
-    code_to_scale,
-    scale_to_code,
-)
+from .codes import BitLayout, CoderPair, LayerCodes, RowCodes, TransformCode, code_to_scale, scale_to_code
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -294,7 +286,7 @@ def encode_rows(
     _, heads, seq, dim = keys[0][0].shape
     runs = token_runs(rows, seq)
     cos, sin = cos[rows].float(), sin[rows].float()
-    squared = (cos * cos + sin * sin).unsqueeze(1)
+    squared = (cos * cos + sin * sin)[:, None, None]  # broadcast over a unit's (tokens, layers, H, d)
     encoded = []
     for unit_keys, unit_values, (key_code, value_code) in zip(keys, values, coders, strict=True):
         content = torch.empty(rows.numel(), len(unit_keys), heads, dim, device=unit_keys[0].device)
@@ -305,7 +297,7 @@ def encode_rows(
                 out = content[tokens, member].transpose(0, 1)
                 _rotate_into(out, k[batch, :, start:end], cos[tokens], sin[tokens], inverse=True)
                 vectors[tokens, member] = v[batch, :, start:end].transpose(0, 1)
-        content /= squared.unsqueeze(1)  # `remove_rotary`, exact also under an attention scaling
+        content /= squared  # `remove_rotary`, exact also under an attention scaling
         key_blocks = blocks(key_code, content) - _derived(key_code).mean
         value_blocks = blocks(value_code, vectors) - _derived(value_code).mean
         encoded.append((*_encode_heads(key_code, key_blocks), *_encode_heads(value_code, value_blocks)))

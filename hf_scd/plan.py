@@ -112,7 +112,13 @@ class Plan:
         together (one kernel launch on CUDA); `encode_layer` codes one layer, for streaming."""
         tokens = self.layout(record, [keys.shape[2] for keys, _ in kv])
         layers: list[LayerCodes | None] = [None] * len(self.layers)
-        for unit, codes in zip(self.units, self._encode_units(self.units, kv, tokens), strict=True):
+        units = self.units
+        unit_keys, unit_values = self._unit_inputs(units, kv)
+        coders = [(unit.key, unit.value) for unit in units]
+        encoded = backend.encode_units(
+            unit_keys, unit_values, tokens.cos, tokens.sin, tokens.coded, tokens.sink, coders
+        )
+        for unit, codes in zip(units, encoded, strict=True):
             for index, layer_codes in zip(unit.members, codes, strict=True):
                 layers[index] = layer_codes
         for index in self.patch_layers:
@@ -121,15 +127,12 @@ class Plan:
             )
         return layers
 
-    def _encode_units(self, units: Sequence[ReuseUnit], kv: Sequence[KV], tokens: TokenLayout) -> list[list]:
-        return backend.encode_units(
+    @staticmethod
+    def _unit_inputs(units: Sequence[ReuseUnit], kv: Sequence[KV]) -> tuple[list, list]:
+        """The units' member layers' keys and values, one list per unit."""
+        return (
             [[kv[index][0] for index in unit.members] for unit in units],
             [[kv[index][1] for index in unit.members] for unit in units],
-            tokens.cos,
-            tokens.sin,
-            tokens.coded,
-            tokens.sink,
-            [(unit.key, unit.value) for unit in units],
         )
 
     def encode_layer(
@@ -140,10 +143,13 @@ class Plan:
         coder = self.layers[index]
         if isinstance(coder, PatchLayer):
             return encode_patch_layer(patch_input, tokens.coded, coder.hidden, self.kv_shape)
+        codes = None
         if coder.carries(index):
-            return self._encode_units([coder], kv, tokens)[0][-1]
+            unit_keys, unit_values = self._unit_inputs([coder], kv)
+            coders = [(coder.key, coder.value)]
+            (codes,) = backend.code_units(unit_keys, unit_values, tokens.cos, tokens.sin, tokens.coded, coders)
         keys, values = kv[index]
-        return backend.sink_layer(keys, values, tokens.cos, tokens.sin, tokens.coded, tokens.sink)
+        return backend.layer_codes(keys, values, tokens.cos, tokens.sin, tokens.coded, tokens.sink, codes)
 
     def layout(self, record: TokenRecord, layer_tokens: Sequence[int] = ()) -> TokenLayout:
         """Where the recorded tokens go on the wire under this plan's sink; every layer must hold them all."""

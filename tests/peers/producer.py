@@ -38,7 +38,7 @@ def fail_on_layer_10(index: int) -> None:
 
 
 def warm_up(model, artifacts) -> None:
-    """One recorded forward before serving, as a serving process makes anyway. On this CPU torch build the first
+    """One recorded forward before serving (a serving process should make one too). On this CPU torch build the first
     forward of a process with the recording hooks on sometimes computes the rotary (cos, sin) less accurately (cos off
     by 1.5e-4 instead of 2.3e-5 at position 398), so its K differs from every later forward's: the tests compare
     caches of separate requests bit for bit, which says something of the codec only if the forwards agree."""

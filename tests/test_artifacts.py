@@ -2,6 +2,8 @@
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 from huggingface_hub import ModelCard
@@ -60,3 +62,17 @@ def test_operating_point_resolution(artifacts):
     assert artifacts.select_point(max_kl=loosest) == max(artifacts.points, key=lambda p: p.ratio_vs_bf16)
     with pytest.raises(OperatingPointError, match="available"):
         artifacts.select_point(ratio=1000)
+
+
+def test_loads_after_the_program_sets_torch_threads():
+    """torch 2.13's batched CPU inverse hangs inside oneMKL once `torch.set_num_threads(2)` was called; the decoders
+    computed on load must not take that path (a fresh process: the thread setting is process-wide)."""
+    script = (
+        "import torch; torch.set_num_threads(2)\n"
+        "from hf_scd import SCDArtifacts\n"
+        "from hf_scd.eval.codec_speed import ARTIFACTS\n"
+        "print(len(SCDArtifacts.from_pretrained(ARTIFACTS).points))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "oneMKL ERROR" not in done.stderr and int(done.stdout) > 0

@@ -2,12 +2,15 @@
 (`codec.py`) otherwise. The only module that imports the kernels: the choice between the two is made here alone.
 
 The kernels code units of one layer with per-head blocks (cross-variant artifacts); joint units of several layers
-take the reference on every device.
+take the reference on every device. On a CPU that multiplies bf16 natively (AMX or AVX512-BF16) the reference runs
+its products in bf16 (`products`): 10-20x faster than float32 there, and the rounding it adds (2^-9 of each
+coefficient) is under 2% of the quantization noise of even an 8-bit component.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import cache, partial
 
 import torch
 
@@ -30,7 +33,22 @@ def _row_coder(reference, x: torch.Tensor, rows: torch.Tensor, units: Sequence[S
 
         if kernels.available():
             return getattr(kernels, reference.__name__)
-    return reference
+    return partial(reference, products=products(x.device))
+
+
+def products(device: torch.device) -> torch.dtype:
+    """The dtype the reference's encoder and decoder products run in on `device`: bf16 on a CPU with native bf16
+    matmuls, float32 elsewhere (CUDA tensors of joint units, CPUs that would emulate bf16)."""
+    if device.type == "cpu" and _cpu_multiplies_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+@cache
+def _cpu_multiplies_bf16() -> bool:
+    """AMX or AVX512-BF16, as torch's own (private) CPU checks report them; a torch without them gets float32."""
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
 
 
 def code_units(

@@ -14,6 +14,10 @@ another model both fit the same code path.
 The first few tokens of every row (the attention sink) are not coded: they carry most of the attention mass and
 ship exactly, in bf16.
 
+The products by the encoder and decoder run in float32 (the reference numerics) or, on CPUs that multiply bf16
+natively, in bf16 (`products`, chosen by `backend`): centring happens before the cast and everything after the
+product runs in float32, so the only added error is bf16's rounding of each input and coefficient (2^-9 relative).
+
 Kernels in `hf_scd/kernels/` implement `encode_rows` / `decode_rows` (all units of a cache at once) for CUDA tensors
 and units of one layer coded per head; this file is their reference and never imports them (`backend.py` chooses
 between the two).
@@ -32,55 +36,92 @@ from .codes import BitLayout, CoderPair, LayerCodes, RowCodes, TransformCode, co
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE as the Llama family applies it, x * cos + rotate_half(x) * sin; x is (..., seq, head_dim), cos/sin
     broadcast against it."""
-    return _rotated(x, cos, sin, inverse=False)
+    dtype = torch.promote_types(x.dtype, cos.dtype)
+    return rotate(x, *rotary_coefficients(cos.to(dtype), sin.to(dtype), inverse=False))
 
 
 def remove_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Exact inverse of `apply_rotary`, also when cos/sin carry an attention scaling factor (YaRN, LongRoPE)."""
-    return _rotated(x, cos, sin, inverse=True).div_(cos * cos + sin * sin)
+    dtype = torch.promote_types(x.dtype, cos.dtype)
+    return rotate(x, *rotary_coefficients(cos.to(dtype), sin.to(dtype), inverse=True))
 
 
-def _rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> torch.Tensor:
-    shape, dtype = torch.broadcast_shapes(x.shape, cos.shape), torch.promote_types(x.dtype, cos.dtype)
-    out = torch.empty(shape, dtype=dtype, device=x.device)
-    _rotate_into(out, x, cos, sin, inverse)
-    return out
+def rotary_coefficients(cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE (or with `inverse` its exact inverse, any attention scaling divided out) as `rotate`'s two coefficients:
+    x * cos + rotate_half(x) * sin is x * cos + swap_halves(x) * (-sin | sin) (the halves of x swapped), and its
+    inverse x * cos / r + swap_halves(x) * (sin | -sin) / r with r = cos^2 + sin^2. Made once per tensor of tokens,
+    so coding a layer takes one product and two multiply-adds over its whole (H, tokens, d) block."""
+    half = cos.shape[-1] // 2
+    sign = torch.ones(cos.shape[-1], dtype=cos.dtype, device=cos.device)
+    if not inverse:
+        sign[:half] = -1
+        return cos, sin * sign
+    sign[half:] = -1
+    squared = cos * cos + sin * sin
+    return cos / squared, sin * sign / squared
+
+
+def rotate(
+    x: torch.Tensor, straight: torch.Tensor, swapped: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x * straight + swap_halves(x) * swapped (`rotary_coefficients`), in the dtype x and the coefficients promote
+    to, or into `out`; x (..., tokens, d) against coefficients (tokens, d), or any shapes that broadcast. Half by
+    half for the swapped term, so no swapped copy of x is made; an `out` of another dtype is written once, from the
+    finished result, so it is rounded once."""
+    dtype = torch.promote_types(x.dtype, straight.dtype)
+    direct = out is not None and out.dtype == dtype
+    result = torch.mul(x, straight, out=out if direct else None)
+    half = x.shape[-1] // 2
+    result[..., :half].addcmul_(x[..., half:], swapped[..., :half])
+    result[..., half:].addcmul_(x[..., :half], swapped[..., half:])
+    if out is None or direct:
+        return result
+    return out.copy_(result)
 
 
 def pack_codes(codes: torch.Tensor, layout: BitLayout) -> torch.Tensor:
     """(tokens, heads, dim) integer codes (0 where 0 bits) -> (tokens, bytes_per_token) uint8."""
-    return _pack_heads(codes.transpose(0, 1).float(), layout)
+    return _pack_heads(codes.transpose(0, 1).to(torch.float32, copy=True), layout)
 
 
 def _pack_heads(codes: torch.Tensor, layout: BitLayout) -> torch.Tensor:
     """Head-major codes (H, tokens, dim), whole numbers in float32 -> (tokens, bytes_per_token) uint8.
 
-    Shifting each code to its bit offset and OR-ing the codes that start in one byte is one matmul per head: bits of
-    different components never overlap, so OR is addition, and every sum is a whole number below 2^16, exact in
-    float32 whatever the order of the additions. Column j of a head's words holds the bits that start in its byte j;
-    those past bit 8 belong to byte j + 1. `codes` may stop after the last kept component (`_Derived.components`)."""
-    words = torch.bmm(codes, _pack_matrix(layout, codes.device)[:, : codes.shape[-1]]).to(torch.int32)
-    packed = words & 0xFF
-    packed[..., 1:] |= words[..., :-1] >> 8
+    Two exact bf16 matmuls per head: each code is split where its byte ends, high = code div 2^(8 - shift) and low
+    = the rest, and one-hot matrices of powers of two add low * 2^shift into the byte where the code starts and
+    high into the next. Bits of different components never overlap, so the sums are ORs, every one a whole number
+    below 256: exact in bf16 inputs, products and outputs, whatever the order of the additions. `codes` may stop
+    after the last kept component (`_Derived.components`); it is overwritten."""
+    modulus, low_matrix, high_matrix = _pack_tables(layout, codes.device, codes.shape[-1])
+    high = torch.div(codes, modulus).floor_()  # exact: the modulus is a power of two
+    low = codes.addcmul_(high, modulus, value=-1)
+    packed = torch.bmm(low.to(torch.bfloat16), low_matrix)
+    packed = torch.baddbmm(packed, high.to(torch.bfloat16), high_matrix).to(torch.uint8)
     heads = [packed[head, :, :size] for head, size in enumerate(layout.head_bytes.tolist())]
-    return torch.cat(heads, -1).to(torch.uint8) if heads else packed.new_empty(codes.shape[1], 0, dtype=torch.uint8)
+    return torch.cat(heads, -1) if heads else packed.new_empty(codes.shape[1], 0)
 
 
-def _pack_matrix(layout: BitLayout, device: torch.device) -> torch.Tensor:
-    """(H, dim, widest head's bytes) float32: 2^shift where a kept component's first bit is in that byte of its
-    head; made once per layout."""
-    tables = layout.__dict__.setdefault("_pack_matrix", {})
-    if device not in tables:
-        byte, shift = layout.offsets
-        heads, dim = layout.bits.shape
-        in_head = (byte - layout.head_start.unsqueeze(-1)).long()
+def _pack_tables(
+    layout: BitLayout, device: torch.device, components: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For the first `components` of each head: 2^(8 - shift) (H, 1, components) float32, and the one-hot bf16
+    matrices (H, components, widest head's bytes) taking low and high parts to bytes; made once per layout."""
+    tables = layout.__dict__.setdefault("_pack_tables", {})
+    if (device, components) not in tables:
+        byte, shift = (t[:, :components].long() for t in layout.offsets)
+        kept = layout.bits[:, :components] > 0
+        heads = byte.shape[0]
+        in_head = (byte - layout.head_start.unsqueeze(-1)).unsqueeze(-1)
         width = int(layout.head_bytes.max()) if heads else 0
-        matrix = torch.zeros(heads, dim, width + 1)  # a dropped component of an empty head points at byte 0 of none
-        matrix.scatter_(
-            -1, in_head.unsqueeze(-1), torch.where(layout.bits > 0, torch.exp2(shift.float()), 0.0)[..., None]
+        low = torch.zeros(heads, components, width + 2)  # dropped components add 0 to a byte past the last
+        high = torch.zeros_like(low)
+        low.scatter_(-1, in_head, torch.where(kept, torch.exp2(shift.float()), 0.0).unsqueeze(-1))
+        high.scatter_(-1, in_head + 1, kept.float().unsqueeze(-1))
+        tables[(device, components)] = (
+            torch.exp2(8 - shift.float()).unsqueeze(1).to(device),
+            *(matrix[..., :width].to(device, torch.bfloat16) for matrix in (low, high)),
         )
-        tables[device] = matrix[..., :width].to(device)
-    return tables[device]
+    return tables[(device, components)]
 
 
 def unpack_codes(packed: torch.Tensor, layout: BitLayout) -> torch.Tensor:
@@ -121,17 +162,17 @@ def _unpack_tables(
 @dataclass(frozen=True)
 class _Derived:
     """What coding with one `TransformCode` needs besides its inputs, computed once per coder and shaped to broadcast
-    against head-major (H, tokens, ...) tensors. Every per-component part stops after the last component any head
+    against block-major (G, tokens, ...) tensors. Every per-component part stops after the last component any block
     keeps (`components`): past it all get 0 bits, so neither product spends time on them. The encoder with the
-    dropped components' columns zeroed, the mean
-    (H, 1, d), kept components per head (H, 1), quantizer steps (1 where dropped, so 0 / 1 codes them 0), half the
-    levels and the top code (H, 1, C), the decoder with each component's step folded in (zero rows where dropped), the
-    mid offset of each code as a column (H * C, 1), the output mean (H, 1, d), and the peak limits (H, 1, C) or None
-    when no component has PEAK_BITS bits."""
+    dropped components' columns zeroed, the mean (G, 1, W), the square root of the kept components per block (G, 1),
+    quantizer steps (1 where dropped, so 0 / 1 codes them 0), half the levels and the top code (G, 1, C), the decoder
+    with each component's step folded in (zero rows where dropped), the mid offset of each code as a column
+    (G * C, 1), the output mean (G, 1, W), and the peak limits of the components up to the last with
+    PEAK_BITS bits (G, 1, P), or None when none has."""
 
     encoder: torch.Tensor
     mean: torch.Tensor
-    kept: torch.Tensor
+    root_kept: torch.Tensor
     steps: torch.Tensor
     half_levels: torch.Tensor
     top: torch.Tensor
@@ -140,6 +181,13 @@ class _Derived:
     out_mean: torch.Tensor
     peak: torch.Tensor | None
     components: int
+
+    def matrices(self, products: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(encoder, decoder) in the dtype the products run in, converted once."""
+        converted = self.__dict__.setdefault("_converted", {})
+        if products not in converted:
+            converted[products] = (self.encoder.to(products), self.decoder.to(products))
+        return converted[products]
 
 
 def _derived(code: TransformCode) -> _Derived:
@@ -152,50 +200,58 @@ def _derived(code: TransformCode) -> _Derived:
         steps = code.component_steps()[:, :components]
         levels = torch.exp2(bits)
         peak = code.peak_limits()[:, :components]
+        peaked = (peak > 0).any(0)
         derived = _Derived(
             encoder=code.encoder[..., :components] * kept.unsqueeze(1),
             mean=code.mean.unsqueeze(1),
-            kept=kept.sum(-1).clamp(min=1).float().unsqueeze(-1),
+            root_kept=kept.sum(-1).clamp(min=1).float().sqrt().unsqueeze(-1),
             steps=torch.where(kept, steps, 1.0).unsqueeze(1),
             half_levels=(levels / 2).unsqueeze(1),
             top=(levels - 1).unsqueeze(1),
             decoder=code.decoder[:, :components] * steps.unsqueeze(-1),
             offsets=torch.where(kept, levels / 2 - 0.5, 0.0).reshape(-1, 1),
             out_mean=code.out_mean.unsqueeze(1),
-            peak=peak.unsqueeze(1) if bool((peak > 0).any()) else None,
+            peak=peak[:, : int(peaked.nonzero().max()) + 1].unsqueeze(1) if bool(peaked.any()) else None,
             components=components,
         )
         code.__dict__["_derived"] = derived
     return derived
 
 
-def _encode_heads(code: TransformCode, centred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Centred block-major vectors (G, tokens, W) float32 -> packed codes (tokens, bytes) uint8 and per-token scale
-    codes (tokens, G) uint8. Works in place on one (G, tokens, C) buffer."""
+def _encode_heads(
+    code: TransformCode, centred: torch.Tensor, products: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centred block-major vectors (G, tokens, W), in the `products` dtype -> packed codes (tokens, bytes) uint8 and
+    per-token scale codes (tokens, G) uint8. The product runs in `products`; everything after it in float32, in place
+    on one (G, tokens, C) buffer."""
     derived = _derived(code)
-    unit = torch.bmm(centred, derived.encoder)  # 0 at dropped components
-    rms = ((unit * unit).sum(-1) / derived.kept).sqrt()
+    encoder, _ = derived.matrices(products)
+    unit = torch.bmm(centred, encoder).float()  # 0 at dropped components
+    rms = torch.linalg.vector_norm(unit, dim=-1).div_(derived.root_kept)
     if derived.peak is not None:
-        rms = torch.maximum(rms, (unit.abs() * derived.peak).amax(-1))
+        peaked = unit[..., : derived.peak.shape[-1]]
+        rms = torch.maximum(rms, torch.mul(peaked.abs(), derived.peak).amax(-1))
     scale_codes = scale_to_code(rms)
     steps = derived.steps * code_to_scale(scale_codes).unsqueeze(-1)
-    codes = torch.div(unit, steps, out=unit).floor_()
-    codes += derived.half_levels
-    codes.clamp_(min=0)
+    codes = unit.div_(steps).floor_().add_(derived.half_levels).clamp_(min=0)
     torch.minimum(codes, derived.top, out=codes)  # 0 where dropped
     return _pack_heads(codes, code.layout), scale_codes.T.contiguous()
 
 
 def _decode_heads(
-    code: TransformCode, packed: torch.Tensor, scale_codes: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Packed codes and per-token scale codes -> head-major unit-RMS reconstruction (H, tokens, d) and the tokens'
-    scales (H, tokens, 1), float32: the vectors are `out_mean + unit * scale`, written where they are wanted."""
+    code: TransformCode, packed: torch.Tensor, scale_codes: torch.Tensor, products: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Packed codes and per-token scale codes -> block-major reconstruction (G, tokens, W), `out_mean + unit *
+    scale`, in the `products` dtype. Each code is centred and scaled by its token's scale before the product, so one
+    batched multiply-add by the decoder, which has the steps folded in, gives the vectors."""
     derived = _derived(code)
     heads, components = code.bits.shape[0], derived.components
     centred = _unpack_rows(packed, code.layout, components).float().sub_(derived.offsets)  # 0 at dropped components
-    unit = torch.bmm(centred.view(heads, components, -1).transpose(1, 2), derived.decoder)
-    return unit, code_to_scale(scale_codes).T.unsqueeze(-1)
+    scaled = centred.view(heads, components, -1).mul_(code_to_scale(scale_codes).T.unsqueeze(1)).transpose(1, 2)
+    _, decoder = derived.matrices(products)
+    return torch.baddbmm(
+        derived.out_mean.to(products), scaled.to(products, memory_format=torch.contiguous_format), decoder
+    )
 
 
 def encode_vectors(code: TransformCode, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -205,8 +261,7 @@ def encode_vectors(code: TransformCode, x: torch.Tensor) -> tuple[torch.Tensor, 
 
 def decode_vectors(code: TransformCode, packed: torch.Tensor, scale_codes: torch.Tensor) -> torch.Tensor:
     """Packed codes and per-token scale codes -> (tokens, H, d) float32 reconstruction."""
-    unit, scale = _decode_heads(code, packed, scale_codes)
-    return torch.addcmul(_derived(code).out_mean, unit, scale, out=unit).transpose(0, 1)
+    return _decode_heads(code, packed, scale_codes).transpose(0, 1)
 
 
 def token_runs(rows: torch.Tensor, seq: int) -> list[tuple[int, int, int, int]]:
@@ -226,16 +281,6 @@ def token_runs(rows: torch.Tensor, seq: int) -> list[tuple[int, int, int, int]]:
         (row // seq, row % seq, row % seq + end - first, first)
         for row, first, end in zip(heads, firsts, ends, strict=True)
     ]
-
-
-def _rotate_into(out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> None:
-    """out = x * cos + rotate_half(x) * sin (with `inverse`, x * cos - rotate_half(x) * sin), half by half: the same
-    float ops as concatenating rotate_half(x), each half rounded once into `out`, whatever its dtype."""
-    half = x.shape[-1] // 2
-    x1, x2, cos1, cos2, sin1, sin2 = x[..., :half], x[..., half:], *cos.split(half, -1), *sin.split(half, -1)
-    first, second = (torch.add, torch.sub) if inverse else (torch.sub, torch.add)
-    first(x1 * cos1, x2 * sin1, out=out[..., :half])
-    second(x2 * cos2, x1 * sin2, out=out[..., half:])
 
 
 def flat_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -273,42 +318,54 @@ def encode_rows(
     sin: torch.Tensor,
     rows: torch.Tensor,
     coders: Sequence[CoderPair],
+    products: torch.dtype = torch.float32,
 ) -> list[RowCodes]:
     """Code tokens `rows` (flat indices into batch*seq) of several Reuse units, each its member layers' post-RoPE
     keys and values (batch, H, seq, d), with the unit's (key, value) coders.
 
     Keys are de-rotated with the exact (cos, sin) (batch*seq, d) they were rotated with. Per unit: key codes, key
-    scale codes, value codes, value scale codes. The tokens' rotary is gathered once for all units; each layer's
-    tokens are read as slices of its cache (`token_runs`) into one token-major buffer per unit and kind.
+    scale codes, value codes, value scale codes. The encoder products run in `products` (`backend` picks bf16 on
+    CPUs that multiply it natively). Each layer's tokens are read as slices of its cache (`token_runs`), de-rotated
+    and centred as whole (H, tokens, d) blocks, and written into one token-major buffer per unit and kind.
     """
     if not keys:
         return []
     _, heads, seq, dim = keys[0][0].shape
     runs = token_runs(rows, seq)
-    cos, sin = cos[rows].float(), sin[rows].float()
-    squared = (cos * cos + sin * sin)[:, None, None]  # broadcast over a unit's (tokens, layers, H, d)
+    derotation = rotary_coefficients(cos[rows].float(), sin[rows].float(), inverse=True)
     encoded = []
     for unit_keys, unit_values, (key_code, value_code) in zip(keys, values, coders, strict=True):
-        content = torch.empty(rows.numel(), len(unit_keys), heads, dim, device=unit_keys[0].device)
-        vectors = torch.empty_like(content)
-        for member, (k, v) in enumerate(zip(unit_keys, unit_values, strict=True)):
-            for batch, start, end, first in runs:
-                tokens = slice(first, first + end - start)
-                out = content[tokens, member].transpose(0, 1)
-                _rotate_into(out, k[batch, :, start:end], cos[tokens], sin[tokens], inverse=True)
-                vectors[tokens, member] = v[batch, :, start:end].transpose(0, 1)
-        content /= squared  # `remove_rotary`, exact also under an attention scaling
-        key_blocks = blocks(key_code, content) - _derived(key_code).mean
-        value_blocks = blocks(value_code, vectors) - _derived(value_code).mean
-        encoded.append((*_encode_heads(key_code, key_blocks), *_encode_heads(value_code, value_blocks)))
+        key_blocks = _centred_unit(key_code, unit_keys, runs, rows.numel(), products, derotation)
+        value_blocks = _centred_unit(value_code, unit_values, runs, rows.numel(), products)
+        encoded.append(
+            (*_encode_heads(key_code, key_blocks, products), *_encode_heads(value_code, value_blocks, products))
+        )
     return encoded
 
 
-def _decoded_unit(code: TransformCode, packed: torch.Tensor, scale_codes: torch.Tensor, shape: tuple) -> torch.Tensor:
-    """A unit's packed codes -> its token-major vectors (tokens, layers, H, d) float32."""
-    unit, scale = _decode_heads(code, packed, scale_codes)
-    vectors = torch.addcmul(_derived(code).out_mean, unit, scale, out=unit)
-    return vectors.transpose(0, 1).reshape(vectors.shape[1], *shape)
+def _centred_unit(
+    code: TransformCode,
+    layers: Sequence[torch.Tensor],
+    runs: list[tuple[int, int, int, int]],
+    tokens: int,
+    products: torch.dtype,
+    derotation: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """A unit's member layers (batch, H, seq, d), their `runs` of coded tokens de-rotated (keys: `derotation`'s
+    coefficients) and centred in float32 -> the coder's blocks (G, tokens, W) in the `products` dtype."""
+    heads, dim = layers[0].shape[1], layers[0].shape[3]
+    mean = _derived(code).mean.reshape(len(layers), heads, 1, dim)
+    unit = torch.empty(tokens, len(layers), heads, dim, dtype=products, device=layers[0].device)
+    for member, layer in enumerate(layers):
+        for batch, start, end, first in runs:
+            span = slice(first, first + end - start)
+            x = layer[batch, :, start:end]
+            if derotation is None:
+                centred = torch.sub(x, mean[member])
+            else:
+                centred = rotate(x, derotation[0][span], derotation[1][span]).sub_(mean[member])
+            unit[span, member] = centred.transpose(0, 1)
+    return blocks(code, unit)
 
 
 def decode_rows(
@@ -319,25 +376,32 @@ def decode_rows(
     coders: Sequence[CoderPair],
     out_keys: Sequence[Sequence[torch.Tensor]],
     out_values: Sequence[Sequence[torch.Tensor]],
+    products: torch.dtype = torch.float32,
 ) -> None:
     """Decode several Reuse units' coded tokens (each unit's codes as its last layer carries them) into rows `rows` of
     their member layers' `out_keys`/`out_values` (batch, H, seq, d); keys re-rotated with the consumer's (cos, sin)
-    (batch*seq, d). The rotation of the keys and the copy of the values write straight into slices of the outputs
-    (`token_runs`)."""
+    (batch*seq, d). The decoder products run in `products`. The rotation of the keys and the copy of the values
+    write straight into slices of the outputs (`token_runs`)."""
     if not codes:
         return
     runs = token_runs(rows, out_keys[0][0].shape[-2])
-    cos, sin = cos[rows].float(), sin[rows].float()
+    straight, swapped = rotary_coefficients(cos[rows].float(), sin[rows].float(), inverse=False)
     for unit_codes, (key_code, value_code), unit_keys, unit_values in zip(
         codes, coders, out_keys, out_values, strict=True
     ):
         _, heads, _, dim = unit_keys[0].shape
-        shape = (len(unit_keys), heads, dim)
-        content = _decoded_unit(key_code, unit_codes.key_codes, unit_codes.key_scales, shape)
-        vectors = _decoded_unit(value_code, unit_codes.value_codes, unit_codes.value_scales, shape)
+        shape = (rows.numel(), len(unit_keys), heads, dim)
+        content, vectors = (
+            _decode_heads(code, packed, scales, products).transpose(0, 1).reshape(shape)
+            for code, packed, scales in (
+                (key_code, unit_codes.key_codes, unit_codes.key_scales),
+                (value_code, unit_codes.value_codes, unit_codes.value_scales),
+            )
+        )
         for member, (out_k, out_v) in enumerate(zip(unit_keys, unit_values, strict=True)):
             for batch, start, end, first in runs:
-                tokens = slice(first, first + end - start)
-                member_content = content[tokens, member].transpose(0, 1)
-                _rotate_into(out_k[batch, :, start:end], member_content, cos[tokens], sin[tokens], inverse=False)
-                out_v[batch, :, start:end] = vectors[tokens, member].transpose(0, 1)
+                span = slice(first, first + end - start)
+                rotate(
+                    content[span, member].transpose(0, 1), straight[span], swapped[span], out=out_k[batch, :, start:end]
+                )
+                out_v[batch, :, start:end] = vectors[span, member].transpose(0, 1)

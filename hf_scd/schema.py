@@ -16,6 +16,9 @@ from .errors import ArtifactError
 
 ARTIFACTS_FORMAT_VERSION = 4
 KINDS = ("k", "v")  # the two coders of a Reuse unit, in the order they are stacked
+# Maps written before `FidelityMap.continuation` was recorded were all fitted on calibration's validation documents,
+# whose continuations are this long.
+LEGACY_MAP_CONTINUATION = 256
 # The reserved point that ships every token's K/V exactly, in bf16: what a fidelity check falls back to.
 EXACT_POINT = "bf16"
 
@@ -121,6 +124,9 @@ class FidelityMap:
     intercept: float
     residual: float  # RMS of the fit's residuals, in log KL: how far a prediction typically lands from the truth
     samples: int  # (document, point) measurements the map was fitted on
+    # Tokens of continuation each fitted KL is the mean over: what a prediction is for. The mean KL of a continuation
+    # falls as it grows (later tokens see their exact predecessors), so a check says most when run on this length.
+    continuation: int = LEGACY_MAP_CONTINUATION
 
 
 @dataclass(frozen=True)
@@ -354,10 +360,14 @@ def _fidelity_map(data: Any, shape: ModelShape) -> FidelityMap:
     samples = data.get("samples")
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 2:
         raise ArtifactError(f"config.fidelity.samples must be an integer >= 2, got {samples!r}")
+    continuation = data.get("continuation", LEGACY_MAP_CONTINUATION)
+    if isinstance(continuation, bool) or not isinstance(continuation, int) or continuation < 2:
+        raise ArtifactError(f"config.fidelity.continuation must be an integer >= 2, got {continuation!r}")
     return FidelityMap(
         query_energy=tuple(tuple(tuple(float(v) for v in head) for head in layer) for layer in energy),
         layer_weights=tuple(tuple(float(w) for w in pair) for pair in weights),
         samples=samples,
+        continuation=continuation,
         **numbers,
     )
 

@@ -23,7 +23,7 @@ from add_fit_probe import VALIDATION_PREFIX, fitted_model
 from hf_scd import SCDArtifacts
 from hf_scd.arch import ModelHandle
 from hf_scd.calibrate.card import model_card
-from hf_scd.calibrate.fidelity import fidelity_metric, fit_fidelity_map
+from hf_scd.calibrate.fidelity import continuation_of, fidelity_metric, fit_fidelity_map
 from hf_scd.calibrate.pipeline import Calibration, Job, collect, measure_metrics, weigh_layers
 from hf_scd.calibrate.plan import measure_points
 from hf_scd.eval.corpus import calibration_documents, calibration_texts, validation_documents
@@ -51,7 +51,7 @@ def add_map(folder: Path, docs: int) -> None:
     map_docs = validation_documents(tokenizer, VALIDATION_PREFIX, docs)
     with torch.inference_mode():
         measured = measure_points(model, artifacts, map_docs, VALIDATION_PREFIX, metric=fidelity_metric(run))
-    fidelity = fit_fidelity_map(run, measured)
+    fidelity = fit_fidelity_map(run, measured, continuation_of(map_docs, VALIDATION_PREFIX))
     if fidelity is None:
         raise SystemExit(f"{folder}: the measurements fix no rising line; nothing written")
     seconds = time.perf_counter() - start

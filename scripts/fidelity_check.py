@@ -48,6 +48,12 @@ L'école se trouvait à côté de l'église, dans un bâtiment aux volets bleus.
 de la ville, enseignait la lecture, le calcul et un peu d'histoire à une vingtaine d'élèves de tous âges. Elle \
 racontait souvent que les villages comme celui-ci disparaissaient peu à peu, car les jeunes partaient chercher du \
 travail ailleurs, et elle espérait qu'au moins quelques-uns reviendraient un jour pour faire vivre ces rues étroites.
+
+En automne, après les vendanges, le village retrouvait son calme. Les feuilles des platanes couvraient la place, le \
+boulanger rallumait son four plus tôt le matin, et l'on entendait de nouveau le bruit des sabots sur les pavés quand \
+le vieux meunier passait avec sa charrette. Le soir, les familles se réunissaient autour de la cheminée pour \
+écouter les histoires des grands-parents, qui parlaient de guerres lointaines, d'hivers terribles et de fêtes \
+oubliées.
 """
 
 GERMAN = """\
@@ -65,6 +71,11 @@ Die Universität wurde vor mehr als vierhundert Jahren gegründet und prägt bis
 Altstadt. Studierende aus vielen Ländern wohnen in den schmalen Häusern mit ihren steilen Dächern, und in den \
 Buchhandlungen findet man neben Lehrbüchern auch Gedichte, Reiseführer und alte Landkarten. Wer durch die Stadt \
 geht, hört viele Sprachen, und doch fühlt sich jeder, der länger bleibt, bald wie zu Hause.
+
+Im Frühling blühen die Kastanien entlang der Uferpromenade, und die Ausflugsschiffe nehmen ihren Betrieb wieder auf. \
+Familien fahren am Wochenende flussaufwärts zu den Weinbergen, wo kleine Gasthäuser frischen Spargel und selbst \
+gebackenen Kuchen anbieten. Wer es ruhiger mag, leiht sich ein Fahrrad und folgt dem Radweg durch Wiesen und Dörfer, \
+bis am Abend die Glocken der Kirchen läuten und es Zeit wird, mit dem letzten Zug zurückzufahren.
 """
 
 PHRASE = "The meeting is moved to Thursday. "
@@ -180,13 +191,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--artifacts", type=Path, default=REPO / "hub_artifacts" / "smollm2-135m-instruct")
     parser.add_argument("--prefix", type=int, default=256, help="tokens the producer ships")
-    parser.add_argument("--continuation", type=int, default=96, help="tokens the consumer teacher-forces")
+    parser.add_argument(
+        "--continuation",
+        type=int,
+        default=None,
+        help="tokens the consumer teacher-forces (default: the map's own continuation, what its predictions are for)",
+    )
     parser.add_argument("--held-out", type=int, default=4, help="held-out documents (the first evaluation ones)")
     parser.add_argument("--max-kl", type=float, nargs="+", default=[0.005, 0.0035])
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     artifacts = SCDArtifacts.from_pretrained(args.artifacts)
     model, tokenizer = load_model(artifacts.config.model.name)
+    if artifacts.config.fidelity is None:
+        raise SystemExit(f"{args.artifacts} has no fidelity map to check")
+    args.continuation = args.continuation or artifacts.config.fidelity.continuation
     length = args.prefix + args.continuation
     results = {}
     for name, ids in inputs(tokenizer, length, args.held_out, model.config.vocab_size).items():
@@ -247,7 +266,12 @@ def main() -> None:
     out = args.out or REPO / "benchmarks" / f"fidelity_check_{artifacts.config.model.name}.json"
     settings = {"max_kl": args.max_kl, "prefix": args.prefix, "continuation": args.continuation}
     fidelity = artifacts.config.fidelity
-    fit = {"slope": fidelity.slope, "intercept": fidelity.intercept, "residual": fidelity.residual}
+    fit = {
+        "slope": fidelity.slope,
+        "intercept": fidelity.intercept,
+        "residual": fidelity.residual,
+        "continuation": fidelity.continuation,
+    }
     report = {"settings": settings, "map": fit, "summary": summary, "per_input_spearman": per_input}
     out.write_text(json.dumps(report | {"inputs": results}, indent=2) + "\n")
     print(f"wrote {out}")

@@ -17,12 +17,12 @@ from transformers import MistralConfig, MistralForCausalLM
 
 from hf_scd import ArtifactError, CacheStateError, CorruptPayloadError, OperatingPointError, SCDCache, SCDPayload
 from hf_scd.calibrate import calibrate
-from hf_scd.calibrate.fidelity import fit_log_line
+from hf_scd.calibrate.fidelity import continuation_of, fit_log_line
 from hf_scd.calibrate.plan import Measurement
 from hf_scd.compat import with_cache
 from hf_scd.eval.metrics import next_token_kl
 from hf_scd.payload import _HEADER, FORMAT_VERSION, MAGIC, METADATA_KEY, PayloadHead
-from hf_scd.schema import EXACT_POINT, ArtifactsConfig, FidelityMap
+from hf_scd.schema import EXACT_POINT, LEGACY_MAP_CONTINUATION, ArtifactsConfig, FidelityMap
 from hf_scd.transport import receive_cache
 from hf_scd.transport.links import ChunkLink
 from hf_scd.transport.stream import CacheSender
@@ -73,6 +73,19 @@ def test_fidelity_map_round_trips_through_the_config_and_is_optional(tiny):
     assert ArtifactsConfig.from_dict(data).fidelity is None
 
 
+def test_a_map_says_which_continuation_its_predictions_are_for(tiny):
+    """The map records the continuation its KLs were averaged over; maps written before it was recorded were all
+    fitted on calibration's 256-token validation continuations, and one map is never fitted on mixed lengths."""
+    _, artifacts = tiny
+    data = json.loads(json.dumps(artifacts.config.to_dict()))
+    assert data["fidelity"]["continuation"] == artifacts.config.fidelity.continuation
+    del data["fidelity"]["continuation"]
+    assert ArtifactsConfig.from_dict(data).fidelity.continuation == LEGACY_MAP_CONTINUATION == 256
+    assert continuation_of([[1] * 20, [2] * 20], 12) == 8
+    with pytest.raises(ValueError, match="one continuation length"):
+        continuation_of([[1] * 20, [2] * 21], 12)
+
+
 @pytest.mark.parametrize(
     "edit, match",
     [
@@ -80,6 +93,7 @@ def test_fidelity_map_round_trips_through_the_config_and_is_optional(tiny):
         (lambda f: f.update(intercept=float("nan")), "intercept must be a finite number"),
         (lambda f: f.update(residual="0.1"), "residual must be a finite number"),
         (lambda f: f.update(samples=1), "samples must be an integer >= 2"),
+        (lambda f: f.update(continuation=True), "continuation must be an integer >= 2"),
         (lambda f: f["query_energy"].pop(), "query_energy must be"),
         (lambda f: f["query_energy"][0][0].__setitem__(3, float("inf")), "query_energy must be"),
         (lambda f: f["layer_weights"][1].__setitem__(0, 0.0), "layer_weights must list"),

@@ -65,9 +65,21 @@ def fit_log_line(measured: dict[str, list[Measurement]]) -> tuple[float, float, 
     return slope, intercept, residual, len(pairs)
 
 
-def fit_fidelity_map(run: Calibration, measured: dict[str, list[Measurement]]) -> FidelityMap | None:
-    """The fidelity map from measurements made with `fidelity_metric(run)`: the line (`fit_log_line`) and the parts
-    the producer's metric is rebuilt from; None when no line fits."""
+def continuation_of(docs: list[list[int]], prefix: int) -> int:
+    """The continuation every document of a map's measurements teacher-forces after `prefix`: one length for all,
+    since it is what the map's predictions are for."""
+    lengths = {len(doc) - prefix for doc in docs}
+    if len(lengths) != 1 or min(lengths) < 2:
+        raise ValueError(f"a fidelity map is fitted on one continuation length; these documents give {sorted(lengths)}")
+    return lengths.pop()
+
+
+def fit_fidelity_map(
+    run: Calibration, measured: dict[str, list[Measurement]], continuation: int
+) -> FidelityMap | None:
+    """The fidelity map from measurements made with `fidelity_metric(run)`, each the mean KL over `continuation`
+    teacher-forced tokens: the line (`fit_log_line`) and the parts the producer's metric is rebuilt from; None when
+    no line fits."""
     line = fit_log_line(measured)
     if line is None:
         return None
@@ -80,4 +92,5 @@ def fit_fidelity_map(run: Calibration, measured: dict[str, list[Measurement]]) -
         intercept=intercept,
         residual=residual,
         samples=samples,
+        continuation=continuation,
     )

@@ -24,7 +24,7 @@ from ..probe import measure_fit_probe
 from ..schema import KINDS, ArtifactsConfig, CodecConfig, TensorKeys
 from .card import model_card
 from .collect import KVMoments, QueryEnergy, collect_kv_moments
-from .fidelity import fidelity_metric, fit_fidelity_map
+from .fidelity import continuation_of, fidelity_metric, fit_fidelity_map
 from .fit import LayerBasis, allocation_order, fit_layer_basis
 from .plan import default_point, mean_fidelity, measure_points, model_entry, plan_points, stack_bases
 from .sensitivity import layer_sensitivity
@@ -60,6 +60,10 @@ class Job:
     default_max_kl: float | None = None
     default_min_ratio: float | None = None
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.is_pair:  # the fidelity map is fitted on the validation measurements: fail before, not after
+            continuation_of(self.validation_docs, self.validation_prefix)
 
     @property
     def is_pair(self) -> bool:
@@ -255,7 +259,8 @@ def validate(run: Calibration) -> SCDArtifacts:
     settings = replace(settings, operating_points=tuple(run.points), default_point=default)
     if not job.is_pair:  # what the codes of the default point do to the model's own K/V, for `identify` to compare
         probe = measure_fit_probe(draft, job.producer, job.validation_docs[0], default)
-        settings = replace(settings, fit_probe=probe, fidelity=fit_fidelity_map(run, measured))
+        continuation = continuation_of(job.validation_docs, job.validation_prefix)
+        settings = replace(settings, fit_probe=probe, fidelity=fit_fidelity_map(run, measured, continuation))
     final = SCDArtifacts.build(settings, run.tensors)
     final.card = model_card(final)
     return final

@@ -54,6 +54,11 @@ boulanger rallumait son four plus tôt le matin, et l'on entendait de nouveau le
 le vieux meunier passait avec sa charrette. Le soir, les familles se réunissaient autour de la cheminée pour \
 écouter les histoires des grands-parents, qui parlaient de guerres lointaines, d'hivers terribles et de fêtes \
 oubliées.
+
+Le dimanche, le marché laissait la place aux promeneurs. On partait à pied vers la forêt voisine pour cueillir des \
+champignons ou des châtaignes, et l'on revenait au crépuscule, les paniers pleins et les chaussures couvertes de \
+boue. Au café de la place, le patron servait le vin nouveau en racontant à qui voulait l'entendre que cette année \
+serait la meilleure depuis longtemps, comme il le disait d'ailleurs chaque automne.
 """
 
 GERMAN = """\
@@ -76,6 +81,11 @@ Im Frühling blühen die Kastanien entlang der Uferpromenade, und die Ausflugssc
 Familien fahren am Wochenende flussaufwärts zu den Weinbergen, wo kleine Gasthäuser frischen Spargel und selbst \
 gebackenen Kuchen anbieten. Wer es ruhiger mag, leiht sich ein Fahrrad und folgt dem Radweg durch Wiesen und Dörfer, \
 bis am Abend die Glocken der Kirchen läuten und es Zeit wird, mit dem letzten Zug zurückzufahren.
+
+Am Rand der Altstadt liegt der Bahnhof, ein großes Gebäude aus rotem Backstein mit einer Uhr über dem Eingang. \
+Jeden Morgen strömen hier Pendler aus den umliegenden Orten in die Stadt, manche mit Aktentaschen, andere mit \
+Werkzeugkisten oder Instrumentenkoffern. Ein alter Mann verkauft seit Jahrzehnten Zeitungen an derselben Ecke und \
+kennt die meisten seiner Kunden beim Namen, obwohl er selbst nie weiter als bis in die nächste Stadt gereist ist.
 """
 
 PHRASE = "The meeting is moved to Thursday. "

@@ -74,9 +74,7 @@ def continuation_of(docs: list[list[int]], prefix: int) -> int:
     return lengths.pop()
 
 
-def fit_fidelity_map(
-    run: Calibration, measured: dict[str, list[Measurement]], continuation: int
-) -> FidelityMap | None:
+def fit_fidelity_map(run: Calibration, measured: dict[str, list[Measurement]], continuation: int) -> FidelityMap | None:
     """The fidelity map from measurements made with `fidelity_metric(run)`, each the mean KL over `continuation`
     teacher-forced tokens: the line (`fit_log_line`) and the parts the producer's metric is rebuilt from; None when
     no line fits."""

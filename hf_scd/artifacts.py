@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from . import linalg
 from .arch import ModelHandle
 from .codes import MAX_BITS, TransformCode
 from .errors import ArtifactError, ArtifactFitWarning, ArtifactMismatchError, OperatingPointError
@@ -392,16 +393,13 @@ def _check_tensors(config: ArtifactsConfig, tensors: dict[str, torch.Tensor]) ->
 
 def _coder_matrices(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The Reuse coders' encoder and decoder matrices in float32 (units, K/V, blocks, ...): a model's own decoder is
-    its encoder's inverse, computed on load in float64 rather than stored. One matrix at a time: torch 2.13's batched
-    CPU inverse fails inside oneMKL (DLASWP, "Parameter 6 was incorrect") and never returns once a program has called
-    `torch.set_num_threads(n)` with n > 1."""
+    its encoder's inverse, computed on load in float64 rather than stored (`linalg.inverse`: one matrix at a time,
+    since the batched CPU inverse can hang)."""
     encoder = tensors["encoder"].float()
     decoder = tensors.get("decoder")
     if decoder is None:
-        matrices = encoder.double().flatten(0, -3)
-        inverses = [torch.linalg.inv_ex(matrix) for matrix in matrices.unbind(0)]
-        info = torch.stack([result.info for result in inverses])
-        decoder = torch.stack([result.inverse for result in inverses]).float().view_as(encoder)
+        inverse, info = linalg.inverse(encoder.double())
+        decoder = inverse.float()
         if bool((info != 0).any()) or not bool(decoder.isfinite().all()):
             raise ArtifactError(f"{TENSORS_FILE}: an encoder is singular, so it has no decoder")
     return {"encoder": encoder, "decoder": decoder}

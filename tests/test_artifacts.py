@@ -65,12 +65,16 @@ def test_operating_point_resolution(artifacts):
 
 
 def test_loads_after_the_program_sets_torch_threads():
-    """torch 2.13's batched CPU inverse hangs inside oneMKL once `torch.set_num_threads(2)` was called; the decoders
-    computed on load must not take that path (a fresh process: the thread setting is process-wide)."""
+    """torch 2.13's batched CPU LU (inverse, solve) hangs inside oneMKL once `torch.set_num_threads(2)` was called;
+    the decoders computed on load, and calibration's solves (`hf_scd.linalg`), must not take that path (a fresh
+    process: the thread setting is process-wide)."""
     script = (
         "import torch; torch.set_num_threads(2)\n"
-        "from hf_scd import SCDArtifacts\n"
+        "from hf_scd import SCDArtifacts, linalg\n"
         "from hf_scd.eval.codec_speed import ARTIFACTS\n"
+        "a = torch.randn(12, 960, 960, dtype=torch.float64) + 40 * torch.eye(960, dtype=torch.float64)\n"
+        "b = torch.randn(12, 960, 4, dtype=torch.float64)\n"
+        "assert torch.allclose(a @ linalg.solve(a, b), b, atol=1e-8)\n"
         "print(len(SCDArtifacts.from_pretrained(ARTIFACTS).points))\n"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import linalg
 from ..codes import MAX_BITS
 from .collect import KVMoments
 
@@ -109,7 +110,7 @@ def _projection(
         cov_in, cross_cov = cov[..., :dim, :dim], cov[..., :dim, dim:]
         mean_in, mean_out = mean[..., :dim], mean[..., dim:]
         ridge = RIDGE * cov_in.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None] * torch.eye(dim, dtype=cov.dtype)
-        predictor = torch.linalg.solve(cov_in + ridge, cross_cov)
+        predictor = linalg.solve(cov_in + ridge, cross_cov)
     if cross == "joint-svd":
         # Balance the halves so neither model's vectors dominate the joint axes.
         weighted_out = sqrt @ cov[..., dim:, dim:] @ sqrt
@@ -120,7 +121,7 @@ def _projection(
         eigvals, eigvecs = torch.linalg.eigh(joint_map @ cov @ joint_map)
         axes = torch.flip(eigvecs, [-1])[..., :dim]  # (H, 2d, d), largest first
         # Latent z = [a; b] joint_map axes; ridge-predicted from a alone, decoded by the consumer half of the axes.
-        encoder = torch.linalg.solve(cov_in + ridge, torch.cat([cov_in, cross_cov], -1) @ joint_map @ axes)
+        encoder = linalg.solve(cov_in + ridge, torch.cat([cov_in, cross_cov], -1) @ joint_map @ axes)
         spread = torch.einsum("hdc,hde,hec->hc", encoder, cov_in, encoder).clamp(min=1e-12).sqrt()
         encoder = encoder / spread.unsqueeze(-2)
         decoder = spread.unsqueeze(-1) * axes[..., dim:, :].transpose(-1, -2) @ inverse

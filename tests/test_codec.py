@@ -159,16 +159,23 @@ def _joint_coder(bits_per_component: int, width: int, seed: int) -> TransformCod
     return TransformCode(mean, basis / spread, spread[:, None] * basis.transpose(-1, -2), steps, bits)
 
 
+def _two_layer_unit(batch: int, heads: int, seq: int, dim: int, max_angle: float):
+    """Random rotary (cos, sin) (batch*seq, dim) and two layers' keys and values (batch, heads, seq, dim), drawn from
+    torch's global generator in that order."""
+    angles = torch.rand(batch * seq, dim // 2) * max_angle
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    keys = [torch.randn(batch, heads, seq, dim) for _ in range(2)]
+    values = [torch.randn(batch, heads, seq, dim) for _ in range(2)]
+    return cos, sin, keys, values
+
+
 def test_a_joint_unit_codes_its_layers_heads_side_by_side():
     """A unit of two layers with one basis: its codes are the codes of each token's (layers, heads, dim) vector, and
     decoding writes each member layer back, keys re-rotated."""
     torch.manual_seed(4)
     batch, heads, seq, dim = 2, 2, 9, 16
     rows = torch.arange(batch * seq)[3:]
-    angles = torch.rand(batch * seq, dim // 2) * 20
-    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
-    keys = [torch.randn(batch, heads, seq, dim) for _ in range(2)]
-    values = [torch.randn(batch, heads, seq, dim) for _ in range(2)]
+    cos, sin, keys, values = _two_layer_unit(batch, heads, seq, dim, max_angle=20)
     key_code, value_code = _joint_coder(6, 2 * heads * dim, 0), _joint_coder(5, 2 * heads * dim, 1)
     (got,) = encode_rows([keys], [values], cos, sin, rows, [(key_code, value_code)])
     joint_keys = torch.stack([content_keys(flat_rows(k, rows), cos, sin, rows) for k in keys], 1)
@@ -212,16 +219,13 @@ def test_a_token_with_a_massive_coefficient_is_not_clipped():
 @pytest.mark.parametrize("bits", [5, 8])
 def test_bf16_products_add_little_error_to_the_quantization(bits):
     """The CPU path's bf16 products (`backend.products`) on a joint unit of two layers: the round trip's error is
-    within 3% of the float32 products' (and, at 8 bits, where bf16's 2^-9 rounding is nearest a step, the codes
-    still agree for most tokens); decoding bf16 codes with float32 products and vice versa gives the same K/V up to
-    bf16 rounding."""
+    within 3% of the float32 products' (and, at 8 bits, where bf16's 2^-9 rounding is nearest a step, the scale
+    codes still agree for most tokens); decoding the bf16 path's codes with float32 products gives the same K/V up
+    to bf16 rounding."""
     torch.manual_seed(7)
     batch, heads, seq, dim = 1, 2, 300, 32
     rows = torch.arange(batch * seq)[4:]
-    angles = torch.rand(batch * seq, dim // 2) * 50
-    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
-    keys = [torch.randn(batch, heads, seq, dim) for _ in range(2)]
-    values = [torch.randn(batch, heads, seq, dim) for _ in range(2)]
+    cos, sin, keys, values = _two_layer_unit(batch, heads, seq, dim, max_angle=50)
     coders = [(_joint_coder(bits, 2 * heads * dim, 0), _joint_coder(bits, 2 * heads * dim, 1))]
     errors = {}
     for products in (torch.float32, torch.bfloat16):

@@ -63,7 +63,12 @@ class Job:
 
     def __post_init__(self) -> None:
         if not self.is_pair:  # the fidelity map is fitted on the validation measurements: fail before, not after
-            continuation_of(self.validation_docs, self.validation_prefix)
+            _ = self.map_continuation
+
+    @property
+    def map_continuation(self) -> int:
+        """The continuation every validation document teacher-forces: what the fidelity map's predictions are for."""
+        return continuation_of(self.validation_docs, self.validation_prefix)
 
     @property
     def is_pair(self) -> bool:
@@ -259,8 +264,8 @@ def validate(run: Calibration) -> SCDArtifacts:
     settings = replace(settings, operating_points=tuple(run.points), default_point=default)
     if not job.is_pair:  # what the codes of the default point do to the model's own K/V, for `identify` to compare
         probe = measure_fit_probe(draft, job.producer, job.validation_docs[0], default)
-        continuation = continuation_of(job.validation_docs, job.validation_prefix)
-        settings = replace(settings, fit_probe=probe, fidelity=fit_fidelity_map(run, measured, continuation))
+        fidelity = fit_fidelity_map(run, measured, job.map_continuation)
+        settings = replace(settings, fit_probe=probe, fidelity=fidelity)
     final = SCDArtifacts.build(settings, run.tensors)
     final.card = model_card(final)
     return final

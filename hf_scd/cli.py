@@ -77,6 +77,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
             target_kl=args.target_kl,
             target_ratio=args.target_ratio,
             **common,
+            **({"unit_layers": args.unit_layers} if args.unit_layers is not None else {}),
         )
     artifacts.save_pretrained(args.out)
     print(json.dumps(artifacts.summary()["operating_points"], indent=2))
@@ -167,7 +168,10 @@ def main(argv: list[str] | None = None) -> None:
     cal.add_argument("--validation-prefix", type=int, default=384)
     cal.add_argument("--no-layer-weights", action="store_true", help="skip the per-layer sensitivity measurement")
     cal.add_argument(
-        "--unit-layers", type=int, help="same-model: layers per joint basis (default: the fewest, a divisor, 960 wide)"
+        "--unit-layers",
+        type=int,
+        help="layers per joint basis (same-model default: the fewest, a divisor, 960 wide; a pair's: 1, per head; a "
+        "pair with more needs --patch-counts 0)",
     )
     cal.add_argument("--exact-tokens", type=int, help="same-model: leading tokens of each row shipped in bf16")
     cal.set_defaults(func=cmd_calibrate)

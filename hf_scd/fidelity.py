@@ -5,22 +5,30 @@ ids) may cost far more. The producer holds the exact K/V, so it measures the rea
 them once and weighs the error in the metric calibration allocates bits in (keys by the energy of the queries that
 read them, values by the output projection's Gram matrix), each layer scaled by its measured sensitivity (KL per unit
 of weighted error). That sum D is a first-order KL; a map fitted at calibration (log KL = intercept + slope log D, on
-validation documents x operating points) turns it into the predicted KL of the continuation. `choose_point` then
-ships the cheapest point whose prediction is within the caller's `max_kl`, and every token's K/V in bf16 (the
-reserved `EXACT_POINT`) when none is.
+validation documents x operating points) turns it into the predicted KL of the continuation.
+
+D cannot see how sensitive this request's attention is to an error: on input unlike the calibration text (random ids,
+another language) the same D costs more KL. So where the map has a tail line and the request is longer than its tail,
+the producer also measures the KL itself, on the request's own last tokens (the tail probe): it runs them over the
+rebuilt cache of the tokens before them and over its exact cache, and the KL between the two next-token distributions,
+mapped by a second line fitted at calibration (the tail's tokens sit nearer the coded part than an average
+continuation token does), is the prediction. `choose_point` then ships the cheapest point whose prediction is within
+the caller's `max_kl`, and every token's K/V in bf16 (the reserved `EXACT_POINT`) when none is.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
+from transformers import DynamicCache
 
 from .arch import ModelHandle
 from .codes import LayerCodes
+from .compat import with_cache
 from .errors import OperatingPointError
 from .recording import TokenRecord
 from .schema import EXACT_POINT, FidelityMap
@@ -29,6 +37,8 @@ if TYPE_CHECKING:
     from .artifacts import SCDArtifacts
 
 KV = tuple[torch.Tensor, torch.Tensor]
+# Tokens of a request's tail that calibration probes: its KL tracked the continuation's best of 16, 32 and 64 (SmolLM2).
+TAIL_TOKENS = 32
 
 
 def key_metric(query_energy: torch.Tensor) -> torch.Tensor:
@@ -90,20 +100,79 @@ class DistortionMetric:
         return (total * real).sum(-1) / real.sum(-1)
 
 
-def predict_kl(fidelity: FidelityMap, distortion: float) -> float:
-    """The map calibration fitted: the continuation's next-token KL for a request of weighted distortion D."""
+def predict_kl(fidelity: FidelityMap, distortion: float, tail_kl: float | None = None) -> float:
+    """The maps calibration fitted: the continuation's next-token KL for a request whose tail probe measured
+    `tail_kl`, or, without one, whose codes have weighted distortion D."""
+    if tail_kl is not None and fidelity.tail is not None:
+        return math.exp(fidelity.tail.intercept + fidelity.tail.slope * math.log(max(tail_kl, 1e-30)))
     return math.exp(fidelity.intercept + fidelity.slope * math.log(max(distortion, 1e-30)))
+
+
+class TailProbe:
+    """The request's own last `tokens` tokens, teacher-forced over a cache of the tokens before them: its exact
+    next-token log-probabilities are computed once per request, and each point's rebuilt cache is measured against
+    them (`kl`). Unavailable (`usable` False) where a row is not longer than the tail, where the forward had
+    embeddings rather than ids, or where the model has no language-model head."""
+
+    def __init__(self, handle: ModelHandle, exact: Sequence[KV], record: TokenRecord, tokens: int):
+        self.handle, self.record, self.tokens = handle, record, tokens
+        self.start = record.input_ids.shape[1] - tokens
+        real = record.attention_mask.sum(-1)
+        self.usable = (
+            self.start > 0
+            and bool((real > tokens).all())
+            and bool((record.input_ids[:, self.start :] >= 0).all())
+            and hasattr(handle.model, "get_output_embeddings")
+            and handle.model.get_output_embeddings() is not None
+        )
+        self._exact = exact
+        self._reference: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def _log_probs(self, kv: Sequence[KV]) -> torch.Tensor:
+        """(batch, tokens, vocab) float32 log-probabilities of the tail's next tokens over `kv` cut before the tail."""
+        cache = DynamicCache(config=self.handle.model.config)
+        for index, (keys, values) in enumerate(kv):
+            cache.update(keys[:, :, : self.start], values[:, :, : self.start], index)
+        record = self.record
+        logits = self.handle.model(
+            input_ids=record.input_ids[:, self.start :],
+            attention_mask=record.attention_mask.long(),
+            position_ids=record.position_ids[:, self.start :],
+            **with_cache(self.handle.model, cache),
+            use_cache=True,
+        ).logits
+        return torch.log_softmax(logits.float(), -1)
+
+    def kl(self, rebuilt: Sequence[KV]) -> float:
+        """The worst row's mean KL(exact || rebuilt) over the tail's next tokens."""
+        if self._reference is None:
+            self._reference = self._log_probs(self._exact)
+        exact, test = self._reference, self._log_probs(rebuilt)
+        return float((exact.exp() * (exact - test)).sum(-1).mean(-1).max())
+
+
+def tail_probe(artifacts: SCDArtifacts, handle: ModelHandle, kv: Sequence[KV], record: TokenRecord) -> TailProbe | None:
+    """The request's tail probe, if the artifacts' map has a tail line and the request can be probed."""
+    tail = artifacts.config.fidelity.tail if artifacts.config.fidelity is not None else None
+    if tail is None:
+        return None
+    probe = TailProbe(handle, kv, record, tail.tokens)
+    return probe if probe.usable else None
 
 
 @dataclass(frozen=True)
 class PointChoice:
     """What a check found: the point, its predicted KL for this cache, its codes (what ships), and the prediction
-    of every point the check measured, cheapest first."""
+    of every point the check measured, cheapest first; and what the prediction was made from: the codes' weighted
+    distortion, and the KL the tail probe measured (None where no probe ran)."""
 
     point: str
     predicted_kl: float
     layers: list[LayerCodes]
     checked: dict[str, float]
+    distortion: float
+    tail_kl: float | None = None
 
 
 def check_max_kl(max_kl: float) -> None:
@@ -118,17 +187,22 @@ def check_point(
     record: TokenRecord,
     patch_input: Callable[[int], torch.Tensor],
     point: str,
+    probe: TailProbe | None = None,
 ) -> PointChoice:
     """`point`'s codes for this cache and the KL they are predicted to cost: encoded once, decoded once, the
-    distortion against `kv` measured in the metric. A batch is judged by its worst row."""
+    distortion against `kv` measured in the metric and, where the request can be probed, the KL of its tail over
+    the rebuilt cache (`probe`: one `tail_probe` shared by several checks of the same request). A batch is judged by
+    its worst row."""
     device, dtype = kv[0][0].device, kv[0][0].dtype
     metric = artifacts.distortion_metric(handle, device)  # refuses artifacts without a map before any coding
+    probe = probe if probe is not None else tail_probe(artifacts, handle, kv, record)
     plan = artifacts.plan(point, device)
     layers = plan.encode(kv, record, patch_input)
     rebuilt = plan.finish(plan.decode_layers(layers, record, handle, dtype), record, handle)
     worst = float(metric.distortion(kv, rebuilt, record.attention_mask).max())
-    predicted = predict_kl(artifacts.config.fidelity, worst)
-    return PointChoice(point, predicted, layers, {point: predicted})
+    tail_kl = probe.kl(rebuilt) if probe is not None else None
+    predicted = predict_kl(artifacts.config.fidelity, worst, tail_kl)
+    return PointChoice(point, predicted, layers, {point: predicted}, worst, tail_kl)
 
 
 def choose_point(
@@ -149,10 +223,11 @@ def choose_point(
     ladder = sorted((p for p in artifacts.points if not p.patch_layers), key=lambda p: p.bytes_per_token)
     names = [p.name for p in ladder] + [EXACT_POINT]
     checks: dict[int, PointChoice] = {}
+    probe = tail_probe(artifacts, handle, kv, record)
 
     def predicted(index: int) -> float:
         if index not in checks:
-            checks[index] = check_point(artifacts, handle, kv, record, patch_input, names[index])
+            checks[index] = check_point(artifacts, handle, kv, record, patch_input, names[index], probe)
         return checks[index].predicted_kl
 
     last = len(names) - 1
@@ -165,4 +240,4 @@ def choose_point(
     predicted(index)  # the exact point, reached without a test, is measured too: its prediction ships
     chosen = checks[index]
     checked = {names[i]: checks[i].predicted_kl for i in sorted(checks)}
-    return PointChoice(chosen.point, chosen.predicted_kl, chosen.layers, checked)
+    return replace(chosen, checked=checked)

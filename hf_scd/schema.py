@@ -112,6 +112,19 @@ class FitProbe:
 
 
 @dataclass(frozen=True)
+class TailLine:
+    """The tail probe's map (see `hf_scd.fidelity`): the producer teacher-forces the last `tokens` tokens of the
+    request over the rebuilt cache of the tokens before them, against its own exact cache, and the KL it measures
+    there maps to the continuation's: log KL = intercept + slope * log tail KL."""
+
+    tokens: int
+    slope: float
+    intercept: float
+    residual: float  # RMS of the fit's residuals, in log KL
+    samples: int
+
+
+@dataclass(frozen=True)
 class FidelityMap:
     """What a producer needs to predict, per request, the KL its codes will cost (see `hf_scd.fidelity`): the metric
     calibration weighs errors in (mean squared queries per key dimension; values are weighed by the model's output
@@ -127,6 +140,8 @@ class FidelityMap:
     # Tokens of continuation each fitted KL is the mean over: what a prediction is for. The mean KL of a continuation
     # falls as it grows (later tokens see their exact predecessors), so a check says most when run on this length.
     continuation: int = LEGACY_MAP_CONTINUATION
+    # The tail probe's line, preferred where a request is longer than its tail; maps written before it have none.
+    tail: TailLine | None = None
 
 
 @dataclass(frozen=True)
@@ -312,7 +327,9 @@ def _fit_probe(data: Any, num_layers: int) -> FitProbe:
 
 
 def _fidelity_dict(fidelity: FidelityMap) -> dict[str, Any]:
-    out = {f.name: getattr(fidelity, f.name) for f in fields(FidelityMap)}
+    out = {f.name: getattr(fidelity, f.name) for f in fields(FidelityMap) if f.name != "tail"}
+    if fidelity.tail is not None:
+        out["tail"] = {f.name: getattr(fidelity.tail, f.name) for f in fields(TailLine)}
     out["query_energy"] = [[list(head) for head in layer] for layer in fidelity.query_energy]
     out["layer_weights"] = [list(pair) for pair in fidelity.layer_weights]
     return out
@@ -349,27 +366,38 @@ def _fidelity_map(data: Any, shape: ModelShape) -> FidelityMap:
     weights = _field(data, "layer_weights", list, "fidelity")
     if len(weights) != shape.num_layers or not all(_finite_list(pair, len(KINDS), positive=True) for pair in weights):
         raise ArtifactError(f"config.fidelity.layer_weights must list {shape.num_layers} layers' [key, value] > 0")
-    numbers = {}
-    for name in ("slope", "intercept", "residual"):
-        value = data.get(name)
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            raise ArtifactError(f"config.fidelity.{name} must be a finite number, got {value!r}")
-        numbers[name] = float(value)
-    if numbers["slope"] <= 0 or numbers["residual"] < 0:
-        raise ArtifactError("config.fidelity.slope must be > 0 and residual >= 0: KL grows with distortion")
-    samples = data.get("samples")
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 2:
-        raise ArtifactError(f"config.fidelity.samples must be an integer >= 2, got {samples!r}")
-    continuation = data.get("continuation", LEGACY_MAP_CONTINUATION)
-    if isinstance(continuation, bool) or not isinstance(continuation, int) or continuation < 2:
-        raise ArtifactError(f"config.fidelity.continuation must be an integer >= 2, got {continuation!r}")
+    tail = data.get("tail")
+    if tail is not None:
+        tail = _mapping(tail, "fidelity.tail")
+        tail = TailLine(tokens=_count(tail, "tokens", "fidelity.tail", 1), **_log_line(tail, "fidelity.tail"))
     return FidelityMap(
         query_energy=tuple(tuple(tuple(float(v) for v in head) for head in layer) for layer in energy),
         layer_weights=tuple(tuple(float(w) for w in pair) for pair in weights),
-        samples=samples,
-        continuation=continuation,
-        **numbers,
+        continuation=_count(data, "continuation", "fidelity", 2, LEGACY_MAP_CONTINUATION),
+        tail=tail,
+        **_log_line(data, "fidelity"),
     )
+
+
+def _log_line(data: dict[str, Any], where: str) -> dict[str, Any]:
+    """A fitted line's slope (> 0: KL grows with what it is fitted on), intercept, RMS residual (>= 0) and samples."""
+    numbers: dict[str, Any] = {}
+    for name in ("slope", "intercept", "residual"):
+        value = data.get(name)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ArtifactError(f"config.{where}.{name} must be a finite number, got {value!r}")
+        numbers[name] = float(value)
+    if numbers["slope"] <= 0 or numbers["residual"] < 0:
+        raise ArtifactError(f"config.{where}.slope must be > 0 and residual >= 0: KL grows with distortion")
+    numbers["samples"] = _count(data, "samples", where, 2)
+    return numbers
+
+
+def _count(data: dict[str, Any], name: str, where: str, least: int, default: int | None = None) -> int:
+    value = data.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ArtifactError(f"config.{where}.{name} must be an integer >= {least}, got {value!r}")
+    return value
 
 
 def _mapping(value: Any, where: str) -> dict[str, Any]:

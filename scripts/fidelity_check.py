@@ -28,6 +28,7 @@ from hf_scd import SCDArtifacts, SCDCache, SCDPayload
 from hf_scd.compat import with_cache
 from hf_scd.eval.corpus import evaluation_texts, token_documents
 from hf_scd.eval.metrics import next_token_kl
+from hf_scd.fidelity import predict_kl
 from hf_scd.models import load_model
 from hf_scd.schema import EXACT_POINT
 
@@ -149,6 +150,8 @@ def measure(model, artifacts: SCDArtifacts, ids: list[int], prefix: int, max_kls
         logits = model(tensor[:, prefix:], **with_cache(model, consumer)).logits[:, :-1]
         points[name] = {
             "predicted_kl": check.predicted_kl,
+            "predicted_kl_from_distortion": predict_kl(artifacts.config.fidelity, check.distortion),
+            "tail_kl": check.tail_kl,
             "measured_kl": next_token_kl(oracle, logits),
             "check_s": check_s,
             "encode_s": encode_s,
@@ -194,6 +197,21 @@ def print_choices(results: dict, default: str, max_kl: float) -> dict[str, int]:
             f"{name:<16} {at_default['predicted_kl']:>12.5f} {at_default['measured_kl']:>10.5f} {choice['chosen']:>7} "
             f"{at_chosen['predicted_kl']:>10.5f} {at_chosen['measured_kl']:>10.5f}  {verdict}"
         )
+    return outcome
+
+
+def outcome_from_distortion(results: dict, max_kl: float) -> dict[str, int]:
+    """What choosing by the map from D alone would have shipped: the cheapest point it predicts within `max_kl`
+    (the exact point when none), and how often that broke the bound or spent more bytes than needed."""
+    outcome = {"chosen_violations": 0, "overcautious": 0}
+    for r in results.values():
+        ladder = list(r["points"])  # cheapest first, the exact point last
+        chosen = next(
+            (point for point, p in r["points"].items() if p["predicted_kl_from_distortion"] <= max_kl), EXACT_POINT
+        )
+        ideal = next(point for point, p in r["points"].items() if p["measured_kl"] <= max_kl or point == EXACT_POINT)
+        outcome["chosen_violations"] += r["points"][chosen]["measured_kl"] > max_kl
+        outcome["overcautious"] += ladder.index(chosen) > ladder.index(ideal)
     return outcome
 
 
@@ -255,8 +273,21 @@ def main() -> None:
         "encode_s_mean_at_default": sum(r["points"][default]["encode_s"] for r in results.values()) / len(results),
         "by_max_kl": outcomes,
     }
+    from_distortion = [
+        (math.log(p["predicted_kl_from_distortion"]), math.log(p["measured_kl"]))
+        for r in results.values()
+        for point, p in r["points"].items()
+        if point != EXACT_POINT and p["measured_kl"] > 0
+    ]
+    summary["from_distortion_alone"] = {
+        "spearman_log_kl": spearman(*zip(*from_distortion, strict=True)),
+        "median_abs_log_error": sorted(abs(a - b) for a, b in from_distortion)[len(from_distortion) // 2],
+        "by_max_kl": {repr(max_kl): outcome_from_distortion(results, max_kl) for max_kl in args.max_kl},
+    }
+    probed = sum(p["tail_kl"] is not None for r in results.values() for p in r["points"].values())
+    print(f"\nthe tail probe ran on {probed} of {sum(len(r['points']) for r in results.values())} checks")
     print(
-        f"\nover {len(pairs)} (input, coded point) pairs: Spearman {summary['spearman_log_kl']:.3f}, Pearson on log "
+        f"over {len(pairs)} (input, coded point) pairs: Spearman {summary['spearman_log_kl']:.3f}, Pearson on log "
         f"KL {summary['pearson_log_kl']:.3f}, median |log predicted - log measured| "
         f"{summary['median_abs_log_error']:.2f}; across inputs at {default}: Spearman "
         f"{summary['spearman_across_inputs_at_default']:.3f}"
@@ -268,6 +299,16 @@ def main() -> None:
             f"{outcome['caught']}; the chosen point broke it on {outcome['chosen_violations']}, and spent more bytes "
             f"than needed on {outcome['overcautious']}"
         )
+    alone = summary["from_distortion_alone"]
+    print(
+        f"the map from D alone (no tail probe): Spearman {alone['spearman_log_kl']:.3f}, median |log error| "
+        f"{alone['median_abs_log_error']:.2f}; "
+        + "; ".join(
+            f"max_kl {max_kl}: its choices broke it on {o['chosen_violations']}, spent more bytes than needed on "
+            f"{o['overcautious']}"
+            for max_kl, o in alone["by_max_kl"].items()
+        )
+    )
     print(
         f"a check costs {summary['check_over_encode']:.2f}x an encode; choose_point "
         f"{summary['choose_s_mean'] * 1e3:.0f} ms against {summary['encode_s_mean_at_default'] * 1e3:.0f} ms for one "

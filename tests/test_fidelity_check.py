@@ -21,8 +21,9 @@ from hf_scd.calibrate.fidelity import continuation_of, fit_log_line
 from hf_scd.calibrate.plan import Measurement
 from hf_scd.compat import with_cache
 from hf_scd.eval.metrics import next_token_kl
+from hf_scd.fidelity import TailProbe
 from hf_scd.payload import _HEADER, FORMAT_VERSION, MAGIC, METADATA_KEY, PayloadHead
-from hf_scd.schema import EXACT_POINT, LEGACY_MAP_CONTINUATION, ArtifactsConfig, FidelityMap
+from hf_scd.schema import EXACT_POINT, LEGACY_MAP_CONTINUATION, ArtifactsConfig, FidelityMap, TailLine
 from hf_scd.transport import receive_cache
 from hf_scd.transport.links import ChunkLink
 from hf_scd.transport.stream import CacheSender
@@ -73,6 +74,17 @@ def test_fidelity_map_round_trips_through_the_config_and_is_optional(tiny):
     assert ArtifactsConfig.from_dict(data).fidelity is None
 
 
+def test_the_tail_line_round_trips_and_maps_written_before_it_have_none(tiny):
+    _, artifacts = tiny
+    assert artifacts.config.fidelity.tail is None
+    with_tail = replace(
+        artifacts.config, fidelity=replace(artifacts.config.fidelity, tail=TailLine(16, 0.9, -0.5, 0.2, 8))
+    )
+    data = json.loads(json.dumps(with_tail.to_dict()))
+    assert data["fidelity"]["tail"]["tokens"] == 16
+    assert ArtifactsConfig.from_dict(data).fidelity == with_tail.fidelity
+
+
 def test_a_map_says_which_continuation_its_predictions_are_for(tiny):
     """The map records the continuation its KLs were averaged over; maps written before it was recorded were all
     fitted on calibration's 256-token validation continuations, and one map is never fitted on mixed lengths."""
@@ -97,6 +109,10 @@ def test_a_map_says_which_continuation_its_predictions_are_for(tiny):
         (lambda f: f["query_energy"].pop(), "query_energy must be"),
         (lambda f: f["query_energy"][0][0].__setitem__(3, float("inf")), "query_energy must be"),
         (lambda f: f["layer_weights"][1].__setitem__(0, 0.0), "layer_weights must list"),
+        (lambda f: f.update(tail=[1, 2]), "fidelity.tail must be a JSON object"),
+        (lambda f: f.update(tail=dict(tokens=0, slope=1.0, intercept=0.0, residual=0.1, samples=4)), "tail.tokens"),
+        (lambda f: f.update(tail=dict(tokens=8, slope=0.0, intercept=0.0, residual=0.1, samples=4)), "tail.slope"),
+        (lambda f: f.update(tail=dict(tokens=8, slope=1.0, residual=0.1, samples=4)), "tail.intercept must be"),
     ],
 )
 def test_a_malformed_fidelity_map_is_an_artifact_error(tiny, edit, match):
@@ -122,6 +138,61 @@ def test_the_map_is_the_least_squares_line_in_log_log():
     assert slope == pytest.approx(0.8) and intercept == pytest.approx(math.log(3.0)) and residual < 1e-9
     assert samples == 4  # the zero KL (below rounding) is left out
     assert fit_log_line({"a": [Measurement(0.1, 1.0, 1e-3), Measurement(0.2, 1.0, 1e-3)]}) is None
+
+
+# ---- the tail probe ------------------------------------------------------------------------------------------------
+
+
+def _with_tail(artifacts, tokens: int):
+    """The tiny artifacts with a tail line that predicts exactly the KL the probe measures."""
+    fidelity = replace(artifacts.config.fidelity, tail=TailLine(tokens, 1.0, 0.0, 0.0, 2))
+    return type(artifacts)(replace(artifacts.config, fidelity=fidelity), artifacts.tensors)
+
+
+def test_the_tail_probe_measures_what_shipping_the_head_and_teacher_forcing_the_tail_costs(tiny):
+    """Codes are per token, so the rebuilt cache cut before the tail is what a payload of the tokens before it
+    rebuilds: the probe's KL is the KL a consumer pays on the tail, measured the long way round here."""
+    model, artifacts = tiny
+    tail, tokens = 12, 48
+    cache = _filled(model, artifacts, tokens)
+    ids = cache.record.input_ids
+    with torch.inference_mode():
+        layers = [(layer.keys, layer.values) for layer in cache.layers]
+        probe = TailProbe(cache.handle, layers, cache.record, tail)
+        rebuilt = SCDCache.from_payload(cache.encode("8x"), artifacts, model)
+        measured = probe.kl([(layer.keys, layer.values) for layer in rebuilt.layers])
+        assert probe.usable and probe.kl(layers) == pytest.approx(0.0, abs=1e-6)
+        head = SCDCache(artifacts, model)
+        model(ids[:, : tokens - tail], **with_cache(model, head))
+        consumer = SCDCache.from_payload(head.encode("8x"), artifacts, model)
+        oracle = model(ids).logits[:, tokens - tail :]
+        logits = model(ids[:, tokens - tail :], **with_cache(model, consumer)).logits
+    assert measured > 1e-4
+    assert measured == pytest.approx(next_token_kl(oracle, logits), rel=1e-3)
+
+
+def test_a_check_predicts_from_the_tail_where_the_map_has_a_line_and_the_request_is_long_enough(tiny):
+    model, artifacts = tiny
+    probed = _with_tail(artifacts, 12)
+    cache = _filled(model, probed, 48)
+    with torch.inference_mode():
+        check = cache.check_point("8x")
+        assert check.tail_kl is not None and check.predicted_kl == pytest.approx(check.tail_kl)  # the line: identity
+        assert check.distortion == pytest.approx(_filled(model, artifacts, 48).check_point("8x").predicted_kl)
+        short = _filled(model, probed, 12).check_point("8x")  # no token before the tail: the map from D alone
+    assert short.tail_kl is None and short.predicted_kl == pytest.approx(short.distortion)
+
+
+def test_choose_point_ships_the_cheapest_point_the_tail_probe_allows(tiny):
+    model, artifacts = tiny
+    cache = _filled(model, _with_tail(artifacts, 12), 48)
+    with torch.inference_mode():
+        every = {p.name: cache.check_point(p.name) for p in sorted(artifacts.points, key=lambda p: p.bytes_per_token)}
+        max_kl = every[artifacts.config.default_point].predicted_kl
+        choice = cache.choose_point(max_kl)
+    assert choice.point == next(name for name, check in every.items() if check.predicted_kl <= max_kl)
+    assert all(check.tail_kl is not None for check in every.values())
+    assert choice.tail_kl == pytest.approx(every[choice.point].tail_kl)
 
 
 # ---- the choice ---------------------------------------------------------------------------------------------------

@@ -114,6 +114,42 @@ def test_reuse_and_patch_rebuild_the_consumers_own_cache(pair):
     assert out.shape[1] == ids.shape[1] + 2 + 3
 
 
+def test_joint_units_predict_the_consumers_cache_and_refuse_patch_layers(pair, tmp_path):
+    """Units of several layers fit one predictor over all their heads, as same-model units code them: the rebuilt
+    cache is nearer the consumer's own than the producer's raw one, it survives a save and load, and generation
+    continues from it. Patch layers need units of one layer."""
+    producer, consumer, _, docs = pair
+    kwargs = dict(producer_name="tiny", consumer_name="tiny-variant", validation_prefix=64, progress=False)
+    with pytest.raises(ValueError, match="units of one layer"):
+        calibrate_pair(producer, consumer, docs[:10], docs[10:], unit_layers=3, patch_counts=(0, 1), **kwargs)
+    with pytest.raises(ValueError, match="must divide"):
+        calibrate_pair(producer, consumer, docs[:10], docs[10:], unit_layers=2, patch_counts=(0,), **kwargs)
+    joint = calibrate_pair(
+        producer, consumer, docs[:10], docs[10:], unit_layers=3, patch_counts=(0,), ratios=(1.5,), **kwargs
+    )
+    joint.save_pretrained(tmp_path)
+    joint = SCDArtifacts.from_pretrained(tmp_path)
+    assert joint.config.codec.unit_layers == 3 and joint.config.codec.joint_basis
+    ids = torch.tensor(docs[11][:48])[None]
+    with torch.inference_mode():
+        shipped = SCDCache(joint, producer)
+        producer(ids, **with_cache(producer, shipped))
+        payload = SCDPayload.from_bytes(shipped.encode("1.5x").to_bytes())
+        assert [layer.key_codes.shape[1] > 0 for layer in payload.layers] == [False, False, True]
+        rebuilt = SCDCache.from_payload(payload, joint, consumer)
+        raw, own = _own_cache(producer, ids), _own_cache(consumer, ids)
+        for layer, mine, theirs in zip(rebuilt.layers, own.layers, raw.layers, strict=True):
+            for rebuilt_kv, own_kv, raw_kv in (
+                (layer.keys, mine.keys, theirs.keys),
+                (layer.values, mine.values, theirs.values),
+            ):
+                error = float((rebuilt_kv - own_kv)[:, :, 1:].norm())
+                assert error < 0.98 * float((raw_kv - own_kv)[:, :, 1:].norm())
+        out = consumer.generate(torch.cat([ids, torch.tensor([[5, 6]])], 1), **with_cache(consumer, rebuilt),
+                                max_new_tokens=3, do_sample=False)  # fmt: skip
+    assert out.shape[1] == ids.shape[1] + 5
+
+
 @torch.inference_mode()
 def test_recomputed_sink_is_memoised_per_token_and_weights(pair):
     """The consumer's own first-token K/V come from a memo keyed by token ids and the weights' fingerprint: rows

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..arch import ModelHandle
-from ..fidelity import DistortionMetric
-from ..schema import KINDS, FidelityMap
+from ..fidelity import TAIL_TOKENS, DistortionMetric
+from ..schema import KINDS, FidelityMap, TailLine
 from .plan import Measurement
 
 if TYPE_CHECKING:
@@ -43,15 +43,18 @@ def fidelity_metric(run: Calibration, device: torch.device | str = "cpu") -> Dis
     return DistortionMetric.of(energy, weights, ModelHandle(run.job.consumer), device)
 
 
-def fit_log_line(measured: dict[str, list[Measurement]]) -> tuple[float, float, float, int] | None:
-    """(slope, intercept, RMS residual, samples) of the least-squares line log KL = intercept + slope log D through
-    the measurements above rounding; None when they fix no rising line (fewer than two distinct distortions, or a
-    slope <= 0, as on toy models)."""
+def fit_log_line(
+    measured: dict[str, list[Measurement]], predictor: str = "distortion", least: float = MIN_DISTORTION
+) -> tuple[float, float, float, int] | None:
+    """(slope, intercept, RMS residual, samples) of the least-squares line log KL = intercept + slope log x, x the
+    measurements' `predictor` (the weighted distortion D, or the tail probe's `tail_kl`), through the measurements
+    above rounding; None when they fix no rising line (fewer than two distinct values, or a slope <= 0, as on toy
+    models)."""
     pairs = [
-        (math.log(m.distortion), math.log(m.kl))
+        (math.log(getattr(m, predictor)), math.log(m.kl))
         for runs in measured.values()
         for m in runs
-        if m.distortion is not None and m.distortion > MIN_DISTORTION and m.kl > MIN_KL
+        if getattr(m, predictor) is not None and getattr(m, predictor) > least and m.kl > MIN_KL
     ]
     if len(pairs) < 2:
         return None
@@ -74,14 +77,18 @@ def continuation_of(docs: list[list[int]], prefix: int) -> int:
     return lengths.pop()
 
 
-def fit_fidelity_map(run: Calibration, measured: dict[str, list[Measurement]], continuation: int) -> FidelityMap | None:
-    """The fidelity map from measurements made with `fidelity_metric(run)`, each the mean KL over `continuation`
-    teacher-forced tokens: the line (`fit_log_line`) and the parts the producer's metric is rebuilt from; None when
-    no line fits."""
+def fit_fidelity_map(
+    run: Calibration, measured: dict[str, list[Measurement]], continuation: int, tail_tokens: int = TAIL_TOKENS
+) -> FidelityMap | None:
+    """The fidelity map from measurements made with `fidelity_metric(run)` and a tail probe of `tail_tokens`, each
+    the mean KL over `continuation` teacher-forced tokens: the line from D (`fit_log_line`), the tail probe's line
+    where one fits, and the parts the producer's metric is rebuilt from; None when no line from D fits."""
     line = fit_log_line(measured)
     if line is None:
         return None
     slope, intercept, residual, samples = line
+    tail_line = fit_log_line(measured, "tail_kl", MIN_KL)
+    tail = None if tail_line is None else TailLine(tail_tokens, *tail_line)
     energy, weights = fidelity_parts(run)
     return FidelityMap(
         query_energy=tuple(tuple(tuple(map(_significant, head)) for head in layer.tolist()) for layer in energy),
@@ -91,4 +98,5 @@ def fit_fidelity_map(run: Calibration, measured: dict[str, list[Measurement]], c
         residual=residual,
         samples=samples,
         continuation=continuation,
+        tail=tail,
     )

@@ -23,7 +23,7 @@ from ..patch import Aligner
 from ..schema import KINDS, TensorKeys
 from .collect import KVMoments
 from .fit import LayerBasis, _sqrt_and_inverse, fit_layer_basis
-from .pipeline import Calibration, Job, Step, run_pipeline
+from .pipeline import Calibration, Job, Step, run_pipeline, unit_metric
 
 REUSE_METHODS = ("rrr", "joint-svd")
 ALIGNER_LOSSES = ("l2", "kv")
@@ -107,17 +107,18 @@ def _naive_error(moments: KVMoments, metric: torch.Tensor) -> float:
 
 
 def rank_patch_layers(run: Calibration) -> None:
-    """Per layer, the weighted error of naive reuse and of Reuse for the config's report; when patching, also of a
-    linear Patch coder, and the best `max(patch_counts)` layers by the error Patch removes over Reuse."""
+    """Per Reuse unit, the weighted error of naive reuse and of Reuse for the config's report; when patching (units
+    of one layer), also of a linear Patch coder, and the best `max(patch_counts)` layers by the error Patch removes
+    over Reuse."""
     run.report = []
-    for layer in tqdm(run.layers, desc="ranking Patch layers" if run.job.patching else "naive error",
-                      disable=not run.job.progress):  # fmt: skip
-        keys = [(layer, kind) for kind in KINDS]
+    for unit, members in enumerate(tqdm(run.units, desc="ranking Patch layers" if run.job.patching else "naive error",
+                                        disable=not run.job.progress)):  # fmt: skip
+        keys = [(unit, kind) for kind in KINDS]
         reuse_error = sum(run.bases[key].residual for key in keys)  # weighed in the units' metrics already
-        naive = sum(_naive_error(run.moments[key], run.metrics[key]) * run.weights[key] for key in keys)
-        run.report.append({"layer": layer, "naive": naive, "reuse": reuse_error})
+        naive = sum(_naive_error(run.moments[(unit, kind)], unit_metric(run, members, kind)) for kind in KINDS)
+        run.report.append({"layers": list(members), "naive": naive, "reuse": reuse_error})
         if run.job.patching:
-            run.report[layer]["patch_linear"] = _linear_patch_error(run, layer)
+            run.report[unit]["patch_linear"] = _linear_patch_error(run, unit)
     if not run.job.patching:
         return
     # Patch candidates, best first: the layers where Patch removes the most error over Reuse.
@@ -198,16 +199,25 @@ def calibrate_pair(
     target_kl: float | None = None,
     target_ratio: float | None = None,
     validation_prefix: int = 384,
+    unit_layers: int = 1,
     progress: bool = True,
 ) -> SCDArtifacts:
-    """Fit Reuse coders for every layer and Patch coders + aligners for the best `max(patch_counts)` layers, then
+    """Fit Reuse coders for every unit and Patch coders + aligners for the best `max(patch_counts)` layers, then
     validate every (ratio, number of Patch layers) point. The default point is the smallest one with validation KL
-    <= `target_kl`, or the most faithful one at least `target_ratio` x below BF16 (neither: the most faithful)."""
+    <= `target_kl`, or the most faithful one at least `target_ratio` x below BF16 (neither: the most faithful).
+
+    `unit_layers` 1 fits a predictor per layer and KV head; more fits one joint predictor per run of that many
+    layers, over all their heads (as same-model units do), and a Patch layer is a unit of its own, so then
+    `patch_counts` must be (0,)."""
     if reuse not in REUSE_METHODS:
         raise ValueError(f"reuse must be one of {REUSE_METHODS}, got {reuse!r}")
     shape = ModelHandle(consumer).shape
     if ModelHandle(producer).shape != shape:
         raise ValueError(f"producer {ModelHandle(producer).shape} and consumer {shape} do not share a KV layout")
+    if unit_layers < 1 or shape.num_layers % unit_layers:
+        raise ValueError(f"unit_layers must divide the {shape.num_layers} layers, got {unit_layers}")
+    if unit_layers > 1 and max(patch_counts) > 0:
+        raise ValueError("Patch layers need units of one layer: pass patch_counts=(0,) with unit_layers > 1")
     job = Job(
         producer,
         consumer,
@@ -222,6 +232,8 @@ def calibrate_pair(
         reuse=reuse,
         patch_counts=patch_counts,
         validation_prefix=validation_prefix,
+        unit_layers=unit_layers,
+        joint_basis=unit_layers > 1,
         default_max_kl=target_kl,
         default_min_ratio=target_ratio,
         progress=progress,

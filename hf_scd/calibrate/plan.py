@@ -12,12 +12,12 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from ..arch import ModelShape, model_fingerprint
+from ..arch import ModelHandle, ModelShape, model_fingerprint
 from ..artifacts import SCDArtifacts
 from ..codes import BitLayout
 from ..compat import with_cache
 from ..eval.metrics import next_token_kl, top1_agreement
-from ..fidelity import DistortionMetric
+from ..fidelity import TAIL_TOKENS, DistortionMetric, TailProbe
 from ..schema import KINDS, ModelEntry, OperatingPoint, TensorKeys
 from .fit import LayerBasis, allocate_bits
 
@@ -107,11 +107,13 @@ def model_entry(name: str, base_model: str | None, shape: ModelShape, model: tor
 @dataclass(frozen=True)
 class Measurement:
     """One operating point on one document: KL and top-1 agreement against the oracle and, when a metric was
-    given, the weighted distortion of the shipped cache (what a fidelity check would have measured)."""
+    given, what a fidelity check would have measured: the weighted distortion of the shipped cache and the KL of the
+    tail probe."""
 
     kl: float
     top1: float
     distortion: float | None = None
+    tail_kl: float | None = None
 
 
 @torch.inference_mode()
@@ -123,10 +125,12 @@ def measure_points(
     progress: bool = True,
     producer: torch.nn.Module | None = None,
     metric: DistortionMetric | None = None,
+    tail_tokens: int = TAIL_TOKENS,
 ) -> dict[str, list[Measurement]]:
     """Every operating point on every document: the producer (default: `model` itself) ships `prefix_len` tokens,
     `model` teacher-forces the rest; the oracle is `model` prefilling everything. With a `metric`, also the
-    distortion of the rebuilt cache against the shipped one."""
+    distortion of the rebuilt cache against the shipped one and the KL of the shipped prefix's last `tail_tokens`
+    over it (`TailProbe`)."""
     from ..cache import SCDCache
 
     producer = model if producer is None else producer
@@ -138,15 +142,17 @@ def measure_points(
         shipped = SCDCache(artifacts, producer)
         producer(ids[:, :prefix_len], **with_cache(producer, shipped), logits_to_keep=1)
         exact = [(layer.keys, layer.values) for layer in shipped.layers]
+        probe = TailProbe(ModelHandle(producer), exact, shipped.record, tail_tokens) if metric is not None else None
         for point in artifacts.points:
             consumer = SCDCache.from_payload(shipped.encode(point.name), artifacts, model)
-            distortion = None
+            distortion = tail_kl = None
             if metric is not None:
                 rebuilt = [(layer.keys, layer.values) for layer in consumer.layers]
                 distortion = float(metric.distortion(exact, rebuilt, shipped.record.attention_mask).max())
+                tail_kl = probe.kl(rebuilt) if probe.usable else None
             logits = model(ids[:, prefix_len:], **with_cache(model, consumer)).logits[:, :-1]
             kl, top1 = next_token_kl(oracle, logits), top1_agreement(oracle, logits)
-            results[point.name].append(Measurement(kl, top1, distortion))
+            results[point.name].append(Measurement(kl, top1, distortion, tail_kl))
     return results
 
 

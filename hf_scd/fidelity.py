@@ -10,10 +10,10 @@ validation documents x operating points) turns it into the predicted KL of the c
 D cannot see how sensitive this request's attention is to an error: on input unlike the calibration text (random ids,
 another language) the same D costs more KL. So where the map has a tail line and the request is longer than its tail,
 the producer also measures the KL itself, on the request's own last tokens (the tail probe): it runs them over the
-rebuilt cache of the tokens before them and over its exact cache, and the KL between the two next-token distributions,
-mapped by a second line fitted at calibration (the tail's tokens sit nearer the coded part than an average
-continuation token does), is the prediction. `choose_point` then ships the cheapest point whose prediction is within
-the caller's `max_kl`, and every token's K/V in bf16 (the reserved `EXACT_POINT`) when none is.
+rebuilt cache of the tokens before them and over its exact cache, and maps the KL between the two next-token
+distributions with a second line fitted at calibration (the tail's tokens sit nearer the coded part than an average
+continuation token does). The prediction is the larger of the two. `choose_point` then ships the cheapest point whose
+prediction is within the caller's `max_kl`, and every token's K/V in bf16 (the reserved `EXACT_POINT`) when none is.
 """
 
 from __future__ import annotations
@@ -101,11 +101,14 @@ class DistortionMetric:
 
 
 def predict_kl(fidelity: FidelityMap, distortion: float, tail_kl: float | None = None) -> float:
-    """The maps calibration fitted: the continuation's next-token KL for a request whose tail probe measured
-    `tail_kl`, or, without one, whose codes have weighted distortion D."""
-    if tail_kl is not None and fidelity.tail is not None:
-        return math.exp(fidelity.tail.intercept + fidelity.tail.slope * math.log(max(tail_kl, 1e-30)))
-    return math.exp(fidelity.intercept + fidelity.slope * math.log(max(distortion, 1e-30)))
+    """The maps calibration fitted: the continuation's next-token KL for a request whose codes have weighted
+    distortion D and whose tail probe measured `tail_kl`. With both, the larger of the two predictions: the tail ranks
+    requests far better than D, but its level moves out of distribution, where D's misses are the other way round, so a
+    point is shipped for a `max_kl` only where both say it is within it."""
+    from_distortion = math.exp(fidelity.intercept + fidelity.slope * math.log(max(distortion, 1e-30)))
+    if tail_kl is None or fidelity.tail is None:
+        return from_distortion
+    return max(from_distortion, math.exp(fidelity.tail.intercept + fidelity.tail.slope * math.log(max(tail_kl, 1e-30))))
 
 
 class TailProbe:

@@ -7,7 +7,8 @@ consumer then rebuilds those very codes and teacher-forces the next `--continuat
 model prefilling everything): the measured KL. It reports per input the predicted and measured KL of the default
 point, the point `SCDCache.choose_point(max_kl)` ships and what it measures, and whether the fixed default point
 would have broken `max_kl` where the check caught it; then the correlation of predicted and measured log KL over
-every (input, point), and what the check costs next to an encode.
+every (input, point), and what the check costs next to an encode; and how each of the check's two predictions (from
+the codes' distortion D, and from the tail probe) would have done alone.
 
     python scripts/fidelity_check.py --max-kl 0.005
 """
@@ -151,6 +152,7 @@ def measure(model, artifacts: SCDArtifacts, ids: list[int], prefix: int, max_kls
         points[name] = {
             "predicted_kl": check.predicted_kl,
             "predicted_kl_from_distortion": predict_kl(artifacts.config.fidelity, check.distortion),
+            "predicted_kl_from_tail": tail_prediction(artifacts, check.tail_kl),
             "tail_kl": check.tail_kl,
             "measured_kl": next_token_kl(oracle, logits),
             "check_s": check_s,
@@ -200,19 +202,43 @@ def print_choices(results: dict, default: str, max_kl: float) -> dict[str, int]:
     return outcome
 
 
-def outcome_from_distortion(results: dict, max_kl: float) -> dict[str, int]:
-    """What choosing by the map from D alone would have shipped: the cheapest point it predicts within `max_kl`
-    (the exact point when none), and how often that broke the bound or spent more bytes than needed."""
-    outcome = {"chosen_violations": 0, "overcautious": 0}
-    for r in results.values():
-        ladder = list(r["points"])  # cheapest first, the exact point last
-        chosen = next(
-            (point for point, p in r["points"].items() if p["predicted_kl_from_distortion"] <= max_kl), EXACT_POINT
-        )
-        ideal = next(point for point, p in r["points"].items() if p["measured_kl"] <= max_kl or point == EXACT_POINT)
-        outcome["chosen_violations"] += r["points"][chosen]["measured_kl"] > max_kl
-        outcome["overcautious"] += ladder.index(chosen) > ladder.index(ideal)
-    return outcome
+def tail_prediction(artifacts: SCDArtifacts, tail_kl: float | None) -> float | None:
+    """What the tail probe's line alone predicts (the check ships the larger of it and the map from D)."""
+    tail = artifacts.config.fidelity.tail
+    if tail_kl is None or tail is None:
+        return None
+    return math.exp(tail.intercept + tail.slope * math.log(max(tail_kl, 1e-30)))
+
+
+def one_predictor(results: dict, key: str, max_kls: list[float]) -> dict:
+    """How one of the check's two predictions (`key`: from D, or from the tail) would have done on its own: the
+    ranking, the median |log error|, and per bound how often the cheapest point it predicts within `max_kl` (the
+    exact point when none) broke the bound or spent more bytes than needed."""
+    pairs = [
+        (math.log(p[key]), math.log(p["measured_kl"]))
+        for r in results.values()
+        for point, p in r["points"].items()
+        if point != EXACT_POINT and p["measured_kl"] > 0 and p[key] is not None
+    ]
+    outcomes = {}
+    for max_kl in max_kls:
+        outcome = {"chosen_violations": 0, "overcautious": 0}
+        for r in results.values():
+            ladder = list(r["points"])  # cheapest first, the exact point last
+            chosen = next(
+                (point for point, p in r["points"].items() if p[key] is not None and p[key] <= max_kl), EXACT_POINT
+            )
+            ideal = next(
+                point for point, p in r["points"].items() if p["measured_kl"] <= max_kl or point == EXACT_POINT
+            )
+            outcome["chosen_violations"] += r["points"][chosen]["measured_kl"] > max_kl
+            outcome["overcautious"] += ladder.index(chosen) > ladder.index(ideal)
+        outcomes[repr(max_kl)] = outcome
+    return {
+        "spearman_log_kl": spearman(*zip(*pairs, strict=True)) if pairs else None,
+        "median_abs_log_error": sorted(abs(a - b) for a, b in pairs)[len(pairs) // 2] if pairs else None,
+        "by_max_kl": outcomes,
+    }
 
 
 def main() -> None:
@@ -273,17 +299,11 @@ def main() -> None:
         "encode_s_mean_at_default": sum(r["points"][default]["encode_s"] for r in results.values()) / len(results),
         "by_max_kl": outcomes,
     }
-    from_distortion = [
-        (math.log(p["predicted_kl_from_distortion"]), math.log(p["measured_kl"]))
-        for r in results.values()
-        for point, p in r["points"].items()
-        if point != EXACT_POINT and p["measured_kl"] > 0
-    ]
-    summary["from_distortion_alone"] = {
-        "spearman_log_kl": spearman(*zip(*from_distortion, strict=True)),
-        "median_abs_log_error": sorted(abs(a - b) for a, b in from_distortion)[len(from_distortion) // 2],
-        "by_max_kl": {repr(max_kl): outcome_from_distortion(results, max_kl) for max_kl in args.max_kl},
+    alone = {
+        "from_distortion_alone": one_predictor(results, "predicted_kl_from_distortion", args.max_kl),
+        "from_tail_alone": one_predictor(results, "predicted_kl_from_tail", args.max_kl),
     }
+    summary |= alone
     probed = sum(p["tail_kl"] is not None for r in results.values() for p in r["points"].values())
     print(f"\nthe tail probe ran on {probed} of {sum(len(r['points']) for r in results.values())} checks")
     print(
@@ -299,16 +319,18 @@ def main() -> None:
             f"{outcome['caught']}; the chosen point broke it on {outcome['chosen_violations']}, and spent more bytes "
             f"than needed on {outcome['overcautious']}"
         )
-    alone = summary["from_distortion_alone"]
-    print(
-        f"the map from D alone (no tail probe): Spearman {alone['spearman_log_kl']:.3f}, median |log error| "
-        f"{alone['median_abs_log_error']:.2f}; "
-        + "; ".join(
-            f"max_kl {max_kl}: its choices broke it on {o['chosen_violations']}, spent more bytes than needed on "
-            f"{o['overcautious']}"
-            for max_kl, o in alone["by_max_kl"].items()
+    for name, figures in alone.items():
+        if figures["spearman_log_kl"] is None:
+            continue
+        print(
+            f"{name.replace('_', ' ')}: Spearman {figures['spearman_log_kl']:.3f}, median |log error| "
+            f"{figures['median_abs_log_error']:.2f}; "
+            + "; ".join(
+                f"max_kl {max_kl}: its choices broke it on {o['chosen_violations']}, spent more bytes than needed on "
+                f"{o['overcautious']}"
+                for max_kl, o in figures["by_max_kl"].items()
+            )
         )
-    )
     print(
         f"a check costs {summary['check_over_encode']:.2f}x an encode; choose_point "
         f"{summary['choose_s_mean'] * 1e3:.0f} ms against {summary['encode_s_mean_at_default'] * 1e3:.0f} ms for one "
@@ -322,6 +344,7 @@ def main() -> None:
         "intercept": fidelity.intercept,
         "residual": fidelity.residual,
         "continuation": fidelity.continuation,
+        "tail": None if fidelity.tail is None else vars(fidelity.tail),
     }
     report = {"settings": settings, "map": fit, "summary": summary, "per_input_spearman": per_input}
     out.write_text(json.dumps(report | {"inputs": results}, indent=2) + "\n")

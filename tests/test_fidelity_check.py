@@ -143,9 +143,10 @@ def test_the_map_is_the_least_squares_line_in_log_log():
 # ---- the tail probe ------------------------------------------------------------------------------------------------
 
 
-def _with_tail(artifacts, tokens: int):
-    """The tiny artifacts with a tail line that predicts exactly the KL the probe measures."""
-    fidelity = replace(artifacts.config.fidelity, tail=TailLine(tokens, 1.0, 0.0, 0.0, 2))
+def _with_tail(artifacts, tokens: int, scale: float = 1.0):
+    """The tiny artifacts with a tail line that predicts `scale` times the KL the probe measures (the map from D
+    predicts D itself)."""
+    fidelity = replace(artifacts.config.fidelity, tail=TailLine(tokens, 1.0, math.log(scale), 0.0, 2))
     return type(artifacts)(replace(artifacts.config, fidelity=fidelity), artifacts.tensors)
 
 
@@ -171,21 +172,24 @@ def test_the_tail_probe_measures_what_shipping_the_head_and_teacher_forcing_the_
     assert measured == pytest.approx(next_token_kl(oracle, logits), rel=1e-3)
 
 
-def test_a_check_predicts_from_the_tail_where_the_map_has_a_line_and_the_request_is_long_enough(tiny):
+@pytest.mark.parametrize("scale", [1e-3, 1e3])
+def test_a_check_predicts_the_larger_of_the_tail_and_the_distortion_where_the_request_is_long_enough(tiny, scale):
     model, artifacts = tiny
-    probed = _with_tail(artifacts, 12)
+    probed = _with_tail(artifacts, 12, scale)
     cache = _filled(model, probed, 48)
     with torch.inference_mode():
         check = cache.check_point("8x")
-        assert check.tail_kl is not None and check.predicted_kl == pytest.approx(check.tail_kl)  # the line: identity
+        assert check.tail_kl is not None and check.tail_kl > 0
         assert check.distortion == pytest.approx(_filled(model, artifacts, 48).check_point("8x").predicted_kl)
+        assert check.predicted_kl == pytest.approx(max(scale * check.tail_kl, check.distortion))
+        assert check.predicted_kl != pytest.approx(min(scale * check.tail_kl, check.distortion))  # both lines tried
         short = _filled(model, probed, 12).check_point("8x")  # no token before the tail: the map from D alone
     assert short.tail_kl is None and short.predicted_kl == pytest.approx(short.distortion)
 
 
 def test_choose_point_ships_the_cheapest_point_the_tail_probe_allows(tiny):
     model, artifacts = tiny
-    cache = _filled(model, _with_tail(artifacts, 12), 48)
+    cache = _filled(model, _with_tail(artifacts, 12, 1e3), 48)  # the tail's line decides
     with torch.inference_mode():
         every = {p.name: cache.check_point(p.name) for p in sorted(artifacts.points, key=lambda p: p.bytes_per_token)}
         max_kl = every[artifacts.config.default_point].predicted_kl

@@ -24,19 +24,20 @@ def _what(artifacts: SCDArtifacts) -> str:
         f"`{shape.model_type}` KV cache ({shape.num_layers} layers x {shape.num_kv_heads} KV heads x "
         f"{shape.head_dim} dims, {shape.bf16_bytes_per_token()} bytes/token in BF16)"
     )
+    unit = _unit(config)
     if not artifacts.is_pair:
-        return f"""Calibration for [hf-scd](https://github.com/hf-scd/hf-scd) (Semantic Cache Distillation): per layer
-and KV head, a principal basis of the de-rotated keys (weighted by query energy) and of the values (weighted by the
-output projection), quantizer steps, and a bit-allocation plan, so that a {cache} ships as compact codes.
+        return f"""Calibration for [hf-scd](https://github.com/hf-scd/hf-scd) (Semantic Cache Distillation): {unit},
+a principal basis of the de-rotated keys (weighted by query energy) and of the values (weighted by the output
+projection), quantizer steps, and a bit-allocation plan, so that a {cache} ships as compact codes.
 
-{_fit(config)}"""
+{_fit(config)}{_check(config)}"""
     producer, consumer = config.model, config.consumer
     return f"""Cross-variant calibration for [hf-scd](https://github.com/hf-scd/hf-scd) (Semantic Cache Distillation): a
 {cache} prefilled by **{producer.name}** (the producer) ships as compact codes to **{consumer.name}** (the
-consumer, a fine-tune with other weights), which continues from it. Per layer, a Reuse coder reads the producer's
-de-rotated keys and values and its decoder predicts the consumer's ({config.codec.reuse}); on the Patch layers
-of a point, the producer ships a code of its normalised attention input instead and the consumer recomputes K/V
-with its own projections. The plan (Patch layers, bits per component) was validated point by point.
+consumer, a fine-tune with other weights), which continues from it. {unit[0].upper() + unit[1:]}, a Reuse coder reads
+the producer's de-rotated keys and values and its decoder predicts the consumer's ({config.codec.reuse}); on the Patch
+layers of a point, the producer ships a code of its normalised attention input instead and the consumer recomputes
+K/V with its own projections. The plan (Patch layers, bits per component) was validated point by point.
 
 Producer weights fingerprint `{producer.fingerprint}`, consumer `{consumer.fingerprint}`: other weights on
 either side raise `ArtifactMismatchError`, as does the producer rebuilding a payload meant for the consumer."""
@@ -53,6 +54,33 @@ requantized, say) are accepted with an `ArtifactFitWarning` where a probe throug
 reconstructs their K/V, in every layer, within +{FIT_TOLERANCE:.0%} of the relative error measured on the fitted
 weights (mean {mean_error(probe.errors):.4g}); weights the codes do not fit raise `ArtifactMismatchError`, and under
 `strict=True` so do all weights but the fitted ones. A payload rebuilds only on the weights that made it."""
+
+
+def _unit(config: ArtifactsConfig) -> str:
+    """What one coder covers: a layer's KV heads one by one, or a run of layers' heads jointly."""
+    codec = config.codec
+    if not codec.joint_basis:
+        return "per layer and KV head"
+    layers = "layer" if codec.unit_layers == 1 else f"{codec.unit_layers} consecutive layers"
+    return f"per unit of {layers}, jointly over all their KV heads"
+
+
+def _check(config: ArtifactsConfig) -> str:
+    """What a `max_kl` check predicts a request's KL from, where the artifacts carry a fidelity map."""
+    fidelity = config.fidelity
+    if fidelity is None:
+        return ""
+    tail = (
+        ""
+        if fidelity.tail is None
+        else f", and from the KL of the request's last {fidelity.tail.tokens} tokens over the rebuilt cache (the "
+        "larger prediction counts)"
+    )
+    return f"""
+
+`max_kl` checks (`cache.encode(max_kl=...)`) predict a request's next-token KL over {fidelity.continuation}
+continuation tokens from the weighted distortion of its codes{tail}; fitted on {fidelity.samples} (document, point)
+pairs of held-out text."""
 
 
 def _sink(codec: CodecConfig) -> str:

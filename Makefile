@@ -2,8 +2,10 @@
 # so running one again reuses the first run's installs), then runs.
 PYTHON ?= python
 OLDEST_PYTHON := .venv/transformers-oldest/bin/python
-# On the oldest transformers hf-scd supports: everything that touches how transformers calls the cache.
-OLDEST_TESTS := tests/test_compat.py tests/test_cache.py tests/test_architectures.py tests/test_payload.py tests/test_cli.py
+# On the oldest transformers hf-scd supports: everything that touches how transformers calls the cache (and the
+# fidelity check's tail probe, which runs the model over a DynamicCache of its own).
+OLDEST_TESTS := tests/test_compat.py tests/test_cache.py tests/test_architectures.py tests/test_payload.py tests/test_cli.py \
+	tests/test_fidelity_check.py
 
 .PHONY: demo test
 

@@ -72,6 +72,25 @@ def test_cross_coders_predict_with_the_consumers_spread(reuse):
     assert (spread(predicted - consumer) < 0.5 * spread(consumer)).all()
 
 
+def test_a_joint_units_predictor_reads_each_head_from_its_own_producer_head():
+    """One basis codes a whole unit, but the prediction is per head: the coder's map from producer to consumer vectors
+    (encoder times decoder, every component kept) is block-diagonal by head, where one regression over the unit
+    would mix heads (and overfit a real unit's 1,024 dimensions)."""
+    generator = torch.Generator().manual_seed(0)
+    tokens, width, head_dim = 4000, 8, 4
+    producer = torch.randn(tokens, width, generator=generator)
+    consumer = producer @ torch.randn(width, width, generator=generator) + 0.3 * torch.randn(tokens, width)
+    moments = KVMoments(1, 2 * width)
+    moments.add(torch.cat([producer, consumer], -1)[:, None], keep_every=1)
+    metric = torch.eye(width)[None]
+    mixed = torch.ones(width, width, dtype=torch.bool)
+    mixed[:head_dim, :head_dim] = mixed[head_dim:, head_dim:] = False
+    per_head = fit_layer_basis(moments, metric, cross="rrr", head_dim=head_dim)
+    whole = fit_layer_basis(moments, metric, cross="rrr")
+    assert float((per_head.encoder[0] @ per_head.decoder[0])[mixed].abs().max()) < 1e-5
+    assert float((whole.encoder[0] @ whole.decoder[0])[mixed].abs().max()) > 0.1
+
+
 def _own_cache(model, ids):
     from transformers import DynamicCache
 
@@ -115,15 +134,19 @@ def test_reuse_and_patch_rebuild_the_consumers_own_cache(pair):
 
 
 def test_joint_units_predict_the_consumers_cache_and_refuse_patch_layers(pair, tmp_path):
-    """Units of several layers fit one predictor over all their heads, as same-model units code them: the rebuilt
-    cache is nearer the consumer's own than the producer's raw one, it survives a save and load, and generation
-    continues from it. Patch layers need units of one layer."""
+    """Units of several layers code the per-head predictions of all their heads jointly, as same-model units code
+    their vectors: the rebuilt cache is nearer the consumer's own than the producer's raw one, it survives a save and
+    load, and generation continues from it. Patch layers need units of one layer."""
     producer, consumer, _, docs = pair
     kwargs = dict(producer_name="tiny", consumer_name="tiny-variant", validation_prefix=64, progress=False)
     with pytest.raises(ValueError, match="units of one layer"):
         calibrate_pair(producer, consumer, docs[:10], docs[10:], unit_layers=3, patch_counts=(0, 1), **kwargs)
     with pytest.raises(ValueError, match="must divide"):
         calibrate_pair(producer, consumer, docs[:10], docs[10:], unit_layers=2, patch_counts=(0,), **kwargs)
+    with pytest.raises(ValueError, match="per-head predictions"):
+        calibrate_pair(
+            producer, consumer, docs[:10], docs[10:], unit_layers=3, patch_counts=(0,), reuse="joint-svd", **kwargs
+        )
     joint = calibrate_pair(
         producer, consumer, docs[:10], docs[10:], unit_layers=3, patch_counts=(0,), ratios=(1.5,), **kwargs
     )

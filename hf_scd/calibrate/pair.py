@@ -206,9 +206,9 @@ def calibrate_pair(
     validate every (ratio, number of Patch layers) point. The default point is the smallest one with validation KL
     <= `target_kl`, or the most faithful one at least `target_ratio` x below BF16 (neither: the most faithful).
 
-    `unit_layers` 1 fits a predictor per layer and KV head; more fits one joint predictor per run of that many
-    layers, over all their heads (as same-model units do), and a Patch layer is a unit of its own, so then
-    `patch_counts` must be (0,)."""
+    `unit_layers` 1 fits a coder per layer and KV head; more predicts each KV head from its own producer head and
+    codes the predictions of a run of that many layers jointly, over all their heads (as same-model units code their
+    vectors); a Patch layer is a unit of its own, so then `patch_counts` must be (0,)."""
     if reuse not in REUSE_METHODS:
         raise ValueError(f"reuse must be one of {REUSE_METHODS}, got {reuse!r}")
     shape = ModelHandle(consumer).shape
@@ -218,6 +218,8 @@ def calibrate_pair(
         raise ValueError(f"unit_layers must divide the {shape.num_layers} layers, got {unit_layers}")
     if unit_layers > 1 and max(patch_counts) > 0:
         raise ValueError("Patch layers need units of one layer: pass patch_counts=(0,) with unit_layers > 1")
+    if unit_layers > 1 and reuse != "rrr":
+        raise ValueError(f"units of several layers code per-head predictions (reuse='rrr'), not {reuse!r}")
     job = Job(
         producer,
         consumer,

@@ -193,7 +193,9 @@ def fit_reuse_coders(run: Calibration) -> None:
     keys = [(unit, kind) for unit in range(len(run.units)) for kind in KINDS]
     for unit, kind in tqdm(keys, desc="fitting Reuse coders", disable=not run.job.progress):
         metric = unit_metric(run, run.units[unit], kind)
-        run.bases[(unit, kind)] = fit_layer_basis(run.moments[(unit, kind)], metric, cross=run.job.reuse)
+        run.bases[(unit, kind)] = fit_layer_basis(
+            run.moments[(unit, kind)], metric, cross=run.job.reuse, head_dim=run.handle.shape.head_dim
+        )
 
 
 def plan(run: Calibration) -> None:

@@ -172,6 +172,34 @@ def test_the_tail_probe_measures_what_shipping_the_head_and_teacher_forcing_the_
     assert measured == pytest.approx(next_token_kl(oracle, logits), rel=1e-3)
 
 
+def test_the_tail_probe_of_a_left_padded_batch_judges_each_row_as_if_it_came_alone(tiny):
+    """Rows of a batch are padded on the left; the probe's forward gets the rows' own positions and mask, so a
+    padded row's tail KL is the one it has alone, and a batch is judged by its worst row."""
+    model, artifacts = tiny
+    ids = torch.randint(0, 200, (2, 48), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :10] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    rebuilt_kl = []
+    with torch.inference_mode():
+        batch = SCDCache(artifacts, model)
+        model(ids, attention_mask=mask, position_ids=positions, **with_cache(model, batch))
+        alone = SCDCache(artifacts, model)
+        model(ids[1:, 10:], **with_cache(model, alone))
+        for cache in (batch, alone):
+            layers = [(layer.keys, layer.values) for layer in cache.layers]
+            rebuilt = SCDCache.from_payload(cache.encode("8x"), artifacts, model)
+            probe = TailProbe(cache.handle, layers, cache.record, 12)
+            rebuilt_kl.append(probe.kl([(layer.keys, layer.values) for layer in rebuilt.layers]))
+        first = SCDCache(artifacts, model)
+        model(ids[:1], **with_cache(model, first))
+        layers = [(layer.keys, layer.values) for layer in first.layers]
+        rebuilt = SCDCache.from_payload(first.encode("8x"), artifacts, model)
+        first_kl = TailProbe(first.handle, layers, first.record, 12).kl([(x.keys, x.values) for x in rebuilt.layers])
+    assert rebuilt_kl[0] == pytest.approx(max(rebuilt_kl[1], first_kl), rel=1e-3)
+    assert TailProbe(batch.handle, [], batch.record, 38).usable is False  # row 1 has 38 real tokens: no head left
+
+
 @pytest.mark.parametrize("scale", [1e-3, 1e3])
 def test_a_check_predicts_the_larger_of_the_tail_and_the_distortion_where_the_request_is_long_enough(tiny, scale):
     model, artifacts = tiny

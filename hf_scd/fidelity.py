@@ -105,10 +105,25 @@ def predict_kl(fidelity: FidelityMap, distortion: float, tail_kl: float | None =
     distortion D and whose tail probe measured `tail_kl`. With both, the larger of the two predictions: the tail ranks
     requests far better than D, but its level moves out of distribution, where D's misses are the other way round, so a
     point is shipped for a `max_kl` only where both say it is within it."""
-    from_distortion = math.exp(fidelity.intercept + fidelity.slope * math.log(max(distortion, 1e-30)))
+    from_tail = kl_from_tail(fidelity, tail_kl)
+    from_distortion = kl_from_distortion(fidelity, distortion)
+    return from_distortion if from_tail is None else max(from_distortion, from_tail)
+
+
+def kl_from_distortion(fidelity: FidelityMap, distortion: float) -> float:
+    """The map from D alone: log KL = intercept + slope log D."""
+    return _on_line(fidelity.intercept, fidelity.slope, distortion)
+
+
+def kl_from_tail(fidelity: FidelityMap, tail_kl: float | None) -> float | None:
+    """The tail probe's line alone, or None without a probe or a line."""
     if tail_kl is None or fidelity.tail is None:
-        return from_distortion
-    return max(from_distortion, math.exp(fidelity.tail.intercept + fidelity.tail.slope * math.log(max(tail_kl, 1e-30))))
+        return None
+    return _on_line(fidelity.tail.intercept, fidelity.tail.slope, tail_kl)
+
+
+def _on_line(intercept: float, slope: float, x: float) -> float:
+    return math.exp(intercept + slope * math.log(max(x, 1e-30)))
 
 
 class TailProbe:

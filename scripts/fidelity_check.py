@@ -29,7 +29,7 @@ from hf_scd import SCDArtifacts, SCDCache, SCDPayload
 from hf_scd.compat import with_cache
 from hf_scd.eval.corpus import evaluation_texts, token_documents
 from hf_scd.eval.metrics import next_token_kl
-from hf_scd.fidelity import predict_kl
+from hf_scd.fidelity import kl_from_distortion, kl_from_tail
 from hf_scd.models import load_model
 from hf_scd.schema import EXACT_POINT
 
@@ -151,8 +151,8 @@ def measure(model, artifacts: SCDArtifacts, ids: list[int], prefix: int, max_kls
         logits = model(tensor[:, prefix:], **with_cache(model, consumer)).logits[:, :-1]
         points[name] = {
             "predicted_kl": check.predicted_kl,
-            "predicted_kl_from_distortion": predict_kl(artifacts.config.fidelity, check.distortion),
-            "predicted_kl_from_tail": tail_prediction(artifacts, check.tail_kl),
+            "predicted_kl_from_distortion": kl_from_distortion(artifacts.config.fidelity, check.distortion),
+            "predicted_kl_from_tail": kl_from_tail(artifacts.config.fidelity, check.tail_kl),
             "tail_kl": check.tail_kl,
             "measured_kl": next_token_kl(oracle, logits),
             "check_s": check_s,
@@ -173,6 +173,12 @@ def measure(model, artifacts: SCDArtifacts, ids: list[int], prefix: int, max_kls
     return {"points": points, "choices": choices}
 
 
+def cheapest_really_within(result: dict, max_kl: float) -> str:
+    """The cheapest point whose measured KL meets the bound (the exact point when none): what a perfect predictor
+    would have shipped."""
+    return next(point for point, p in result["points"].items() if p["measured_kl"] <= max_kl or point == EXACT_POINT)
+
+
 def print_choices(results: dict, default: str, max_kl: float) -> dict[str, int]:
     """The table of one bound: per input the default point's predicted and measured KL, and the chosen point's."""
     print(f"\nmax_kl {max_kl}")
@@ -182,8 +188,7 @@ def print_choices(results: dict, default: str, max_kl: float) -> dict[str, int]:
     for name, r in results.items():
         choice = r["choices"][repr(max_kl)]
         at_default, at_chosen = r["points"][default], r["points"][choice["chosen"]]
-        # The cheapest point that really meets the bound: what a perfect predictor would have shipped.
-        ideal = next(point for point, p in r["points"].items() if p["measured_kl"] <= max_kl or point == EXACT_POINT)
+        ideal = cheapest_really_within(r, max_kl)
         ladder = list(r["points"])  # cheapest first
         cautious = ladder.index(choice["chosen"]) > ladder.index(ideal)
         if choice["default_violates"]:
@@ -200,14 +205,6 @@ def print_choices(results: dict, default: str, max_kl: float) -> dict[str, int]:
             f"{at_chosen['predicted_kl']:>10.5f} {at_chosen['measured_kl']:>10.5f}  {verdict}"
         )
     return outcome
-
-
-def tail_prediction(artifacts: SCDArtifacts, tail_kl: float | None) -> float | None:
-    """What the tail probe's line alone predicts (the check ships the larger of it and the map from D)."""
-    tail = artifacts.config.fidelity.tail
-    if tail_kl is None or tail is None:
-        return None
-    return math.exp(tail.intercept + tail.slope * math.log(max(tail_kl, 1e-30)))
 
 
 def one_predictor(results: dict, key: str, max_kls: list[float]) -> dict:
@@ -228,9 +225,7 @@ def one_predictor(results: dict, key: str, max_kls: list[float]) -> dict:
             chosen = next(
                 (point for point, p in r["points"].items() if p[key] is not None and p[key] <= max_kl), EXACT_POINT
             )
-            ideal = next(
-                point for point, p in r["points"].items() if p["measured_kl"] <= max_kl or point == EXACT_POINT
-            )
+            ideal = cheapest_really_within(r, max_kl)
             outcome["chosen_violations"] += r["points"][chosen]["measured_kl"] > max_kl
             outcome["overcautious"] += ladder.index(chosen) > ladder.index(ideal)
         outcomes[repr(max_kl)] = outcome

@@ -61,8 +61,9 @@ def _unit(config: ArtifactsConfig) -> str:
     codec = config.codec
     if not codec.joint_basis:
         return "per layer and KV head"
-    layers = "layer" if codec.unit_layers == 1 else f"{codec.unit_layers} consecutive layers"
-    return f"per unit of {layers}, jointly over all their KV heads"
+    if codec.unit_layers == 1:
+        return "per layer, jointly over its KV heads"
+    return f"per unit of {codec.unit_layers} consecutive layers, jointly over all their KV heads"
 
 
 def _check(config: ArtifactsConfig) -> str:

@@ -4,7 +4,8 @@
 fit probe measured on it (same-model artifacts), how many leading tokens ship exactly, and lists the operating points
 of the plan; ``codec.safetensors`` holds, stacked
 over (Reuse unit, K/V), the means, encoder matrices (and, across variants, decoder matrices: a model's own decoder is
-its encoder's inverse, derived on load) and quantizer steps, and per operating point the bit allocation of every
+its encoder's inverse, derived on load; a pair's joint units store both factored, `factored_coders`) and quantizer
+steps, and per operating point the bit allocation of every
 component; ``README.md`` is the model card. Loading checks the tensors against the hash the
 config records.
 """
@@ -364,12 +365,22 @@ def _check_tensors(config: ArtifactsConfig, tensors: dict[str, torch.Tensor]) ->
     need("mean", (units, len(KINDS), blocks, block_width))
     if "out_mean" in tensors:
         need("out_mean", (units, len(KINDS), blocks, block_width))
-    encoder = need("encoder", (units, len(KINDS), blocks, block_width, None), (torch.float32, torch.float16))
-    width = encoder.shape[-1]
-    if "decoder" in tensors:
-        need("decoder", (units, len(KINDS), blocks, width, block_width))
-    elif "out_mean" in tensors or width != block_width:
-        raise ArtifactError(f"{TENSORS_FILE} has no tensor 'decoder', and its encoders have no inverse to stand in")
+    if "basis" in tensors:
+        if "out_mean" not in tensors or "encoder" in tensors or "decoder" in tensors:
+            raise ArtifactError(f"{TENSORS_FILE}: factored coders are a pair's, and stand in for 'encoder'/'decoder'")
+        head_dim = config.model.shape.head_dim
+        width = need("basis", (units, len(KINDS), blocks, block_width, None), (torch.float32, torch.float16)).shape[-1]
+        if bool((need("spread", (units, len(KINDS), blocks, width)) <= 0).any()):
+            raise ArtifactError(f"{TENSORS_FILE}: spread has a component whose spread is not positive")
+        for factor in ("head_encoder", "head_decoder"):
+            need(factor, (units, len(KINDS), blocks, block_width // head_dim, head_dim, head_dim))
+    else:
+        encoder = need("encoder", (units, len(KINDS), blocks, block_width, None), (torch.float32, torch.float16))
+        width = encoder.shape[-1]
+        if "decoder" in tensors:
+            need("decoder", (units, len(KINDS), blocks, width, block_width))
+        elif "out_mean" in tensors or width != block_width:
+            raise ArtifactError(f"{TENSORS_FILE} has no tensor 'decoder', and its encoders have no inverse to stand in")
     steps = need("steps", (units, len(KINDS), MAX_BITS + 1))
     patched = any(point.patch_layers for point in config.operating_points)
     if patched:
@@ -391,10 +402,29 @@ def _check_tensors(config: ArtifactsConfig, tensors: dict[str, torch.Tensor]) ->
             raise ArtifactError(f"{TENSORS_FILE}: {key} has non-finite values")
 
 
+def factored_coders(
+    basis: torch.Tensor, spread: torch.Tensor, head_encoder: torch.Tensor, head_decoder: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encoder (..., W, C) and decoder (..., C, W) in float32 from their factors: encoder = blockdiag(head_encoder)
+    basis / spread, decoder = spread basis^T blockdiag(head_decoder), over heads (..., W / d, d, d) of width d.
+
+    A joint unit of a pair predicts each head from its own producer head and then codes the predictions with one
+    basis, so both matrices are a per-head factor around one shared orthonormal basis: storing that basis once takes
+    a quarter of the bytes of two dense float32 matrices."""
+    heads, dim = head_encoder.shape[-3], head_encoder.shape[-1]
+    per_head = basis.float().unflatten(-2, (heads, dim))  # (..., heads, d, C)
+    encoder = (head_encoder.float() @ per_head).flatten(-3, -2) / spread.unsqueeze(-2)
+    decoder = (per_head.transpose(-1, -2) @ head_decoder.float()).transpose(-3, -2).flatten(-2) * spread.unsqueeze(-1)
+    return encoder, decoder
+
+
 def _coder_matrices(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The Reuse coders' encoder and decoder matrices in float32 (units, K/V, blocks, ...): a model's own decoder is
-    its encoder's inverse, computed on load in float64 rather than stored (`linalg.inverse`: one matrix at a time,
-    since the batched CPU inverse can hang)."""
+    """The Reuse coders' encoder and decoder matrices in float32 (units, K/V, blocks, ...): assembled from a pair's
+    factors, or a model's own decoder as its encoder's inverse, computed on load in float64 rather than stored
+    (`linalg.inverse`: one matrix at a time, since the batched CPU inverse can hang)."""
+    if "basis" in tensors:
+        factors = (tensors[name] for name in ("basis", "spread", "head_encoder", "head_decoder"))
+        return dict(zip(("encoder", "decoder"), factored_coders(*factors), strict=True))
     encoder = tensors["encoder"].float()
     decoder = tensors.get("decoder")
     if decoder is None:

@@ -14,7 +14,10 @@ from typing import Any
 from .arch import ModelShape
 from .errors import ArtifactError
 
-ARTIFACTS_FORMAT_VERSION = 4
+# 5 added factored cross-variant coders (`TensorKeys.FACTORED_FIELDS`); a version 4 folder is a version 5 folder
+# without them, so both are read.
+ARTIFACTS_FORMAT_VERSION = 5
+READABLE_FORMAT_VERSIONS = (4, 5)
 KINDS = ("k", "v")  # the two coders of a Reuse unit, in the order they are stacked
 # Maps written before `FidelityMap.continuation` was recorded were all fitted on calibration's validation documents,
 # whose continuations are this long.
@@ -30,6 +33,11 @@ class TensorKeys:
     # it is not the encoder's inverse (cross-variant), so same-model artifacts derive it on load; `encoder` float16 or
     # float32.
     REUSE_FIELDS = ("mean", "out_mean", "encoder", "decoder", "steps")
+    # Cross-variant units coded jointly store their coders factored instead (`artifacts.factored_coders`): one
+    # orthonormal `basis` (W, C) float16 and the components' `spread` (C,), between per-head factors (W / d, d, d) of
+    # the encoder (the head's predictor times the metric's root) and of the decoder (the root's inverse). Two dense
+    # 1,024-wide matrices per unit would be 4x the bytes.
+    FACTORED_FIELDS = ("mean", "out_mean", "basis", "spread", "head_encoder", "head_decoder", "steps")
     PATCH_LAYERS = "patch.layers"  # (candidates,) int64: layers whose attention input the producer can code
 
     @staticmethod
@@ -164,9 +172,10 @@ class ArtifactsConfig:
         """A checked config from parsed JSON; `ArtifactError` names the first field that is missing or mistyped."""
         data = _mapping(data, "config")
         version = data.get("format_version")
-        if version != ARTIFACTS_FORMAT_VERSION:
+        if version not in READABLE_FORMAT_VERSIONS:
             raise ArtifactError(
-                f"artifacts format version {version!r}; this hf-scd reads {ARTIFACTS_FORMAT_VERSION}. "
+                f"artifacts format version {version!r}; this hf-scd reads "
+                f"{' and '.join(map(str, READABLE_FORMAT_VERSIONS))}. "
                 "Upgrade hf-scd or re-run `hf-scd calibrate`."
             )
         points = tuple(

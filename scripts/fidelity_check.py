@@ -16,11 +16,14 @@ the codes' distortion D, and from the tail probe) would have done alone.
 from __future__ import annotations
 
 import argparse
+import calendar
+import fractions
 import inspect
 import json
 import math
 import sched
 import time
+import unicodedata
 from pathlib import Path
 
 import torch
@@ -90,6 +93,36 @@ Werkzeugkisten oder Instrumentenkoffern. Ein alter Mann verkauft seit Jahrzehnte
 kennt die meisten seiner Kunden beim Namen, obwohl er selbst nie weiter als bis in die nächste Stadt gereist ist.
 """
 
+SPANISH = """\
+El puerto amanecía envuelto en una niebla espesa que tardaba horas en levantarse. Los pescadores salían antes de \
+que cantaran los gallos, empujaban sus barcas pintadas de verde y amarillo hasta el agua y desaparecían mar adentro \
+sin hacer ruido. En el muelle quedaban solo las gaviotas, algunas redes tendidas al sol que aún no había salido y un \
+perro viejo que esperaba cada mañana, tumbado junto a las cajas vacías, el regreso de su dueño.
+
+A media mañana abría la lonja. Los compradores llegaban de los pueblos del interior en furgonetas destartaladas, \
+discutían los precios a gritos y se llevaban sardinas, merluzas y pulpos en cajas de hielo. La subasta duraba poco, \
+pero durante ese rato el edificio entero parecía temblar con las voces, el ruido de las carretillas y el agua que \
+corría por el suelo hacia los desagües. Después todo volvía a la calma, y los pescadores se sentaban en el bar de la \
+esquina a comer un bocadillo y a contar, exagerando siempre un poco, lo que habían visto en alta mar.
+
+En verano el pueblo cambiaba por completo. Llegaban familias de la ciudad con sombrillas, neveras y niños que no \
+paraban de correr por la arena. Los vecinos alquilaban habitaciones, abrían pequeñas tiendas de recuerdos y \
+vendían helados caseros en la plaza. Por la noche había música en el paseo marítimo, y los más jóvenes bailaban \
+hasta tarde mientras los mayores, sentados en sillas de plástico delante de sus casas, comentaban con cierta \
+nostalgia que antes todo era más tranquilo.
+
+Cuando terminaba septiembre, el viento del norte devolvía al pueblo su ritmo de siempre. Las persianas de los \
+apartamentos se cerraban hasta el año siguiente, la escuela volvía a llenarse de voces y el maestro, un hombre alto \
+y de pocas palabras, repetía a sus alumnos que el mar da tanto como quita. Nadie lo discutía: todos tenían un \
+abuelo, un tío o un vecino que una noche de tormenta no había vuelto, y cuyo nombre seguía escrito en la pequeña \
+placa de bronce que colgaba junto a la puerta de la iglesia.
+
+Los domingos por la tarde, cuando el tiempo lo permitía, medio pueblo subía andando hasta el faro. Desde allí se \
+veía toda la costa, con sus calas escondidas, los acantilados grises y, en los días más claros, la silueta lejana \
+de las islas. El farero, que llevaba treinta años en el puesto, invitaba a los niños a subir la escalera de caracol \
+y les explicaba cómo funcionaba la enorme lente que giraba sin descanso para guiar a los barcos en la oscuridad.
+"""
+
 PHRASE = "The meeting is moved to Thursday. "
 
 
@@ -101,14 +134,30 @@ def inputs(tokenizer, length: int, held_out: int, vocab: int) -> dict[str, list[
     out = dict(list(docs.items())[:held_out])
     # Real code, and no docstring text calibration could have seen: `sched` is not a calibration module.
     texts = {"python source": inspect.getsource(sched), "french": FRENCH, "german": GERMAN}
+    out |= _tokenized(tokenizer, texts, length)
+    out["random ids"] = torch.randint(0, vocab, (length,), generator=torch.Generator().manual_seed(0)).tolist()
+    phrase = tokenizer(PHRASE, add_special_tokens=False)["input_ids"]
+    out["repeated phrase"] = (phrase * (length // len(phrase) + 1))[:length]
+    # Added after the check's rule (`fidelity.predict_kl`) was chosen on the inputs above: a test of it on inputs it
+    # was not tuned on.
+    records = [{"code": f"U+{c:04X}", "name": unicodedata.name(chr(c)), "category": unicodedata.category(chr(c))}
+               for c in range(0x2190, 0x2290)]  # fmt: skip
+    fresh = {
+        "fresh: spanish": SPANISH,
+        "fresh: fractions": inspect.getsource(fractions),
+        "fresh: json": json.dumps(records, indent=1),
+        "fresh: calendar": calendar.TextCalendar().formatyear(2026),
+    }
+    return out | _tokenized(tokenizer, fresh, length)
+
+
+def _tokenized(tokenizer, texts: dict[str, str], length: int) -> dict[str, list[int]]:
+    out = {}
     for name, text in texts.items():
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) < length:
             raise SystemExit(f"the {name} text has {len(ids)} tokens, fewer than {length}: lower --prefix")
         out[name] = ids[:length]
-    out["random ids"] = torch.randint(0, vocab, (length,), generator=torch.Generator().manual_seed(0)).tolist()
-    phrase = tokenizer(PHRASE, add_special_tokens=False)["input_ids"]
-    out["repeated phrase"] = (phrase * (length // len(phrase) + 1))[:length]
     return out
 
 
@@ -154,6 +203,9 @@ def measure(model, artifacts: SCDArtifacts, ids: list[int], prefix: int, max_kls
             "predicted_kl_from_distortion": kl_from_distortion(artifacts.config.fidelity, check.distortion),
             "predicted_kl_from_tail": kl_from_tail(artifacts.config.fidelity, check.tail_kl),
             "tail_kl": check.tail_kl,
+            "bytes_per_token": (
+                artifacts.exact_point if name == EXACT_POINT else artifacts.point(name)
+            ).bytes_per_token,
             "measured_kl": next_token_kl(oracle, logits),
             "check_s": check_s,
             "encode_s": encode_s,
@@ -185,6 +237,7 @@ def print_choices(results: dict, default: str, max_kl: float) -> dict[str, int]:
     header = f"{'input':<16} {'default pred':>12} {'measured':>10} {'chosen':>7} {'pred':>10} {'measured':>10}  verdict"
     print(header + "\n" + "-" * len(header))
     outcome = {"default_violations": 0, "caught": 0, "chosen_violations": 0, "overcautious": 0}
+    chosen_bytes = ideal_bytes = 0.0
     for name, r in results.items():
         choice = r["choices"][repr(max_kl)]
         at_default, at_chosen = r["points"][default], r["points"][choice["chosen"]]
@@ -200,17 +253,20 @@ def print_choices(results: dict, default: str, max_kl: float) -> dict[str, int]:
         outcome["caught"] += choice["default_violates"] and not choice["chosen_violates"]
         outcome["chosen_violations"] += choice["chosen_violates"]
         outcome["overcautious"] += cautious
+        chosen_bytes += at_chosen["bytes_per_token"]
+        ideal_bytes += r["points"][ideal]["bytes_per_token"]
         print(
             f"{name:<16} {at_default['predicted_kl']:>12.5f} {at_default['measured_kl']:>10.5f} {choice['chosen']:>7} "
             f"{at_chosen['predicted_kl']:>10.5f} {at_chosen['measured_kl']:>10.5f}  {verdict}"
         )
+    outcome["bytes_over_ideal"] = chosen_bytes / ideal_bytes
     return outcome
 
 
 def one_predictor(results: dict, key: str, max_kls: list[float]) -> dict:
-    """How one of the check's two predictions (`key`: from D, or from the tail) would have done on its own: the
-    ranking, the median |log error|, and per bound how often the cheapest point it predicts within `max_kl` (the
-    exact point when none) broke the bound or spent more bytes than needed."""
+    """How one of the check's predictions (`key`: from D, the tail's line, or the tail's raw KL) would have done on
+    its own: the ranking, the median |log error|, and per bound how often the cheapest point it predicts within
+    `max_kl` (the exact point when none) broke the bound or spent more bytes than needed."""
     pairs = [
         (math.log(p[key]), math.log(p["measured_kl"]))
         for r in results.values()
@@ -220,6 +276,7 @@ def one_predictor(results: dict, key: str, max_kls: list[float]) -> dict:
     outcomes = {}
     for max_kl in max_kls:
         outcome = {"chosen_violations": 0, "overcautious": 0}
+        chosen_bytes = ideal_bytes = 0.0
         for r in results.values():
             ladder = list(r["points"])  # cheapest first, the exact point last
             chosen = next(
@@ -228,7 +285,9 @@ def one_predictor(results: dict, key: str, max_kls: list[float]) -> dict:
             ideal = cheapest_really_within(r, max_kl)
             outcome["chosen_violations"] += r["points"][chosen]["measured_kl"] > max_kl
             outcome["overcautious"] += ladder.index(chosen) > ladder.index(ideal)
-        outcomes[repr(max_kl)] = outcome
+            chosen_bytes += r["points"][chosen]["bytes_per_token"]
+            ideal_bytes += r["points"][ideal]["bytes_per_token"]
+        outcomes[repr(max_kl)] = outcome | {"bytes_over_ideal": chosen_bytes / ideal_bytes}
     return {
         "spearman_log_kl": spearman(*zip(*pairs, strict=True)) if pairs else None,
         "median_abs_log_error": sorted(abs(a - b) for a, b in pairs)[len(pairs) // 2] if pairs else None,
@@ -297,6 +356,7 @@ def main() -> None:
     alone = {
         "from_distortion_alone": one_predictor(results, "predicted_kl_from_distortion", args.max_kl),
         "from_tail_alone": one_predictor(results, "predicted_kl_from_tail", args.max_kl),
+        "from_raw_tail_alone": one_predictor(results, "tail_kl", args.max_kl),
     }
     summary |= alone
     probed = sum(p["tail_kl"] is not None for r in results.values() for p in r["points"].values())
@@ -312,7 +372,7 @@ def main() -> None:
         print(
             f"max_kl {max_kl}: the default point broke it on {outcome['default_violations']} inputs, the check caught "
             f"{outcome['caught']}; the chosen point broke it on {outcome['chosen_violations']}, and spent more bytes "
-            f"than needed on {outcome['overcautious']}"
+            f"than needed on {outcome['overcautious']} ({outcome['bytes_over_ideal']:.2f}x a perfect predictor's)"
         )
     for name, figures in alone.items():
         if figures["spearman_log_kl"] is None:
@@ -322,7 +382,7 @@ def main() -> None:
             f"{figures['median_abs_log_error']:.2f}; "
             + "; ".join(
                 f"max_kl {max_kl}: its choices broke it on {o['chosen_violations']}, spent more bytes than needed on "
-                f"{o['overcautious']}"
+                f"{o['overcautious']} ({o['bytes_over_ideal']:.2f}x)"
                 for max_kl, o in figures["by_max_kl"].items()
             )
         )

@@ -48,7 +48,7 @@ def test_corrupted_tensors_and_unknown_version(artifacts, tmp_path):
     for old in (3, 99):  # 3: codec v2's artifacts, per-layer coders
         config["format_version"] = old
         (folder / "config.json").write_text(json.dumps(config))
-        with pytest.raises(ArtifactError, match=f"format version {old}; this hf-scd reads 4"):
+        with pytest.raises(ArtifactError, match=f"format version {old}; this hf-scd reads 4 and 5"):
             SCDArtifacts.from_pretrained(folder)
     with pytest.raises(ArtifactError, match="no config.json"):
         SCDArtifacts.from_pretrained(tmp_path)

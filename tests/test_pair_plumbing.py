@@ -11,13 +11,14 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from hf_scd import ArtifactMismatchError, CacheStateError, SCDArtifacts, SCDCache, SCDPayload
+from hf_scd import ArtifactError, ArtifactMismatchError, CacheStateError, SCDArtifacts, SCDCache, SCDPayload
 from hf_scd.arch import ModelHandle
 from hf_scd.calibrate import calibrate_pair
 from hf_scd.calibrate.collect import KVMoments
 from hf_scd.calibrate.fit import fit_layer_basis
 from hf_scd.codec import decode_vectors
 from hf_scd.compat import with_cache
+from hf_scd.schema import TensorKeys
 
 TINY = dict(
     hidden_size=64,
@@ -87,7 +88,8 @@ def test_a_joint_units_predictor_reads_each_head_from_its_own_producer_head():
     mixed[:head_dim, :head_dim] = mixed[head_dim:, head_dim:] = False
     per_head = fit_layer_basis(moments, metric, cross="rrr", head_dim=head_dim)
     whole = fit_layer_basis(moments, metric, cross="rrr")
-    assert float((per_head.encoder[0] @ per_head.decoder[0])[mixed].abs().max()) < 1e-5
+    # Within 1e-3, not exactly: the stored basis is float16, so it is orthonormal to about 1e-4.
+    assert float((per_head.encoder[0] @ per_head.decoder[0])[mixed].abs().max()) < 1e-3
     assert float((whole.encoder[0] @ whole.decoder[0])[mixed].abs().max()) > 0.1
 
 
@@ -153,6 +155,15 @@ def test_joint_units_predict_the_consumers_cache_and_refuse_patch_layers(pair, t
     joint.save_pretrained(tmp_path)
     joint = SCDArtifacts.from_pretrained(tmp_path)
     assert joint.config.codec.unit_layers == 3 and joint.config.codec.joint_basis
+    # Stored factored, cut after the last component a point codes; a malformed factor is refused on load.
+    tensors = joint.tensors
+    assert "encoder" not in tensors and tensors["basis"].dtype == torch.float16
+    used = tensors[TensorKeys.bits("1.5x")].flatten(0, -2).amax(0)
+    assert tensors["basis"].shape[-1] == int(used.nonzero().max()) + 1 and bool(used[-1] > 0)
+    for name, broken in (("spread", -tensors["spread"]), ("encoder", joint.coders["encoder"]),
+                         ("head_decoder", tensors["head_decoder"][..., :-1])):  # fmt: skip
+        with pytest.raises(ArtifactError, match="spread|stand in|head_decoder"):
+            SCDArtifacts(joint.config, tensors | {name: broken})
     ids = torch.tensor(docs[11][:48])[None]
     with torch.inference_mode():
         shipped = SCDCache(joint, producer)

@@ -32,15 +32,25 @@ projection), quantizer steps, and a bit-allocation plan, so that a {cache} ships
 
 {_fit(config)}{_check(config)}"""
     producer, consumer = config.model, config.consumer
+    patch = (
+        """ On the Patch
+layers of a point, the producer ships a code of its normalised attention input instead and the consumer recomputes
+K/V with its own projections."""
+        if _patched(config)
+        else ""
+    )
     return f"""Cross-variant calibration for [hf-scd](https://github.com/hf-scd/hf-scd) (Semantic Cache Distillation): a
 {cache} prefilled by **{producer.name}** (the producer) ships as compact codes to **{consumer.name}** (the
 consumer, a fine-tune with other weights), which continues from it. {unit[0].upper() + unit[1:]}, a Reuse coder reads
-the producer's de-rotated keys and values and its decoder predicts the consumer's ({config.codec.reuse}); on the Patch
-layers of a point, the producer ships a code of its normalised attention input instead and the consumer recomputes
-K/V with its own projections. The plan (Patch layers, bits per component) was validated point by point.
+the producer's de-rotated keys and values and its decoder predicts the consumer's ({config.codec.reuse}).{patch} The
+plan ({"Patch layers, " if patch else ""}bits per component) was validated point by point.
 
 Producer weights fingerprint `{producer.fingerprint}`, consumer `{consumer.fingerprint}`: other weights on
 either side raise `ArtifactMismatchError`, as does the producer rebuilding a payload meant for the consumer."""
+
+
+def _patched(config: ArtifactsConfig) -> bool:
+    return any(point.patch_layers for point in config.operating_points)
 
 
 def _fit(config: ArtifactsConfig) -> str:
@@ -75,7 +85,7 @@ def _check(config: ArtifactsConfig) -> str:
         ""
         if fidelity.tail is None
         else f", and from the KL of the request's last {fidelity.tail.tokens} tokens over the rebuilt cache (the "
-        "larger prediction counts)"
+        "largest prediction counts, and never less than that KL itself)"
     )
     return f"""
 
@@ -105,15 +115,16 @@ validated on {calibration["validation_documents"]} held-out documents that share
 
 
 def _points(artifacts: SCDArtifacts) -> str:
-    """The table of operating points: size and validation fidelity, Patch layers for a pair, the default marked."""
-    pair, default = artifacts.is_pair, artifacts.config.default_point
+    """The table of operating points: size and validation fidelity, Patch layers where a point has some, the
+    default marked."""
+    patched, default = _patched(artifacts.config), artifacts.config.default_point
     rows = "\n".join(
         f"| `{p.name}` | {p.bytes_per_token:.0f} | {p.ratio_vs_bf16:.2f}x | {p.val_kl:.4f} | {p.val_top1:.3f} |"
-        + (f" {', '.join(map(str, p.patch_layers)) or '–'} |" if pair else "")
+        + (f" {', '.join(map(str, p.patch_layers)) or '–'} |" if patched else "")
         + (" default |" if p.name == default else " |")
         for p in artifacts.points
     )
-    patch_column = (" Patch layers |", "---|") if pair else ("", "")
+    patch_column = (" Patch layers |", "---|") if patched else ("", "")
     return f"""## Operating points
 
 KL(oracle || SCD) and top-1 agreement of next-token predictions on held-out text, the consumer continuing from the

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import linalg
+from ..artifacts import factored_coders
 from ..codes import MAX_BITS
 from .collect import KVMoments
 
@@ -46,6 +47,7 @@ class LayerBasis:
     steps: torch.Tensor
     distortion: torch.Tensor
     residual: float
+    factors: dict[str, torch.Tensor] | None = None  # a pair's "rrr" coder, as `TensorKeys.FACTORED_FIELDS` store it
 
 
 def _sqrt_and_inverse(metric: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,20 +76,27 @@ def _best_step(unit: torch.Tensor, rms: torch.Tensor, bits: int) -> float:
     return min((best * 2 ** (k / 32) for k in range(-8, 9)), key=error)
 
 
-def _restore_spread(
+def _spread_gain(
     encoder: torch.Tensor, decoder: torch.Tensor, cov_in: torch.Tensor, cov_out: torch.Tensor, sqrt: torch.Tensor
 ) -> torch.Tensor:
-    """The decoder scaled per head so its predictions have the consumer's weighted spread.
+    """(H, 1, 1) the factor that scales the decoder per head so its predictions have the consumer's weighted spread.
 
     A least-squares prediction of another model's vectors is shrunk toward their mean by the part it cannot explain.
     Shrunk keys make every logit smaller and attention flatter, a bias that costs more than the variance the
     shrinkage saves: on the SmolLM2 pair, restoring the spread (gains 1.02 on average, 1.07 at most) took the 4x
     point from KL 0.020 / ΔNLL 0.025 to 0.016 / 0.017 on 8 held-out documents (naive reuse: 0.032 / 0.020).
     """
-    mapped = encoder @ decoder @ sqrt
+    mapped = encoder.double() @ decoder.double() @ sqrt
     predicted = torch.einsum("hdi,hde,hei->h", mapped, cov_in, mapped)
     target = (sqrt @ cov_out @ sqrt).diagonal(dim1=-2, dim2=-1).sum(-1)
-    return decoder * (target / predicted.clamp(min=1e-12)).sqrt()[..., None, None]
+    return (target / predicted.clamp(min=1e-12)).sqrt()[..., None, None]
+
+
+def _diagonal_blocks(matrix: torch.Tensor, width: int) -> torch.Tensor:
+    """(..., W, W) block-diagonal -> its (..., W / width, width, width) blocks."""
+    heads = matrix.shape[-1] // width
+    blocks = matrix.unflatten(-1, (heads, width)).unflatten(-3, (heads, width))  # (..., n, d, n, d)
+    return torch.diagonal(blocks, dim1=-4, dim2=-2).movedim(-1, -3)
 
 
 def _ridge(cov_in: torch.Tensor) -> torch.Tensor:
@@ -111,8 +120,8 @@ def _predictor(cov_in: torch.Tensor, cross_cov: torch.Tensor, width: int) -> tor
 
 def _projection(
     moments: KVMoments, sqrt: torch.Tensor, inverse: torch.Tensor, cross: str | None, head_dim: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(encoder, decoder, mean in, mean out), components ordered by weighted spread.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor] | None]:
+    """(encoder, decoder, mean in, mean out, factors of an "rrr" coder), components ordered by weighted spread.
 
     Same model (`cross` None): principal axes of the weighted vectors. Across models the moments are of joint
     [producer; consumer] vectors and the coder predicts the consumer's from the producer's: "rrr" is reduced-rank
@@ -145,19 +154,30 @@ def _projection(
         spread = torch.einsum("hdc,hde,hec->hc", encoder, cov_in, encoder).clamp(min=1e-12).sqrt()
         encoder = encoder / spread.unsqueeze(-2)
         decoder = spread.unsqueeze(-1) * axes[..., dim:, :].transpose(-1, -2) @ inverse
-        decoder = _restore_spread(encoder, decoder, cov_in, cov[..., dim:, dim:], sqrt)
-        return encoder.float(), decoder.float(), mean_in.float(), mean_out.float()
+        decoder = decoder * _spread_gain(encoder, decoder, cov_in, cov[..., dim:, dim:], sqrt)
+        return encoder.float(), decoder.float(), mean_in.float(), mean_out.float(), None
     if cross is not None:
         weighted = sqrt @ predictor.transpose(-1, -2) @ cov_in @ predictor @ sqrt
     eigvals, eigvecs = torch.linalg.eigh(weighted)
     order = torch.argsort(eigvals, dim=-1, descending=True)
     spread = torch.gather(eigvals, -1, order).clamp(min=1e-12).sqrt()
     basis = torch.gather(eigvecs, -1, order.unsqueeze(1).expand_as(eigvecs))
-    encoder = predictor @ sqrt @ basis / spread.unsqueeze(-2)
-    decoder = spread.unsqueeze(-1) * basis.transpose(-1, -2) @ inverse
-    if cross is not None:
-        decoder = _restore_spread(encoder, decoder, cov_in, cov[..., dim:, dim:], sqrt)
-    return encoder.float(), decoder.float(), mean_in.float(), mean_out.float()
+    if cross is None:
+        encoder = sqrt @ basis / spread.unsqueeze(-2)
+        decoder = spread.unsqueeze(-1) * basis.transpose(-1, -2) @ inverse
+        return encoder.float(), decoder.float(), mean_in.float(), mean_out.float(), None
+    # Predictor and metric work head by head, so both matrices factor around the basis (`factored_coders`); the
+    # coder is the stored one, its basis rounded to float16.
+    factors = {
+        "basis": basis.half(),
+        "spread": spread.float(),
+        "head_encoder": _diagonal_blocks(predictor @ sqrt, head_dim).float(),
+        "head_decoder": _diagonal_blocks(inverse, head_dim).float(),
+    }
+    encoder, decoder = factored_coders(*factors.values())
+    gain = _spread_gain(encoder, decoder, cov_in, cov[..., dim:, dim:], sqrt).float()
+    factors["head_decoder"] = factors["head_decoder"] * gain.unsqueeze(-1)
+    return encoder, decoder * gain, mean_in.float(), mean_out.float(), factors
 
 
 def fit_layer_basis(
@@ -172,7 +192,9 @@ def fit_layer_basis(
     `head_dim`, default the whole block), then the best step per bit width and each component's weighted error,
     measured on the moments' token sample."""
     sqrt, inverse = _sqrt_and_inverse(metric)
-    encoder, decoder, mean_in, mean_out = _projection(moments, sqrt, inverse, cross, head_dim or sqrt.shape[-1])
+    encoder, decoder, mean_in, mean_out, factors = _projection(
+        moments, sqrt, inverse, cross, head_dim or sqrt.shape[-1]
+    )
     dim = sqrt.shape[-1]
     sample = moments.samples()
     # An evenly spread subset, so the first `step_sample` rows used for the step search are spread too.
@@ -193,7 +215,7 @@ def fit_layer_basis(
         steps[bits] = _best_step(unit[:step_sample], rms[:step_sample], bits)
         error = unit - _quantize_dequantize(unit, rms, float(steps[bits]), bits)
         distortion[..., bits] = (error * spread).pow(2).mean(0)
-    return LayerBasis(mean_in, mean_out, encoder, decoder, steps, distortion, residual)
+    return LayerBasis(mean_in, mean_out, encoder, decoder, steps, distortion, residual, factors)
 
 
 def allocation_order(

@@ -208,7 +208,11 @@ def plan(run: Calibration) -> None:
     # Same-model artifacts store no `out_mean` (it is the mean) and no `decoder` (the encoder's inverse), and their
     # encoders in float16: the decoder inverts the stored encoder exactly, so that rounding costs nothing but a
     # slightly less optimal basis.
-    fields = TensorKeys.REUSE_FIELDS if run.job.reuse else ("mean", "encoder", "steps")
+    # A pair's joint units store their coders factored (`TensorKeys.FACTORED_FIELDS`).
+    if not run.job.reuse:
+        fields = ("mean", "encoder", "steps")
+    else:
+        fields = TensorKeys.FACTORED_FIELDS if run.job.joint_basis else TensorKeys.REUSE_FIELDS
     run.tensors = stack_bases(run.bases, len(run.units), fields)
     if not run.job.reuse:
         run.tensors["encoder"] = half_if_exact(run.tensors["encoder"])
@@ -218,6 +222,20 @@ def plan(run: Calibration) -> None:
         order, shape, run.units, (blocks, components), run.job.ratios, run.patch_sets, run.candidates, run.hidden_width
     )
     run.tensors.update(bits)
+    if run.job.reuse:
+        drop_unused_components(run.tensors, [TensorKeys.bits(point.name) for point in run.points])
+
+
+def drop_unused_components(tensors: dict[str, torch.Tensor], bit_keys: list[str]) -> None:
+    """Cut a pair's Reuse coders after the last component any point gives a bit: the rest are never coded. (A
+    model's own coders stay square, since their decoder is derived as the encoder's inverse.)"""
+    used = torch.stack([tensors[key] for key in bit_keys]).flatten(0, -2).amax(0)
+    width = int(used.nonzero().max()) + 1 if bool(used.any()) else 1
+    for key in bit_keys:
+        tensors[key] = tensors[key][..., :width]
+    for name, axis in (("encoder", -1), ("decoder", -2), ("basis", -1), ("spread", -1)):
+        if name in tensors:
+            tensors[name] = tensors[name].narrow(axis, 0, width)
 
 
 def half_if_exact(encoder: torch.Tensor) -> torch.Tensor:

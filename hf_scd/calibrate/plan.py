@@ -23,10 +23,14 @@ from .fit import LayerBasis, allocate_bits
 
 
 def stack_bases(bases: dict[tuple[int, str], LayerBasis], num_units: int, fields: tuple[str, ...]) -> dict:
-    """The K/V coders' tensors, each stacked over (unit, K/V)."""
+    """The K/V coders' tensors, each stacked over (unit, K/V): fields of `LayerBasis` or of its factors."""
+
+    def tensor(basis: LayerBasis, field: str) -> torch.Tensor:
+        return basis.factors[field] if basis.factors and field in basis.factors else getattr(basis, field)
+
     return {
         field: torch.stack(
-            [torch.stack([getattr(bases[(unit, kind)], field) for kind in KINDS]) for unit in range(num_units)]
+            [torch.stack([tensor(bases[(unit, kind)], field) for kind in KINDS]) for unit in range(num_units)]
         )
         for field in fields
     }

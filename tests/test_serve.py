@@ -195,7 +195,7 @@ def test_chat_and_the_fine_tune_route(cluster, smollm2):
     transfer = reply["usage"]["hf_scd"]
     assert transfer["outcome"] == "transferred", transfer
     assert reply["choices"][0]["message"]["role"] == "assistant"
-    # The consumer is the fine-tune, continuing from the producer's cache through the pair's aligners.
+    # The consumer is the fine-tune, continuing from the producer's cache through the pair's artifacts.
     pair = SCDArtifacts.from_pretrained(PAIR_ARTIFACTS)
     text = reply["choices"][0]["message"]["content"]
     _check_against_oracle(producer, variant, tokenizer, pair, _ids(tokenizer, messages=messages), text)

@@ -91,13 +91,12 @@ def _pack_heads(codes: torch.Tensor, layout: BitLayout) -> torch.Tensor:
     = the rest, and one-hot matrices of powers of two add low * 2^shift into the byte where the code starts and
     high into the next. Bits of different components never overlap, so the sums are ORs, every one a whole number
     below 256: exact in bf16 inputs, products and outputs, whatever the order of the additions. `codes` may stop
-    after the last kept component (`_Derived.components`)."""
+    after the last kept component (`_Derived.components`); it is overwritten."""
     modulus, low_matrix, high_matrix = _pack_tables(layout, codes.device, codes.shape[-1])
-    # Both parts straight into bf16, each in one pass: exact, as the modulus is a power of two.
-    high = torch.floor_divide(codes, modulus, out=torch.empty_like(codes, dtype=torch.bfloat16))
-    low = torch.remainder(codes, modulus, out=torch.empty_like(codes, dtype=torch.bfloat16))
-    packed = torch.bmm(low, low_matrix)
-    packed = torch.baddbmm(packed, high, high_matrix).to(torch.uint8)
+    high = torch.div(codes, modulus).floor_()  # exact: the modulus is a power of two
+    low = codes.addcmul_(high, modulus, value=-1)
+    packed = torch.bmm(low.to(torch.bfloat16), low_matrix)
+    packed = torch.baddbmm(packed, high.to(torch.bfloat16), high_matrix).to(torch.uint8)
     heads = [packed[head, :, :size] for head, size in enumerate(layout.head_bytes.tolist())]
     return torch.cat(heads, -1) if heads else packed.new_empty(codes.shape[1], 0)
 
@@ -166,9 +165,9 @@ class _Derived:
     against block-major (G, tokens, ...) tensors. Every per-component part stops after the last component any block
     keeps (`components`): past it all get 0 bits, so neither product spends time on them. The encoder with the
     dropped components' columns zeroed, the mean (G, 1, W), the square root of the kept components per block (G, 1),
-    quantizer steps (1 where dropped, so 0 / 1 codes them 0), half the levels and the top code (G, 1, C) and the
-    lowest (0), the decoder with each component's step folded in (zero rows where dropped), the mid offset of each
-    code as a column (G * C, 1), the output mean (G, 1, W), and the peak limits of the components up to the last with
+    quantizer steps (1 where dropped, so 0 / 1 codes them 0), half the levels and the top code (G, 1, C), the decoder
+    with each component's step folded in (zero rows where dropped), the mid offset of each code as a column
+    (G * C, 1), the output mean (G, 1, W), and the peak limits of the components up to the last with
     PEAK_BITS bits (G, 1, P), or None when none has."""
 
     encoder: torch.Tensor
@@ -176,7 +175,6 @@ class _Derived:
     root_kept: torch.Tensor
     steps: torch.Tensor
     half_levels: torch.Tensor
-    zero: torch.Tensor
     top: torch.Tensor
     decoder: torch.Tensor
     offsets: torch.Tensor
@@ -209,7 +207,6 @@ def _derived(code: TransformCode) -> _Derived:
             root_kept=kept.sum(-1).clamp(min=1).float().sqrt().unsqueeze(-1),
             steps=torch.where(kept, steps, 1.0).unsqueeze(1),
             half_levels=(levels / 2).unsqueeze(1),
-            zero=torch.zeros((), device=levels.device),
             top=(levels - 1).unsqueeze(1),
             decoder=code.decoder[:, :components] * steps.unsqueeze(-1),
             offsets=torch.where(kept, levels / 2 - 0.5, 0.0).reshape(-1, 1),
@@ -236,8 +233,8 @@ def _encode_heads(
         rms = torch.maximum(rms, torch.mul(peaked.abs(), derived.peak).amax(-1))
     scale_codes = scale_to_code(rms)
     steps = derived.steps * code_to_scale(scale_codes).unsqueeze(-1)
-    codes = unit.div_(steps).floor_().add_(derived.half_levels)
-    torch.clamp(codes, derived.zero, derived.top, out=codes)  # 0 where dropped
+    codes = unit.div_(steps).floor_().add_(derived.half_levels).clamp_(min=0)
+    torch.minimum(codes, derived.top, out=codes)  # 0 where dropped
     return _pack_heads(codes, code.layout), scale_codes.T.contiguous()
 
 
@@ -249,17 +246,12 @@ def _decode_heads(
     batched multiply-add by the decoder, which has the steps folded in, gives the vectors."""
     derived = _derived(code)
     heads, components = code.bits.shape[0], derived.components
-    centred = torch.sub(_unpack_rows(packed, code.layout, components), derived.offsets)  # 0 at dropped components
-    tokens = packed.shape[0]
-    # Scaled straight into a token-major buffer in the products' dtype: the product reads it contiguous.
-    scaled = torch.empty(heads, tokens, components, dtype=products, device=packed.device)
-    torch.mul(
-        centred.view(heads, components, tokens),
-        code_to_scale(scale_codes).T.unsqueeze(1),
-        out=scaled.transpose(1, 2),
-    )
+    centred = _unpack_rows(packed, code.layout, components).float().sub_(derived.offsets)  # 0 at dropped components
+    scaled = centred.view(heads, components, -1).mul_(code_to_scale(scale_codes).T.unsqueeze(1)).transpose(1, 2)
     _, decoder = derived.matrices(products)
-    return torch.baddbmm(derived.out_mean.to(products), scaled, decoder)
+    return torch.baddbmm(
+        derived.out_mean.to(products), scaled.to(products, memory_format=torch.contiguous_format), decoder
+    )
 
 
 def encode_vectors(code: TransformCode, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -242,3 +242,19 @@ def test_run_fidelity_rows_and_table(tiny):
     assert rows[0].f1_agree == 1.0 and 0.0 <= rows[2].f1_agree <= 1.0
     table = format_table(rows)
     assert table.count("\n") == 4 and "| int8 |" in table
+
+
+def test_droidspeak_ranks_layers_by_the_pairs_calibration_report_per_layer_or_per_unit():
+    """A unit of several layers shares its naive-reuse error among its layers; format-4 reports have a row per
+    layer."""
+    from types import SimpleNamespace
+
+    from hf_scd.eval.droidspeak import critical_layers
+
+    def artifacts(rows):
+        return SimpleNamespace(config=SimpleNamespace(calibration={"layers": rows}))
+
+    per_unit = [{"layers": [0, 1, 2], "naive": 0.9}, {"layers": [3, 4, 5], "naive": 1.2}, {"layers": [6], "naive": 0.5}]
+    assert critical_layers(artifacts(per_unit), 4) == [3, 4, 5, 6]  # 0.5 alone, then 0.4 each, before 0.3
+    per_layer = [{"layer": 0, "naive": 0.1}, {"layer": 1, "naive": 0.7}, {"layer": 2, "naive": 0.3}]
+    assert critical_layers(artifacts(per_layer), 2) == [1, 2]

@@ -74,6 +74,11 @@ class SelectiveRecompute(Transfer):
 
 
 def critical_layers(artifacts: SCDArtifacts, count: int) -> list[int]:
-    """The `count` layers where handing over the producer's raw K/V costs most, per the pair's calibration."""
-    report = artifacts.config.calibration["layers"]
-    return sorted(row["layer"] for row in sorted(report, key=lambda row: -row["naive"])[:count])
+    """The `count` layers where handing over the producer's raw K/V costs most, per the pair's calibration. Its report
+    has a row per Reuse unit ("layers", or "layer" in format-4 artifacts); a unit of several layers gives each of them
+    an equal share of its error."""
+    cost = {}
+    for row in artifacts.config.calibration["layers"]:
+        members = row["layers"] if "layers" in row else [row["layer"]]
+        cost.update({layer: row["naive"] / len(members) for layer in members})
+    return sorted(sorted(cost, key=lambda layer: -cost[layer])[:count])

@@ -155,6 +155,8 @@ def test_joint_units_predict_the_consumers_cache_and_refuse_patch_layers(pair, t
     joint.save_pretrained(tmp_path)
     joint = SCDArtifacts.from_pretrained(tmp_path)
     assert joint.config.codec.unit_layers == 3 and joint.config.codec.joint_basis
+    # Its card describes what it is: no Patch layers, and a usage snippet without a max_kl check (a pair has none).
+    assert "Patch" not in joint.card and "max_kl=" not in joint.card and "model=consumer" in joint.card
     # Stored factored, cut after the last component a point codes; a malformed factor is refused on load.
     tensors = joint.tensors
     assert "encoder" not in tensors and tensors["basis"].dtype == torch.float16

@@ -119,7 +119,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
             coders[name] = KVTC(producer, basis, ratio, recent_tokens=recent)
     methods = [ProducerKV(producer, coders[name], f"reuse-{name}" if cross else name) for name in chosen]
     methods += [SelectiveRecompute(producer, critical_layers(artifacts, k)) for k in droidspeak]
-    methods += [SCDTransfer(producer, artifacts, p) for p in points]
+    stages = (False, True) if args.entropy else (False,)
+    methods += [SCDTransfer(producer, artifacts, p, entropy) for p in points for entropy in stages]
     rows = run_fidelity(
         consumer,
         tokenizer,
@@ -189,6 +190,9 @@ def main(argv: list[str] | None = None) -> None:
     ev.add_argument("--plot", help="write a Pareto plot (KL and F1 vs bytes) as PNG here")
     ev.add_argument("--artifacts", required=True)
     ev.add_argument("--points", nargs="*", help="operating points to evaluate (default: all)")
+    ev.add_argument(
+        "--entropy", action="store_true", help="also ship each point through the entropy stage (scd-<point>+rans)"
+    )
     ev.add_argument(
         "--baselines",
         nargs="*",

@@ -124,29 +124,11 @@ class SCDPayload:
             if widths is not None:
                 metadata[f"{name}_widths"] = ",".join(map(str, widths))
         body = st_save(tensors, metadata={METADATA_KEY: json.dumps(metadata, sort_keys=True)})
-        return _HEADER.pack(MAGIC, FORMAT_VERSION, zlib.crc32(body), len(body)) + body
+        return seal(body, MAGIC, FORMAT_VERSION)
 
     @classmethod
     def from_bytes(cls, blob: bytes | bytearray | memoryview) -> SCDPayload:
-        blob = bytes(blob)
-        if len(blob) < _HEADER.size:
-            raise TruncatedPayloadError(f"payload is {len(blob)} bytes, shorter than the {_HEADER.size}-byte header")
-        magic, version, crc, length = _HEADER.unpack_from(blob)
-        if magic != MAGIC:
-            raise CorruptPayloadError("not an hf-scd payload (bad magic bytes)")
-        if version != FORMAT_VERSION:
-            raise PayloadVersionError(
-                f"payload format version {version}; this hf-scd reads version {FORMAT_VERSION}. "
-                "Upgrade hf-scd on the consumer (or downgrade the producer) so both speak the same version."
-            )
-        body = blob[_HEADER.size :]
-        if len(body) < length:
-            raise TruncatedPayloadError(f"payload body has {len(body)} of {length} bytes: it was cut short")
-        if len(body) > length:
-            raise CorruptPayloadError(f"payload has {len(body) - length} unexpected trailing bytes")
-        if zlib.crc32(body) != crc:
-            raise CorruptPayloadError("payload checksum mismatch: its bytes were altered in transit or on disk")
-        return cls._from_parts(*_read_body(body))
+        return cls._from_parts(*_read_body(unseal(bytes(blob), MAGIC, FORMAT_VERSION, "payload")))
 
     @classmethod
     def _from_parts(cls, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> SCDPayload:
@@ -210,6 +192,33 @@ class SCDPayload:
     @classmethod
     def load(cls, path: str | Path) -> SCDPayload:
         return cls.from_bytes(Path(path).read_bytes())
+
+
+def seal(body: bytes, magic: bytes, version: int) -> bytes:
+    """`body` behind the header every hf-scd container starts with: magic, u16 version, u32 CRC-32, u64 length."""
+    return _HEADER.pack(magic, version, zlib.crc32(body), len(body)) + body
+
+
+def unseal(blob: bytes, magic: bytes, version: int, what: str) -> bytes:
+    """The body of a `seal`ed container, once its magic, version, length and checksum are checked."""
+    if len(blob) < _HEADER.size:
+        raise TruncatedPayloadError(f"{what} is {len(blob)} bytes, shorter than the {_HEADER.size}-byte header")
+    found, found_version, crc, length = _HEADER.unpack_from(blob)
+    if found != magic:
+        raise CorruptPayloadError(f"not an hf-scd {what} (bad magic bytes)")
+    if found_version != version:
+        raise PayloadVersionError(
+            f"{what} format version {found_version}; this hf-scd reads version {version}. "
+            "Upgrade hf-scd on the consumer (or downgrade the producer) so both speak the same version."
+        )
+    body = blob[_HEADER.size :]
+    if len(body) < length:
+        raise TruncatedPayloadError(f"{what} body has {len(body)} of {length} bytes: it was cut short")
+    if len(body) > length:
+        raise CorruptPayloadError(f"{what} has {len(body) - length} unexpected trailing bytes")
+    if zlib.crc32(body) != crc:
+        raise CorruptPayloadError(f"{what} checksum mismatch: its bytes were altered in transit or on disk")
+    return body
 
 
 # Bytes per element of every dtype a payload tensor may have; anything else is refused before safetensors reads it.

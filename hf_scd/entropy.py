@@ -1,0 +1,171 @@
+"""An optional lossless entropy stage for stored payloads and slow links: rANS over a payload's quantized K/V codes.
+
+The codec packs every component's code in a fixed number of bits. Coefficients are normalised to unit spread by their
+token's scale and quantized with the step of their bit width, so the codes of every component of one width follow
+nearly the same law. One table per (Reuse unit, K/V, bit width), counted on the request itself and shipped with it
+(a few KB), takes the codes within 1% of their per-component order-0 entropy. `constriction`'s rANS coder (Rust; `pip
+install constriction`) does the coding.
+
+The stage wraps a finished payload and gives it back byte for byte, so fidelity is the codes' own. It costs CPU time
+about equal to the codec's, so it pays on storage and on slow links, not on fast ones; streams stay uncompressed.
+
+    blob = compress_payload(cache.encode("8x"), artifacts)  # bytes to store or send
+    payload = decompress_payload(blob, artifacts)           # the SCDPayload that was compressed
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import struct
+from collections.abc import Iterator
+from dataclasses import replace
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from .artifacts import SCDArtifacts
+from .codec import pack_codes, unpack_codes
+from .codes import MAX_BITS, LayerCodes, TransformCode
+from .errors import ArtifactMismatchError, CorruptPayloadError, PayloadVersionError
+from .payload import SCDPayload, seal, unseal
+
+MAGIC = b"HFSCE\0"
+FORMAT_VERSION = 1
+_FORMAT = "hf-scd-entropy"
+_KINDS = ("key", "value")
+
+
+def compress_payload(payload: SCDPayload, artifacts: SCDArtifacts) -> bytes:
+    """`payload` (made with `artifacts`) with its K/V codes rANS-coded: a header (magic ``HFSCE\\0``, u16 version,
+    u32 CRC-32 of the body, u64 body length) and a safetensors body of the payload without its K/V codes, the tables
+    and the coded stream."""
+    constriction = _constriction()
+    groups = list(_groups(payload, artifacts))
+    tables, symbols = [], []
+    for _, _, code, packed in groups:
+        codes = unpack_codes(packed, code.layout).numpy()
+        for bits in _widths(code):
+            group = codes[:, code.bits.numpy() == bits].reshape(-1)
+            tables.append(np.bincount(group, minlength=1 << bits).astype(np.uint32))
+            symbols.append(group.astype(np.int32))
+    coder = constriction.stream.stack.AnsCoder()
+    for table, group in zip(reversed(tables), reversed(symbols), strict=True):
+        coder.encode_reverse(group, _model(constriction, table))
+    layers = list(payload.layers)
+    for index, kind, _, packed in groups:
+        layers[index] = replace(layers[index], **{f"{kind}_codes": packed[:, :0]})
+    stripped = SCDPayload.of(payload.head, layers).to_bytes()
+    metadata = {"format": _FORMAT, "constriction": _version()}
+    body = st_save(
+        {
+            "payload": torch.frombuffer(bytearray(stripped), dtype=torch.uint8),
+            "tables": torch.from_numpy(np.concatenate(tables) if tables else np.zeros(0, np.uint32)).to(torch.int32),
+            "stream": torch.from_numpy(coder.get_compressed().view(np.int32).copy()),
+        },
+        metadata={"hf-scd": json.dumps(metadata, sort_keys=True)},
+    )
+    return seal(body, MAGIC, FORMAT_VERSION)
+
+
+def decompress_payload(blob: bytes | bytearray | memoryview, artifacts: SCDArtifacts) -> SCDPayload:
+    """The payload `compress_payload` compressed with these artifacts. Damaged, truncated or foreign bytes raise a
+    `PayloadError`; tables and codes are checked against the artifacts' plan before anything is decoded."""
+    constriction = _constriction()
+    tensors, metadata = _read(bytes(blob))
+    if metadata.get("constriction", "").split(".")[:2] != _version().split(".")[:2]:
+        raise PayloadVersionError(
+            f"payload was entropy-coded with constriction {metadata.get('constriction')!r}, this side has "
+            f"{_version()}: tables are quantized by the library, so both sides need the same version"
+        )
+    stripped = SCDPayload.from_bytes(tensors["payload"].numpy().tobytes())
+    groups = list(_groups(stripped, artifacts, stripped=True))
+    tables = tensors["tables"].numpy().view(np.uint32)
+    sizes = [1 << bits for _, _, code, _ in groups for bits in _widths(code)]
+    if tables.size != sum(sizes):
+        raise CorruptPayloadError(f"entropy tables hold {tables.size} entries, the plan needs {sum(sizes)}")
+    coder = constriction.stream.stack.AnsCoder(tensors["stream"].numpy().view(np.uint32).copy())
+    layers, start = list(stripped.layers), 0
+    try:
+        for index, kind, code, rows in groups:
+            codes = np.zeros((rows, *code.bits.shape), dtype=np.int32)
+            for bits in _widths(code):
+                table, start = tables[start : start + (1 << bits)], start + (1 << bits)
+                mask = code.bits.numpy() == bits
+                if int(table.sum()) != rows * int(mask.sum()):
+                    raise CorruptPayloadError(f"an entropy table of layer {index} does not count its codes")
+                codes[:, mask] = coder.decode(_model(constriction, table), rows * int(mask.sum())).reshape(rows, -1)
+            layers[index] = replace(
+                layers[index], **{f"{kind}_codes": pack_codes(torch.from_numpy(codes), code.layout)}
+            )
+    except (ValueError, RuntimeError, AssertionError) as exc:  # constriction's errors on a damaged stream
+        raise CorruptPayloadError(f"entropy-coded codes do not decode: {exc}") from exc
+    if not coder.is_empty():
+        raise CorruptPayloadError("entropy-coded stream holds more than the plan's codes")
+    return SCDPayload.of(stripped.head, layers)
+
+
+def _groups(
+    payload: SCDPayload, artifacts: SCDArtifacts, stripped: bool = False
+) -> Iterator[tuple[int, str, TransformCode, torch.Tensor | int]]:
+    """(layer index, "key"/"value", coder, packed codes) of every Reuse unit of the payload's plan, in a fixed order;
+    for a stripped payload the number of coded tokens stands in for the packed codes."""
+    if payload.artifacts_id != artifacts.artifacts_id:
+        raise ArtifactMismatchError(
+            f"payload was made with artifacts {payload.artifacts_id}, these are {artifacts.artifacts_id}"
+        )
+    plan = artifacts.plan(payload.operating_point)
+    for unit in plan.units:
+        index = unit.members[-1]
+        layer: LayerCodes = payload.layers[index]
+        for kind, code in zip(_KINDS, (unit.key, unit.value), strict=True):
+            packed = getattr(layer, f"{kind}_codes")
+            expected = 0 if stripped else code.layout.bytes_per_token
+            if packed.shape[1] != expected:
+                raise CorruptPayloadError(
+                    f"layer {index} {kind} codes are {packed.shape[1]} bytes wide, not {expected}"
+                )
+            yield index, kind, code, packed.shape[0] if stripped else packed
+
+
+def _widths(code: TransformCode) -> list[int]:
+    """The bit widths its components use, each a group with one table."""
+    return [bits for bits in range(1, MAX_BITS + 1) if bool((code.bits == bits).any())]
+
+
+def _model(constriction, table: np.ndarray):
+    """A categorical model of a table of counts; a symbol never seen keeps a small share, so none is uncodable."""
+    return constriction.stream.model.Categorical(table.astype(np.float64) + 0.5, perfect=False)
+
+
+def _read(blob: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The checked header and body of a compressed payload."""
+    body = unseal(blob, MAGIC, FORMAT_VERSION, "compressed payload")
+    try:
+        tensors = st_load(body)
+        (header_len,) = struct.unpack_from("<Q", body)
+        metadata = json.loads(json.loads(body[8 : 8 + header_len])["__metadata__"]["hf-scd"])
+    except (SafetensorError, ValueError, KeyError, TypeError, struct.error) as exc:
+        raise CorruptPayloadError(f"compressed payload body is malformed: {exc}") from exc
+    if metadata.get("format") != _FORMAT or set(tensors) != {"payload", "tables", "stream"}:
+        raise CorruptPayloadError("compressed payload does not declare the hf-scd entropy format")
+    if any(tensors[name].ndim != 1 for name in tensors) or tensors["payload"].dtype != torch.uint8:
+        raise CorruptPayloadError("compressed payload tensors have the wrong shapes")
+    if tensors["tables"].dtype != torch.int32 or tensors["stream"].dtype != torch.int32:
+        raise CorruptPayloadError("compressed payload tables and stream must be 32-bit words")
+    return tensors, metadata
+
+
+def _version() -> str:
+    return importlib.metadata.version("constriction")
+
+
+def _constriction():
+    try:
+        import constriction
+    except ImportError as exc:  # an optional dependency: only this stage needs it
+        raise ImportError("the entropy stage needs constriction: pip install 'hf-scd[entropy]'") from exc
+    return constriction

@@ -1,0 +1,80 @@
+"""The optional entropy stage on the real default model: lossless byte for byte, smaller, and every damaged or
+foreign input a typed error."""
+
+import json
+import struct
+
+import pytest
+import torch
+from conftest import REPO
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from hf_scd import ArtifactMismatchError, SCDArtifacts, SCDCache
+from hf_scd.compat import with_cache
+from hf_scd.entropy import FORMAT_VERSION, MAGIC, compress_payload, decompress_payload
+from hf_scd.errors import CorruptPayloadError, PayloadVersionError, TruncatedPayloadError
+from hf_scd.eval.corpus import evaluation_texts
+from hf_scd.payload import _HEADER, seal
+
+pytest.importorskip("constriction")
+
+
+@pytest.fixture(scope="module")
+def shipped(smollm2, artifacts):
+    """A real prompt's 8x payload, and its entropy-coded bytes."""
+    model, tokenizer = smollm2
+    ids = tokenizer(evaluation_texts()[0], return_tensors="pt", add_special_tokens=False)["input_ids"][:, :512]
+    with torch.inference_mode():
+        cache = SCDCache(artifacts, model)
+        model(ids, **with_cache(model, cache))
+        payload = cache.encode("8x")
+    return payload, compress_payload(payload, artifacts)
+
+
+def test_the_stage_gives_the_payload_back_byte_for_byte_in_fewer_bytes(shipped, artifacts):
+    payload, blob = shipped
+    assert decompress_payload(blob, artifacts).to_bytes() == payload.to_bytes()
+    codes = sum(layer.key_codes.numel() + layer.value_codes.numel() for layer in payload.layers)
+    # The tables and the rest of the payload ride along; the codes themselves shrink (by 10% on this text).
+    assert len(blob) < len(payload.to_bytes()) - codes // 16
+
+
+def _body(blob: bytes) -> tuple[dict, dict]:
+    body = blob[_HEADER.size :]
+    (length,) = struct.unpack_from("<Q", body)
+    return st_load(body), json.loads(body[8 : 8 + length])["__metadata__"]
+
+
+def _sealed(tensors: dict, metadata: dict, version: int = FORMAT_VERSION) -> bytes:
+    return seal(st_save(tensors, metadata=metadata), MAGIC, version)
+
+
+def test_damaged_truncated_and_foreign_bytes_are_typed_errors(shipped, artifacts):
+    _, blob = shipped
+    flipped = bytearray(blob)
+    flipped[-5] ^= 1
+    with pytest.raises(CorruptPayloadError, match="checksum"):
+        decompress_payload(bytes(flipped), artifacts)
+    with pytest.raises(TruncatedPayloadError):
+        decompress_payload(blob[: len(blob) // 2], artifacts)
+    with pytest.raises(CorruptPayloadError, match="magic"):
+        decompress_payload(b"X" + blob[1:], artifacts)
+    tensors, metadata = _body(blob)
+    with pytest.raises(PayloadVersionError, match="version 9"):
+        decompress_payload(_sealed(tensors, metadata, version=9), artifacts)
+    # Checksums match from here on: what is wrong is the content.
+    with pytest.raises(CorruptPayloadError, match="tables hold"):
+        decompress_payload(_sealed(tensors | {"tables": tensors["tables"][:-1]}, metadata), artifacts)
+    recounted = tensors["tables"].clone()
+    recounted[0] += 1
+    with pytest.raises(CorruptPayloadError, match="does not count"):
+        decompress_payload(_sealed(tensors | {"tables": recounted}, metadata), artifacts)
+    longer = torch.cat([tensors["stream"], torch.tensor([12345], dtype=torch.int32)])
+    with pytest.raises(CorruptPayloadError):
+        decompress_payload(_sealed(tensors | {"stream": longer}, metadata), artifacts)
+    with pytest.raises(CorruptPayloadError, match="entropy format"):
+        decompress_payload(_sealed(tensors, {"hf-scd": json.dumps({"format": "other"})}), artifacts)
+    other = SCDArtifacts.from_pretrained(REPO / "hub_artifacts" / "qwen2.5-coder-0.5b-instruct")
+    with pytest.raises(ArtifactMismatchError):
+        decompress_payload(blob, other)

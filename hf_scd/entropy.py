@@ -87,9 +87,9 @@ def decompress_payload(blob: bytes | bytearray | memoryview, artifacts: SCDArtif
     sizes = [1 << bits for _, _, code, _ in groups for bits in _widths(code)]
     if tables.size != sum(sizes):
         raise CorruptPayloadError(f"entropy tables hold {tables.size} entries, the plan needs {sum(sizes)}")
-    coder = constriction.stream.stack.AnsCoder(tensors["stream"].numpy().view(np.uint32).copy())
     layers, start = list(stripped.layers), 0
     try:
+        coder = constriction.stream.stack.AnsCoder(tensors["stream"].numpy().view(np.uint32).copy())
         for index, kind, code, rows in groups:
             codes = np.zeros((rows, *code.bits.shape), dtype=np.int32)
             for bits in _widths(code):

@@ -42,13 +42,14 @@ _KINDS = ("key", "value")
 def compress_payload(payload: SCDPayload, artifacts: SCDArtifacts) -> bytes:
     """`payload` (made with `artifacts`) with its K/V codes rANS-coded: a header (magic ``HFSCE\\0``, u16 version,
     u32 CRC-32 of the body, u64 body length) and a safetensors body of the payload without its K/V codes, the tables
-    and the coded stream."""
+    and the coded stream. Where that is not smaller (a short prompt: the tables outweigh what they save), the body
+    holds the payload as it is."""
     constriction = _constriction()
     groups = list(_groups(payload, artifacts))
     tables, symbols = [], []
     for _, _, code, packed in groups:
         codes = unpack_codes(packed, code.layout).numpy()
-        for bits in _widths(code):
+        for bits in _widths(code, packed.shape[0]):
             group = codes[:, code.bits.numpy() == bits].reshape(-1)
             tables.append(np.bincount(group, minlength=1 << bits).astype(np.uint32))
             symbols.append(group.astype(np.int32))
@@ -59,12 +60,18 @@ def compress_payload(payload: SCDPayload, artifacts: SCDArtifacts) -> bytes:
     for index, kind, _, packed in groups:
         layers[index] = replace(layers[index], **{f"{kind}_codes": packed[:, :0]})
     stripped = SCDPayload.of(payload.head, layers).to_bytes()
-    metadata = {"format": _FORMAT, "constriction": _version()}
+    table_words = np.concatenate(tables) if tables else np.zeros(0, np.uint32)
+    stream = coder.get_compressed()
+    plain = payload.to_bytes()
+    coded = len(stripped) + 4 * (table_words.size + stream.size) < len(plain)
+    if not coded:
+        stripped, table_words, stream = plain, np.zeros(0, np.uint32), np.zeros(0, np.uint32)
+    metadata = {"format": _FORMAT, "constriction": _version(), "coded": "yes" if coded else "no"}
     body = st_save(
         {
             "payload": torch.frombuffer(bytearray(stripped), dtype=torch.uint8),
-            "tables": torch.from_numpy(np.concatenate(tables) if tables else np.zeros(0, np.uint32)).to(torch.int32),
-            "stream": torch.from_numpy(coder.get_compressed().view(np.int32).copy()),
+            "tables": torch.from_numpy(table_words.view(np.int32).copy()),
+            "stream": torch.from_numpy(stream.view(np.int32).copy()),
         },
         metadata={"hf-scd": json.dumps(metadata, sort_keys=True)},
     )
@@ -74,8 +81,14 @@ def compress_payload(payload: SCDPayload, artifacts: SCDArtifacts) -> bytes:
 def decompress_payload(blob: bytes | bytearray | memoryview, artifacts: SCDArtifacts) -> SCDPayload:
     """The payload `compress_payload` compressed with these artifacts. Damaged, truncated or foreign bytes raise a
     `PayloadError`; tables and codes are checked against the artifacts' plan before anything is decoded."""
-    constriction = _constriction()
     tensors, metadata = _read(bytes(blob))
+    if metadata.get("coded") == "no":  # stored as it was: compressing did not pay
+        if tensors["tables"].numel() or tensors["stream"].numel():
+            raise CorruptPayloadError("an uncoded compressed payload carries entropy tables or a stream")
+        return SCDPayload.from_bytes(tensors["payload"].numpy().tobytes())
+    if metadata.get("coded") != "yes":
+        raise CorruptPayloadError("compressed payload does not say whether its codes are entropy-coded")
+    constriction = _constriction()
     if metadata.get("constriction", "").split(".")[:2] != _version().split(".")[:2]:
         raise PayloadVersionError(
             f"payload was entropy-coded with constriction {metadata.get('constriction')!r}, this side has "
@@ -84,7 +97,7 @@ def decompress_payload(blob: bytes | bytearray | memoryview, artifacts: SCDArtif
     stripped = SCDPayload.from_bytes(tensors["payload"].numpy().tobytes())
     groups = list(_groups(stripped, artifacts, stripped=True))
     tables = tensors["tables"].numpy().view(np.uint32)
-    sizes = [1 << bits for _, _, code, _ in groups for bits in _widths(code)]
+    sizes = [1 << bits for _, _, code, rows in groups for bits in _widths(code, rows)]
     if tables.size != sum(sizes):
         raise CorruptPayloadError(f"entropy tables hold {tables.size} entries, the plan needs {sum(sizes)}")
     layers, start = list(stripped.layers), 0
@@ -92,12 +105,13 @@ def decompress_payload(blob: bytes | bytearray | memoryview, artifacts: SCDArtif
         coder = constriction.stream.stack.AnsCoder(tensors["stream"].numpy().view(np.uint32).copy())
         for index, kind, code, rows in groups:
             codes = np.zeros((rows, *code.bits.shape), dtype=np.int32)
-            for bits in _widths(code):
+            for bits in _widths(code, rows):
                 table, start = tables[start : start + (1 << bits)], start + (1 << bits)
                 mask = code.bits.numpy() == bits
-                if int(table.sum()) != rows * int(mask.sum()):
+                count = int(mask.sum())
+                if int(table.sum()) != rows * count:
                     raise CorruptPayloadError(f"an entropy table of layer {index} does not count its codes")
-                codes[:, mask] = coder.decode(_model(constriction, table), rows * int(mask.sum())).reshape(rows, -1)
+                codes[:, mask] = coder.decode(_model(constriction, table), rows * count).reshape(rows, count)
             layers[index] = replace(
                 layers[index], **{f"{kind}_codes": pack_codes(torch.from_numpy(codes), code.layout)}
             )
@@ -131,9 +145,9 @@ def _groups(
             yield index, kind, code, packed.shape[0] if stripped else packed
 
 
-def _widths(code: TransformCode) -> list[int]:
-    """The bit widths its components use, each a group with one table."""
-    return [bits for bits in range(1, MAX_BITS + 1) if bool((code.bits == bits).any())]
+def _widths(code: TransformCode, rows: int) -> list[int]:
+    """The bit widths its components use, each a group with one table; none where no token is coded."""
+    return [bits for bits in range(1, MAX_BITS + 1) if rows and bool((code.bits == bits).any())]
 
 
 def _model(constriction, table: np.ndarray):

@@ -40,6 +40,22 @@ def test_the_stage_gives_the_payload_back_byte_for_byte_in_fewer_bytes(shipped, 
     assert len(blob) < len(payload.to_bytes()) - codes // 16
 
 
+def test_a_short_prompt_is_stored_as_it_is_where_tables_would_outweigh_their_savings(smollm2, artifacts, chat_ids):
+    model, _ = smollm2
+    with torch.inference_mode():
+        cache = SCDCache(artifacts, model)
+        model(chat_ids, **with_cache(model, cache))
+        payload = cache.encode("8x")
+    blob = compress_payload(payload, artifacts)
+    tensors, metadata = _body(blob)
+    assert json.loads(metadata["hf-scd"])["coded"] == "no" and not tensors["stream"].numel()
+    assert len(payload.to_bytes()) < len(blob) < len(payload.to_bytes()) + 1024
+    assert decompress_payload(blob, artifacts).to_bytes() == payload.to_bytes()
+    stray = tensors | {"tables": torch.ones(3, dtype=torch.int32)}
+    with pytest.raises(CorruptPayloadError, match="uncoded"):
+        decompress_payload(_sealed(stray, metadata), artifacts)
+
+
 def _body(blob: bytes) -> tuple[dict, dict]:
     body = blob[_HEADER.size :]
     (length,) = struct.unpack_from("<Q", body)
@@ -76,6 +92,9 @@ def test_damaged_truncated_and_foreign_bytes_are_typed_errors(shipped, artifacts
             decompress_payload(_sealed(tensors | {"stream": stream}, metadata), artifacts)
     with pytest.raises(CorruptPayloadError, match="entropy format"):
         decompress_payload(_sealed(tensors, {"hf-scd": json.dumps({"format": "other"})}), artifacts)
+    unsaid = json.loads(metadata["hf-scd"]) | {"coded": "maybe"}
+    with pytest.raises(CorruptPayloadError, match="whether"):
+        decompress_payload(_sealed(tensors, {"hf-scd": json.dumps(unsaid)}), artifacts)
     other = SCDArtifacts.from_pretrained(REPO / "hub_artifacts" / "qwen2.5-coder-0.5b-instruct")
     with pytest.raises(ArtifactMismatchError):
         decompress_payload(blob, other)

@@ -90,8 +90,9 @@ def test_damaged_truncated_and_foreign_bytes_are_typed_errors(shipped, artifacts
     for stream in (longer, torch.zeros(2, dtype=torch.int32)):  # a coded stream never ends in a zero word
         with pytest.raises(CorruptPayloadError):
             decompress_payload(_sealed(tensors | {"stream": stream}, metadata), artifacts)
-    with pytest.raises(CorruptPayloadError, match="entropy format"):
-        decompress_payload(_sealed(tensors, {"hf-scd": json.dumps({"format": "other"})}), artifacts)
+    for foreign in (json.dumps({"format": "other"}), "[1, 2]"):
+        with pytest.raises(CorruptPayloadError, match="entropy format"):
+            decompress_payload(_sealed(tensors, {"hf-scd": foreign}), artifacts)
     unsaid = json.loads(metadata["hf-scd"]) | {"coded": "maybe"}
     with pytest.raises(CorruptPayloadError, match="whether"):
         decompress_payload(_sealed(tensors, {"hf-scd": json.dumps(unsaid)}), artifacts)

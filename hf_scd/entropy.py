@@ -53,7 +53,7 @@ def compress_payload(payload: SCDPayload, artifacts: SCDArtifacts) -> bytes:
         for bits in _widths(code, packed.shape[0]):
             group = codes[:, code.bits.numpy() == bits].reshape(-1)
             tables.append(np.bincount(group, minlength=1 << bits).astype(np.uint32))
-            symbols.append(group.astype(np.int32))
+            symbols.append(group)  # int32 already, as unpack_codes gives them
     coder = constriction.stream.stack.AnsCoder()
     for table, group in zip(reversed(tables), reversed(symbols), strict=True):
         coder.encode_reverse(group, _model(constriction, table))

@@ -18,21 +18,18 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import struct
 from collections.abc import Iterator
 from dataclasses import replace
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from .artifacts import SCDArtifacts
 from .codec import pack_codes, unpack_codes
 from .codes import MAX_BITS, LayerCodes, TransformCode
 from .errors import ArtifactMismatchError, CorruptPayloadError, PayloadVersionError
-from .payload import SCDPayload, seal, unseal
+from .payload import SCDPayload, read_body, seal, unseal
 
 MAGIC = b"HFSCE\0"
 FORMAT_VERSION = 1
@@ -98,13 +95,14 @@ def decompress_payload(blob: bytes | bytearray | memoryview, artifacts: SCDArtif
     stripped = SCDPayload.from_bytes(tensors["payload"].numpy().tobytes())
     groups = list(_groups(stripped, artifacts, stripped=True))
     tables = tensors["tables"].numpy().view(np.uint32)
-    sizes = [1 << bits for _, _, code, rows in groups for bits in _widths(code, rows)]
+    sizes = [1 << bits for _, _, code, packed in groups for bits in _widths(code, packed.shape[0])]
     if tables.size != sum(sizes):
         raise CorruptPayloadError(f"entropy tables hold {tables.size} entries, the plan needs {sum(sizes)}")
     layers, start = list(stripped.layers), 0
     try:
         coder = constriction.stream.stack.AnsCoder(tensors["stream"].numpy().view(np.uint32).copy())
-        for index, kind, code, rows in groups:
+        for index, kind, code, packed in groups:
+            rows = packed.shape[0]
             codes = np.zeros((rows, *code.bits.shape), dtype=np.int32)
             for bits in _widths(code, rows):
                 table, start = tables[start : start + (1 << bits)], start + (1 << bits)
@@ -125,9 +123,9 @@ def decompress_payload(blob: bytes | bytearray | memoryview, artifacts: SCDArtif
 
 def _groups(
     payload: SCDPayload, artifacts: SCDArtifacts, stripped: bool = False
-) -> Iterator[tuple[int, str, TransformCode, torch.Tensor | int]]:
+) -> Iterator[tuple[int, str, TransformCode, torch.Tensor]]:
     """(layer index, "key"/"value", coder, packed codes) of every Reuse unit of the payload's plan, in a fixed order;
-    for a stripped payload the number of coded tokens stands in for the packed codes."""
+    a stripped payload's codes are zero-width, one row per coded token still."""
     if payload.artifacts_id != artifacts.artifacts_id:
         raise ArtifactMismatchError(
             f"payload was made with artifacts {payload.artifacts_id}, these are {artifacts.artifacts_id}"
@@ -143,7 +141,7 @@ def _groups(
                 raise CorruptPayloadError(
                     f"layer {index} {kind} codes are {packed.shape[1]} bytes wide, not {expected}"
                 )
-            yield index, kind, code, packed.shape[0] if stripped else packed
+            yield index, kind, code, packed
 
 
 def _widths(code: TransformCode, rows: int) -> list[int]:
@@ -158,18 +156,8 @@ def _model(constriction, table: np.ndarray):
 
 def _read(blob: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The checked header and body of a compressed payload."""
-    body = unseal(blob, MAGIC, FORMAT_VERSION, "compressed payload")
-    try:
-        tensors = st_load(body)
-        (header_len,) = struct.unpack_from("<Q", body)
-        metadata = json.loads(json.loads(body[8 : 8 + header_len])["__metadata__"]["hf-scd"])
-    except (SafetensorError, ValueError, KeyError, TypeError, struct.error) as exc:
-        raise CorruptPayloadError(f"compressed payload body is malformed: {exc}") from exc
-    if (
-        not isinstance(metadata, dict)
-        or metadata.get("format") != _FORMAT
-        or set(tensors) != {"payload", "tables", "stream"}
-    ):
+    tensors, metadata = read_body(unseal(blob, MAGIC, FORMAT_VERSION, "compressed payload"))
+    if metadata.get("format") != _FORMAT or set(tensors) != {"payload", "tables", "stream"}:
         raise CorruptPayloadError("compressed payload does not declare the hf-scd entropy format")
     if any(tensors[name].ndim != 1 for name in tensors) or tensors["payload"].dtype != torch.uint8:
         raise CorruptPayloadError("compressed payload tensors have the wrong shapes")

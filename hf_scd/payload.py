@@ -128,7 +128,7 @@ class SCDPayload:
 
     @classmethod
     def from_bytes(cls, blob: bytes | bytearray | memoryview) -> SCDPayload:
-        return cls._from_parts(*_read_body(unseal(bytes(blob), MAGIC, FORMAT_VERSION, "payload")))
+        return cls._from_parts(*read_body(unseal(bytes(blob), MAGIC, FORMAT_VERSION, "payload")))
 
     @classmethod
     def _from_parts(cls, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> SCDPayload:
@@ -303,7 +303,7 @@ class PayloadHead:
 
     @classmethod
     def from_bytes(cls, body: bytes) -> PayloadHead:
-        tensors, metadata = _read_body(body)
+        tensors, metadata = read_body(body)
         try:
             if metadata.get("format") != "hf-scd-head":
                 raise CorruptPayloadError("stream head does not declare the hf-scd head format")
@@ -331,7 +331,7 @@ def layer_to_bytes(codes: LayerCodes) -> bytes:
 
 def layer_from_bytes(body: bytes, index: int, tokens: int) -> LayerCodes:
     """A LAYER frame's codes, checked like a payload's layer: dtypes, shapes, `tokens` real tokens, finite sink."""
-    tensors, metadata = _read_body(body)
+    tensors, metadata = read_body(body)
     if metadata.get("format") != "hf-scd-layer":
         raise CorruptPayloadError(f"layer {index} frame does not declare the hf-scd layer format")
     try:
@@ -348,7 +348,8 @@ def layer_from_bytes(body: bytes, index: int, tokens: int) -> LayerCodes:
     return codes
 
 
-def _read_body(body: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_body(body: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and hf-scd metadata of a safetensors body, its header checked before anything is allocated."""
     metadata = _check_body(body)
     try:
         return st_load(body), metadata

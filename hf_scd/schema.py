@@ -148,7 +148,8 @@ class FidelityMap:
     # Tokens of continuation each fitted KL is the mean over: what a prediction is for. The mean KL of a continuation
     # falls as it grows (later tokens see their exact predecessors), so a check says most when run on this length.
     continuation: int = LEGACY_MAP_CONTINUATION
-    # The tail probe's line, preferred where a request is longer than its tail; maps written before it have none.
+    # The tail probe's line, used beside the map from D where a request is longer than its tail (`predict_kl`); maps
+    # written before it have none.
     tail: TailLine | None = None
 
 

@@ -90,8 +90,8 @@ def test_damaged_truncated_and_foreign_bytes_are_typed_errors(shipped, artifacts
     for stream in (longer, torch.zeros(2, dtype=torch.int32)):  # a coded stream never ends in a zero word
         with pytest.raises(CorruptPayloadError):
             decompress_payload(_sealed(tensors | {"stream": stream}, metadata), artifacts)
-    for foreign in (json.dumps({"format": "other"}), "[1, 2]"):
-        with pytest.raises(CorruptPayloadError, match="entropy format"):
+    for foreign, why in ((json.dumps({"format": "other"}), "entropy format"), ("[1, 2]", "not an object")):
+        with pytest.raises(CorruptPayloadError, match=why):
             decompress_payload(_sealed(tensors, {"hf-scd": foreign}), artifacts)
     unsaid = json.loads(metadata["hf-scd"]) | {"coded": "maybe"}
     with pytest.raises(CorruptPayloadError, match="whether"):

@@ -135,35 +135,29 @@ shipped cache; bytes are K/V codes and scales per token. {_sink(artifacts.config
 {rows}"""
 
 
-PAIR_USAGE = """## Use
-
-```python
-from hf_scd import SCDArtifacts, SCDCache, SCDPayload
-
-artifacts = SCDArtifacts.from_pretrained("<this repo>")
-cache = SCDCache(artifacts, model=producer, ratio=8)  # or point="8x"; a pair has no max_kl check
-producer(prompt_ids, cache=cache)  # past_key_values=cache before transformers 5.24
-blob = cache.encode().to_bytes()
-# on the consumer
-cache = SCDCache.from_payload(SCDPayload.from_bytes(blob), artifacts, model=consumer)
-consumer.generate(full_ids, cache=cache, max_new_tokens=64)
-```
-"""
-
 USAGE = """## Use
 
 ```python
 from hf_scd import SCDArtifacts, SCDCache, SCDPayload
 
 artifacts = SCDArtifacts.from_pretrained("<this repo>")
-cache = SCDCache(artifacts, model=model, ratio=4)  # or max_kl=0.01, or point="4x"
-model(prompt_ids, cache=cache)  # past_key_values=cache before transformers 5.24
+cache = SCDCache(artifacts, model={producer}, ratio={ratio})  # or {alternatives}
+{producer}(prompt_ids, cache=cache)  # past_key_values=cache before transformers 5.24
 blob = cache.encode().to_bytes()
 # on the consumer
-cache = SCDCache.from_payload(SCDPayload.from_bytes(blob), artifacts, model=model)
-model.generate(full_ids, cache=cache, max_new_tokens=64)
+cache = SCDCache.from_payload(SCDPayload.from_bytes(blob), artifacts, model={consumer})
+{consumer}.generate(full_ids, cache=cache, max_new_tokens=64)
 ```
 """
+
+
+def _usage(artifacts: SCDArtifacts) -> str:
+    """The usage snippet: one model on both sides, or a pair's producer and consumer (which has no max_kl check)."""
+    if artifacts.is_pair:
+        return USAGE.format(
+            producer="producer", consumer="consumer", ratio=8, alternatives='point="8x"; a pair has no max_kl check'
+        )
+    return USAGE.format(producer="model", consumer="model", ratio=4, alternatives='max_kl=0.01, or point="4x"')
 
 
 def card_data(artifacts: SCDArtifacts) -> ModelCardData:
@@ -180,5 +174,5 @@ def model_card(artifacts: SCDArtifacts) -> str:
     """The README.md of an artifact repo: Hub metadata and what the artifacts are, what they were fitted on, their
     operating points and how to use them."""
     sections = (f"# SCD artifacts for {artifacts.describe()}", _what(artifacts), _calibration(artifacts.config))
-    body = "\n\n".join((*sections, _points(artifacts), PAIR_USAGE if artifacts.is_pair else USAGE))
+    body = "\n\n".join((*sections, _points(artifacts), _usage(artifacts)))
     return str(ModelCard(f"---\n{card_data(artifacts).to_yaml()}\n---\n\n{body}"))

@@ -1,10 +1,11 @@
 """Codes all Reuse units of a cache at once, on the Triton kernels for CUDA tensors and the torch reference
 (`codec.py`) otherwise. The only module that imports the kernels: the choice between the two is made here alone.
 
-The kernels code units of one layer with per-head blocks (cross-variant artifacts); joint units of several layers
-take the reference on every device. On a CPU that multiplies bf16 natively (AMX or AVX512-BF16) the reference runs
-its products in bf16 (`products`): 10-20x faster than float32 there, and the rounding it adds (2^-9 of each
-coefficient) is under 2% of the quantization noise of even an 8-bit component.
+The kernels code units of one layer per head in one fused pass, and units of any one shape (joint units of several
+layers) with batched matrix products between their kernels (`hf_scd.kernels`); others take the reference. On a CPU
+that multiplies bf16 natively (AMX or AVX512-BF16) the reference runs its products in bf16 (`products`): 10-20x
+faster than float32 there, and the rounding it adds (2^-9 of each coefficient) is under 2% of the quantization noise
+of even an 8-bit component.
 """
 
 from __future__ import annotations
@@ -21,24 +22,20 @@ KV = tuple[torch.Tensor, torch.Tensor]
 
 
 def _row_coder(reference, x: torch.Tensor, rows: torch.Tensor, units: Sequence[Sequence], coders: Sequence[CoderPair]):
-    """The Triton kernel standing in for `reference` (`encode_rows` / `decode_rows`) on CUDA tensors (x, a layer's
-    (batch, H, seq, d)) of units of one layer coded per head, else itself; itself too when there are no `rows` to
+    """The Triton kernels standing in for `reference` (`encode_rows` / `decode_rows`) on CUDA tensors (x, a layer's
+    (batch, H, seq, d)) of units they cover (`kernels.covers`), else itself; itself too when there are no `rows` to
     code (every token exact)."""
-    heads_dims = (x.shape[1], x.shape[3])
-    per_head = all(len(unit) == 1 for unit in units) and all(
-        tuple(code.mean.shape) == heads_dims for pair in coders for code in pair
-    )
-    if x.is_cuda and rows.numel() and per_head:
-        from . import kernels  # hf_scd.kernels: imports triton, so only when a CUDA tensor is coded
+    if x.is_cuda and rows.numel():
+        from . import kernels  # nothing heavy: hf_scd.kernels imports triton only when a kernel is called
 
-        if kernels.available():
+        if kernels.available() and kernels.covers(units, coders):
             return getattr(kernels, reference.__name__)
     return partial(reference, products=products(x.device))
 
 
 def products(device: torch.device) -> torch.dtype:
     """The dtype the reference's encoder and decoder products run in on `device`: bf16 on a CPU with native bf16
-    matmuls, float32 elsewhere (CUDA tensors of joint units, CPUs that would emulate bf16)."""
+    matmuls, float32 elsewhere (CUDA tensors the kernels do not cover, CPUs that would emulate bf16)."""
     if device.type == "cpu" and _cpu_multiplies_bf16():
         return torch.bfloat16
     return torch.float32

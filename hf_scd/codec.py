@@ -18,9 +18,9 @@ The products by the encoder and decoder run in float32 (the reference numerics) 
 natively, in bf16 (`products`, chosen by `backend`): centring happens before the cast and everything after the
 product runs in float32, so the only added error is bf16's rounding of each input and coefficient (2^-9 relative).
 
-Kernels in `hf_scd/kernels/` implement `encode_rows` / `decode_rows` (all units of a cache at once) for CUDA tensors
-and units of one layer coded per head; this file is their reference and never imports them (`backend.py` chooses
-between the two).
+Kernels in `hf_scd/kernels/` implement `encode_rows` / `decode_rows` (all units of a cache at once) for CUDA tensors:
+fused passes for units of one layer coded per head, and batched products between small kernels for units of any one
+shape (joint units); this file is their reference and never imports them (`backend.py` chooses between the two).
 """
 
 from __future__ import annotations

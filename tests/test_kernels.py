@@ -175,3 +175,130 @@ def test_round_trip_through_kernels_alone_matches_reference_round_trip():
     (kernel_key, kernel_value), (ref_key, ref_value) = outputs
     assert kernel_key == pytest.approx(ref_key, rel=0.02) and kernel_value == pytest.approx(ref_value, rel=0.02)
     assert max(kernel_key, kernel_value) < 1e-2
+
+
+# The block path (`hf_scd.kernels.blocks`): units of several layers coded as one joint block, or as several blocks.
+BLOCK_CASES = [
+    # batch, seq, heads, dim, coded rows, cache dtype, units, members, blocks per unit
+    pytest.param(2, 11, 2, 32, 19, torch.bfloat16, 2, 2, 1, id="joint-U2-M2-H2-d32-bf16"),
+    pytest.param(1, 9, 1, 64, 7, torch.float32, 1, 3, 3, id="per-head-U1-M3-H1-d64-fp32"),
+    pytest.param(3, 5, 2, 32, 13, torch.float16, 3, 1, 1, id="joint-U3-M1-H2-d32-fp16"),
+]
+BLOCK_PARAMS = ("batch", "seq", "heads", "dim", "n_rows", "dtype", "n_units", "members", "blocks")
+
+
+def _block_setup(batch, seq, heads, dim, n_rows, dtype, n_units, members, blocks, seed):
+    """Units of `members` layers whose (members, H, d) vectors are coded as `blocks` blocks; the last of several
+    units codes only half its components, so the tables are padded."""
+    generator = torch.Generator().manual_seed(seed)
+    width = members * heads * dim // blocks
+    coders = []
+    for unit in range(n_units):
+        comps = width // 2 if n_units > 1 and unit == n_units - 1 else width
+        coders.append(tuple(random_coder(blocks, width, generator, False, comps, DEVICE) for _ in range(2)))
+    layers = n_units * members
+
+    def cache():
+        return [random_cache(batch, heads, seq, dim, dtype, generator, DEVICE) for _ in range(layers)]
+
+    keys, values = cache(), cache()
+    cos, sin = random_rope(batch, seq, dim, generator, DEVICE)
+    rows = torch.randperm(batch * seq, generator=generator)[:n_rows].to(DEVICE)
+    group = [slice(u * members, (u + 1) * members) for u in range(n_units)]
+    return [keys[g] for g in group], [values[g] for g in group], cos, sin, rows, coders
+
+
+@pytest.mark.parametrize(BLOCK_PARAMS, BLOCK_CASES)
+def test_block_encode_matches_reference(batch, seq, heads, dim, n_rows, dtype, n_units, members, blocks):
+    from hf_scd import kernels
+
+    keys, values, cos, sin, rows, coders = _block_setup(
+        batch, seq, heads, dim, n_rows, dtype, n_units, members, blocks, seed=dim + members
+    )
+    assert kernels.covers(keys, coders) and not kernels._fused(keys, coders)
+    got = kernels.encode_rows(keys, values, cos, sin, rows, coders)
+    ref = codec.encode_rows(keys, values, cos, sin, rows, coders)
+    assert len(got) == n_units
+    for got_unit, ref_unit, (key_code, value_code) in zip(got, ref, coders, strict=True):
+        key_mismatch = _check_codes(got_unit[0], got_unit[1], ref_unit[0], ref_unit[1], key_code)
+        value_mismatch = _check_codes(got_unit[2], got_unit[3], ref_unit[2], ref_unit[3], value_code)
+        print(f"code mismatch fraction: keys {key_mismatch:.2e}, values {value_mismatch:.2e}")
+
+
+@pytest.mark.parametrize(BLOCK_PARAMS, BLOCK_CASES)
+def test_block_decode_matches_reference_and_writes_only_rows(
+    batch, seq, heads, dim, n_rows, dtype, n_units, members, blocks
+):
+    from hf_scd import kernels
+
+    keys, values, cos, sin, rows, coders = _block_setup(
+        batch, seq, heads, dim, n_rows, dtype, n_units, members, blocks, seed=dim + members + 1
+    )
+    codes = _layer_codes(codec.encode_rows(keys, values, cos, sin, rows, coders))
+    layers = n_units * members
+    poison = torch.full((2, 2, layers, batch, heads, seq, dim), float("nan"), dtype=dtype, device=DEVICE)
+    outputs = []
+    for impl, (out_keys, out_values) in zip((kernels, codec), poison.unbind(0), strict=True):
+        grouped = [
+            [list(part.unbind(0)[u * members : (u + 1) * members]) for u in range(n_units)]
+            for part in (out_keys, out_values)
+        ]
+        impl.decode_rows(codes, cos, sin, rows, coders, *grouped)
+        outputs.append((out_keys, out_values))
+    written = torch.zeros(batch * seq, dtype=torch.bool, device=DEVICE)
+    written[rows] = True
+    written = written.view(1, batch, 1, seq, 1).expand_as(poison[0, 0])
+    for got, ref in zip(*outputs, strict=True):
+        assert got[written].isfinite().all() and got[~written].isnan().all()
+        got, ref = got[written].float(), ref[written].float()
+        err = (got - ref).abs()
+        assert (err <= ref.abs() * torch.finfo(dtype).eps + PIECE_ATOL[torch.float32] * ref.abs().max()).all()
+
+
+def test_block_path_empty_rows_and_what_it_covers():
+    from hf_scd import kernels
+
+    keys, values, cos, sin, _, coders = _block_setup(1, 5, 2, 32, 0, torch.bfloat16, 2, 2, 1, seed=4)
+    rows = torch.zeros(0, dtype=torch.int64, device=DEVICE)
+    encoded = kernels.encode_rows(keys, values, cos, sin, rows, coders)
+    assert [tuple(unit[0].shape) for unit in encoded] == [(0, code.layout.bytes_per_token) for code, _ in coders]
+    assert all(tuple(unit[1].shape) == (0, 1) for unit in encoded)
+    # Units of different member counts, or a head_dim the kernels do not take, are left to the reference.
+    assert not kernels.covers([keys[0], keys[1][:1]], coders)
+    odd = [[torch.zeros(1, 2, 5, 48, device=DEVICE)]]
+    odd_coder = random_coder(2, 48, torch.Generator().manual_seed(0), False, 48, DEVICE)
+    assert not kernels.covers(odd, [(odd_coder, odd_coder)])
+
+
+def test_block_path_on_the_shipped_joint_units_and_real_keys(smollm2, artifacts, chat_ids):
+    """SmolLM2's shipped 8x plan (six 5-layer joint units, 960 components each) on the model's own K/V of a chat
+    prompt: the block path's codes and reconstruction are the reference's."""
+    from transformers import DynamicCache
+
+    from hf_scd import kernels
+    from hf_scd.compat import with_cache
+
+    model, _ = smollm2
+    cache = DynamicCache()
+    with torch.no_grad():
+        model(chat_ids, **with_cache(model, cache))
+    kv = [(layer.keys.to(DEVICE), layer.values.to(DEVICE)) for layer in cache.layers]
+    seq, dim = chat_ids.shape[1], kv[0][0].shape[-1]
+    cos, sin = (t.reshape(seq, dim).to(DEVICE) for t in model.model.rotary_emb(kv[0][0], torch.arange(seq)[None]))
+    plan = artifacts.plan("8x", DEVICE)
+    keys, values = plan._unit_inputs(plan.units, kv)
+    coders = [(unit.key, unit.value) for unit in plan.units]
+    rows = torch.arange(4, seq, device=DEVICE)
+    assert kernels.covers(keys, coders) and not kernels._fused(keys, coders)
+    got = kernels.encode_rows(keys, values, cos, sin, rows, coders)
+    ref = codec.encode_rows(keys, values, cos, sin, rows, coders)
+    for got_unit, ref_unit, (key_code, value_code) in zip(got, ref, coders, strict=True):
+        _check_codes(got_unit[0], got_unit[1], ref_unit[0], ref_unit[1], key_code)
+        _check_codes(got_unit[2], got_unit[3], ref_unit[2], ref_unit[3], value_code)
+    codes = _layer_codes(ref)
+    outputs = torch.zeros(2, 2, len(kv), *kv[0][0].shape, dtype=kv[0][0].dtype, device=DEVICE)
+    for impl, out_kv in zip((kernels, codec), outputs, strict=True):
+        impl.decode_rows(codes, cos, sin, rows, coders, *plan._unit_inputs(plan.units, list(zip(*out_kv, strict=True))))
+    (got_keys, got_values), (ref_keys, ref_values) = outputs
+    for got, ref in ((got_keys, ref_keys), (got_values, ref_values)):
+        assert ref.abs().amax() > 0 and (got - ref).abs().amax() <= 1e-5 * ref.abs().amax()

@@ -1,13 +1,18 @@
 """Triton kernels for the codec's hot paths: `encode_rows` and `decode_rows` on CUDA tensors.
 
 `hf_scd.codec` is the reference; these functions have exactly its signatures, and `hf_scd.backend` calls them
-instead of it for CUDA tensors.
-Nothing heavy is imported here, so `available()` answers False cheaply on machines without Triton or a GPU.
+instead of it for CUDA tensors of units that `covers` accepts. Two paths behind them:
+- fused (`encode.py`, `decode.py`): units of one layer coded per head, one kernel pass per (tokens, head, layer);
+- blocks (`blocks.py`): units of any one shape, joint units of several layers included: batched matrix products
+  between gather, quantize, dequantize and scatter kernels.
+Nothing heavy is imported here, so `available()` and `covers()` answer cheaply on machines without Triton or a GPU.
 """
 
 from __future__ import annotations
 
-__all__ = ["available", "decode_rows", "encode_rows"]
+from collections.abc import Sequence
+
+__all__ = ["available", "covers", "decode_rows", "encode_rows"]
 
 
 def available() -> bool:
@@ -21,14 +26,39 @@ def available() -> bool:
     return torch.cuda.is_available()
 
 
-def __getattr__(name: str):
-    """`encode_rows` / `decode_rows` (same signatures as `hf_scd.codec`'s), imported with triton on first use."""
-    if name == "encode_rows":
+def _fused(units: Sequence[Sequence], coders: Sequence) -> bool:
+    """Units of one layer, coded per head: the fused kernels' case."""
+    _, heads, _, dim = units[0][0].shape
+    one_layer = all(len(unit) == 1 for unit in units)
+    return one_layer and all(tuple(code.mean.shape) == (heads, dim) for pair in coders for code in pair)
+
+
+def covers(units: Sequence[Sequence], coders: Sequence) -> bool:
+    """Whether the kernels code these units (each its member layers' (batch, H, seq, d) tensors) with these
+    coders: a power-of-two head_dim of at least 32, and all units of one member count and coder shape, blocks
+    made of whole heads."""
+    _, heads, _, dim = units[0][0].shape
+    members = len(units[0])
+    shapes = {tuple(code.mean.shape) for pair in coders for code in pair}
+    if dim < 32 or dim & (dim - 1) or len(shapes) != 1 or any(len(unit) != members for unit in units):
+        return False
+    blocks, width = shapes.pop()
+    return blocks * width == members * heads * dim and width % dim == 0
+
+
+def encode_rows(keys, values, cos, sin, rows, coders):
+    """`hf_scd.codec.encode_rows` on the fused kernels or the block path; see `covers`."""
+    if _fused(keys, coders):
         from .encode import encode_rows
+    else:
+        from .blocks import encode_rows
+    return encode_rows(keys, values, cos, sin, rows, coders)
 
-        return encode_rows
-    if name == "decode_rows":
+
+def decode_rows(codes, cos, sin, rows, coders, out_keys, out_values):
+    """`hf_scd.codec.decode_rows` on the fused kernels or the block path; see `covers`."""
+    if _fused(out_keys, coders):
         from .decode import decode_rows
-
-        return decode_rows
-    raise AttributeError(f"module 'hf_scd.kernels' has no attribute {name!r}")
+    else:
+        from .blocks import decode_rows
+    decode_rows(codes, cos, sin, rows, coders, out_keys, out_values)

@@ -130,10 +130,7 @@ def _build(codes: Sequence[TransformCode], device: torch.device) -> CodeTables:
     stacked["byte_count"] = (stacked["byte_rel"][..., None] == torch.arange(bytes_pad)).sum(-2)
     for name in ("encoder", "decoder"):  # (L, pieces, ...) -> (pieces, L, ...): one piece stride for all layers
         stacked[name] = stacked[name].movedim(1, 0)
-    kinds = {"encoder": torch.bfloat16, "decoder": torch.bfloat16}
-    int_parts = ("byte_rel", "shift", "bits", "head_start", "head_col", "head_bytes", "byte_count")
-    kinds |= dict.fromkeys(int_parts, torch.int32)
-    tensors = {name: t.to(kinds.get(name, torch.float32)).contiguous().to(device) for name, t in stacked.items()}
+    ints = ("byte_rel", "shift", "bits", "head_start", "head_col", "head_bytes", "byte_count")
     return CodeTables(
         layers=len(codes),
         heads=heads,
@@ -141,14 +138,33 @@ def _build(codes: Sequence[TransformCode], device: torch.device) -> CodeTables:
         comps=comps,
         layer_bytes=layer_bytes,
         bytes_pad=bytes_pad,
-        scale_table=code_to_scale(torch.arange(256)).to(device=device, dtype=torch.float32).contiguous(),
-        **tensors,
+        **_on_device(stacked, ints, device, bf16=("encoder", "decoder")),
     )
 
 
+def _on_device(
+    tensors: dict[str, torch.Tensor], ints: Sequence[str], device: torch.device, bf16: Sequence[str] = ()
+) -> dict[str, torch.Tensor]:
+    """Tables as the kernels read them: contiguous on `device`, int32 where named in `ints`, bf16 where in `bf16`,
+    float32 elsewhere; with the scale code table."""
+    kinds = dict.fromkeys(ints, torch.int32) | dict.fromkeys(bf16, torch.bfloat16)
+    out = {name: t.to(kinds.get(name, torch.float32)).contiguous().to(device) for name, t in tensors.items()}
+    out["scale_table"] = code_to_scale(torch.arange(256)).to(torch.float32).contiguous().to(device)
+    return out
+
+
 def tables(codes: Sequence[TransformCode], device: torch.device) -> CodeTables:
-    """The (cached) kernel tables of the layers' `codes` (one kind) on `device`."""
-    key = (tuple(id(code) for code in codes), str(device))
+    """The (cached) fused kernels' tables of the layers' `codes` (one kind) on `device`."""
+    return _cached(codes, device, _build)
+
+
+def block_tables(codes: Sequence[TransformCode], device: torch.device) -> BlockTables:
+    """The (cached) block kernels' tables of the units' `codes` (one kind) on `device`."""
+    return _cached(codes, device, _build_blocks)
+
+
+def _cached(codes: Sequence[TransformCode], device: torch.device, build):
+    key = (build.__name__, tuple(id(code) for code in codes), str(device))
     stamp = _stamp(codes)
     hit = _CACHE.get(key)
     if hit is not None and hit[0] == stamp:
@@ -156,6 +172,106 @@ def tables(codes: Sequence[TransformCode], device: torch.device) -> CodeTables:
     if hit is None:
         for code in codes:
             weakref.finalize(code, _CACHE.pop, key, None)
-    built = _build(codes, device)
+    built = build(codes, device)
     _CACHE[key] = (stamp, built)
     return built
+
+
+@dataclass
+class BlockTables:
+    """U Reuse units' coders of one kind, all with G blocks of W columns, for the block kernels: the products run
+    as batched matrix products over the U * G blocks, the kernels around them index [unit * G + block, ...].
+    Components stop after the last one any block keeps (`comps`), past a block's own end with 0 bits."""
+
+    blocks: int  # U * G
+    width: int  # W
+    comps: int  # C: components up to the last kept in any block
+    unit_bytes: list[int]  # packed bytes per token of each unit (all its blocks)
+    bytes_pad: int  # the largest block's bytes, rounded up to a multiple of BYTE_CHUNK
+    slots: int  # the most (component, low or high part) pairs whose bits land in one byte
+    mean: torch.Tensor  # (U * G, W) fp32
+    encoder: torch.Tensor  # (U * G, W, C) fp32, the columns of dropped components zero
+    decoder: torch.Tensor  # (U * G, C, W) fp32 step[c] * decoder[c, :], zero rows where dropped
+    out_mean: torch.Tensor  # (U * G, 1, W) fp32, added by the decoder product
+    byte: torch.Tensor  # (U * G, C) int32 byte of a component's first bit, from its block's first byte
+    shift: torch.Tensor  # (U * G, C) int32
+    bits: torch.Tensor  # (U * G, C) int32
+    step: torch.Tensor  # (U * G, C) fp32 quantizer step of a unit-RMS token (0 where 0 bits)
+    peak: torch.Tensor  # (U * G, C) fp32 `TransformCode.peak_limits`: 0 below PEAK_BITS bits
+    kept: torch.Tensor  # (U * G,) fp32 components with bits > 0, at least 1 (the RMS divisor)
+    block_col: torch.Tensor  # (U * G,) int32 a block's first byte, in all units' codes side by side
+    block_bytes: torch.Tensor  # (U * G,) int32
+    sources: torch.Tensor  # (U * G, bytes_pad, slots) int32 2 * component + (1: its high part), -1: none
+    scale_table: torch.Tensor  # (256,) fp32 code_to_scale of every scale code, exactly as the reference
+
+
+def _byte_sources(bits: torch.Tensor, byte: torch.Tensor, shift: torch.Tensor, bytes_pad: int) -> list[list[int]]:
+    """Per byte of one block, the (2 * component + part) whose bits land in it: part 0 the low bits of a component
+    that starts there, part 1 the high bits of one that started in the byte before."""
+    sources: list[list[int]] = [[] for _ in range(bytes_pad)]
+    for c, (b, first, s) in enumerate(zip(bits.tolist(), byte.tolist(), shift.tolist(), strict=True)):
+        if b:
+            sources[first].append(2 * c)
+            if s + b > 8:
+                sources[first + 1].append(2 * c + 1)
+    return sources
+
+
+_PER_COMPONENT = ("encoder", "decoder", "byte", "shift", "bits", "step", "peak")  # padded to the tables' C
+
+
+def _build_blocks(codes: Sequence[TransformCode], device: torch.device) -> BlockTables:
+    blocks, width = codes[0].mean.shape
+    if any(tuple(code.mean.shape) != (blocks, width) for code in codes):
+        raise ValueError(f"block kernels need units of one shape, got {[tuple(c.mean.shape) for c in codes]}")
+    last_kept = [int(kept.nonzero().max()) + 1 for code in codes if (kept := (code.bits.cpu() > 0).any(0)).any()]
+    comps = max(last_kept, default=1)
+    parts: dict[str, list[torch.Tensor]] = {}
+    unit_bytes, sources = [], []
+    for code in codes:
+        if code.encoder.shape[:2] != (blocks, width) or code.decoder.shape[::2] != (blocks, width):
+            raise ValueError(f"encoder {tuple(code.encoder.shape)} / decoder {tuple(code.decoder.shape)} do not fit")
+        c = min(comps, code.bits.shape[-1])
+        bits = code.bits[:, :c].long().cpu()
+        steps = code.component_steps()[:, :c].float().cpu()
+        byte, shift = (t[:, :c].long() for t in code.layout.offsets)
+        start = code.layout.head_start
+        unit = {
+            "mean": code.mean.float().cpu(),
+            "encoder": code.encoder[..., :c].float().cpu() * (bits > 0).unsqueeze(1),
+            "decoder": code.decoder[:, :c].float().cpu() * steps.unsqueeze(-1),
+            "out_mean": code.out_mean.float().cpu().unsqueeze(1),
+            "byte": byte - start[:, None],
+            "shift": shift,
+            "bits": bits,
+            "step": steps,
+            "peak": code.peak_limits()[:, :c].float().cpu(),
+            "kept": (bits > 0).sum(-1).clamp(min=1).float(),
+            "block_col": start + sum(unit_bytes),
+            "block_bytes": code.layout.head_bytes,
+        }
+        for name, t in unit.items():
+            dim = -2 if name == "decoder" else -1
+            parts.setdefault(name, []).append(_pad_comps(t, comps, dim) if name in _PER_COMPONENT else t)
+        sources.extend(zip(bits, byte - start[:, None], shift, strict=True))
+        unit_bytes.append(code.layout.bytes_per_token)
+    stacked = {name: torch.cat(ts) for name, ts in parts.items()}
+    longest = int(stacked["block_bytes"].max())
+    bytes_pad = max(1, -(-longest // BYTE_CHUNK)) * BYTE_CHUNK
+    per_byte = [_byte_sources(*block, bytes_pad) for block in sources]
+    slots = max(1, max(len(s) for block in per_byte for s in block))
+    table = torch.full((len(per_byte), bytes_pad, slots), -1, dtype=torch.int32)
+    for index, block in enumerate(per_byte):
+        for j, found in enumerate(block):
+            table[index, j, : len(found)] = torch.tensor(found, dtype=torch.int32)
+    stacked["sources"] = table
+    ints = ("byte", "shift", "bits", "block_col", "block_bytes", "sources")
+    return BlockTables(
+        blocks=len(per_byte),
+        width=width,
+        comps=comps,
+        unit_bytes=unit_bytes,
+        bytes_pad=bytes_pad,
+        slots=slots,
+        **_on_device(stacked, ints, device),
+    )

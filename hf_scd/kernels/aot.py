@@ -27,6 +27,8 @@ from triton.compiler import ASTSource
 from ._launch import KernelLaunch
 
 SHAPES = {"Llama-3-8B": (32, 8, 128), "SmolLM2-135M": (30, 3, 64)}  # layers, KV heads, head_dim
+# The shipped same-model artifacts' joint units: layers, KV heads, head_dim, layers a unit.
+JOINT_SHAPES = {"SmolLM2-135M": (30, 3, 64, 5), "Qwen2.5-Coder-0.5B": (24, 2, 64, 8)}
 _TYPES = {
     torch.bfloat16: "bf16",
     torch.float16: "fp16",
@@ -123,37 +125,65 @@ def mma_flops(ptx: str, config: triton.Config) -> dict[str, int]:
     return dict(flops)
 
 
+def _random_coder(blocks: int, width: int, max_bits: int, generator: torch.Generator):
+    """A coder of `blocks` blocks of `width` with random matrices and a random 0..max_bits allocation."""
+    from hf_scd.codes import TransformCode
+
+    bits = torch.randint(0, max_bits + 1, (blocks, width), generator=generator).to(torch.uint8)
+    matrix = torch.randn(blocks, width, width, generator=generator)
+    steps = torch.tensor([0.0] + [6.0 / 2**b for b in range(1, 9)])
+    return TransformCode(torch.zeros(blocks, width), matrix, matrix, steps, bits)
+
+
+def _bf16_cache(layers: int, heads: int, dim: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keys and values (2, layers, 1, H, tokens, d) bf16 in one allocation, cos/sin (tokens, d) bf16, the rows."""
+    cache = torch.zeros(2, layers, 1, heads, tokens, dim, dtype=torch.bfloat16)
+    return cache, torch.zeros(tokens, dim, dtype=torch.bfloat16), torch.arange(tokens)
+
+
 def model_launches(layers: int, heads: int, dim: int, tokens: int = 256) -> dict[str, tuple[KernelLaunch, float]]:
     """The encode and decode launches of keys and values of a bf16 cache of this shape (CPU tensors: only their
     dtypes, strides and alignment matter here), at a ~4-bit random allocation, each with the bytes it moves per
     token and head (cache row, codes, scale code, and a head's share of cos/sin for keys)."""
-    from hf_scd.codes import TransformCode
-
     from .decode import decode_launches
     from .encode import encode_launches
 
     generator = torch.Generator().manual_seed(0)
-    coders = []
-    for _ in range(layers):
-        pair = []
-        for _ in range(2):
-            bits = torch.randint(0, 9, (heads, dim), generator=generator).to(torch.uint8)
-            matrix = torch.randn(heads, dim, dim, generator=generator)
-            steps = torch.tensor([0.0] + [6.0 / 2**b for b in range(1, 9)])
-            pair.append(TransformCode(torch.zeros(heads, dim), matrix, matrix, steps, bits))
-        coders.append(tuple(pair))
-    cache = torch.zeros(2, layers, 1, heads, tokens, dim, dtype=torch.bfloat16)
-    rope = torch.zeros(tokens, dim, dtype=torch.bfloat16)
-    rows = torch.arange(tokens)
+    cache, rope, rows = _bf16_cache(layers, heads, dim, tokens)
     launches = {}
     for kind, rotary in (("key", True), ("value", False)):
         xs = list(cache[int(not rotary)].unbind(0))
-        codes = [pair[int(not rotary)] for pair in coders]
+        codes = [_random_coder(heads, dim, 8, generator) for _ in range(layers)]
         (encode,), packed, scales = encode_launches(xs, rope, rope, rows, codes, rotary)
         (decode,) = decode_launches(packed, scales, rope, rope, rows, codes, xs, rotary)
         code_bytes = sum(p.shape[1] for p in packed) / (layers * heads) + 1
         moved = dim * cache.element_size() + code_bytes + (2 * dim * rope.element_size() / heads if rotary else 0)
         launches[f"encode {kind}s"], launches[f"decode {kind}s"] = (encode, moved), (decode, moved)
+    return launches
+
+
+def block_launches(layers: int, heads: int, dim: int, members: int, tokens: int = 256) -> dict[str, tuple]:
+    """The block path's launches for keys and values of a bf16 cache of this shape coded in joint units of
+    `members` layers (one block each), at a ~2-bit random allocation (8x), each with the bytes it moves per token
+    and head: the cache row in bf16 and its fp32 vector for gather and scatter (plus cos/sin for keys), the fp32
+    coefficients and the codes for quantize and dequantize."""
+    from .blocks import decode_steps, encode_steps
+
+    generator = torch.Generator().manual_seed(0)
+    cache, rope, rows = _bf16_cache(layers, heads, dim, tokens)
+    launches = {}
+    for kind, rotary in (("key", True), ("value", False)):
+        xs = list(cache[int(not rotary)].unbind(0))
+        codes = [_random_coder(1, members * heads * dim, 4, generator) for _ in range(layers // members)]
+        encode, packed, scales = encode_steps(xs, members, rope, rope, rows, codes, rotary)
+        decode = decode_steps(packed, scales, rope, rope, rows, codes, xs, members, rotary)
+        code_bytes = sum(p.shape[1] for p in packed) / (layers * heads) + 1 / (members * heads)
+        rope_bytes = 2 * dim * rope.element_size() / heads if rotary else 0
+        row_bytes = dim * (cache.element_size() + 4) + rope_bytes
+        gather, scatter = encode[0], decode[-1]  # one of each: the layers share a cache allocation
+        launches[f"gather {kind}s"], launches[f"scatter {kind}s"] = (gather, row_bytes), (scatter, row_bytes)
+        launches[f"quantize {kind}s"] = (encode[-1], dim * 4 + code_bytes)
+        launches[f"dequantize {kind}s"] = (decode[0], dim * 4 + code_bytes)
     return launches
 
 
@@ -191,8 +221,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("|---|---|---:|---:|---:|---:|---:|---|---|---|---:|")
     rows = []
-    for model, shape in SHAPES.items():
-        for name, (run, moved) in model_launches(*shape).items():
+    every = [(model, model_launches(*shape)) for model, shape in SHAPES.items()]
+    every += [(f"{model} joint", block_launches(*shape)) for model, shape in JOINT_SHAPES.items()]
+    for model, launches in every:
+        for name, (run, moved) in launches.items():
             for config in configs(run)[: 1 if args.first_config else None]:
                 got = compile_launch(run, config, args.arch)
                 block, warps = config.kwargs["BLOCK_T"], config.num_warps

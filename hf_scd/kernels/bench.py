@@ -1,9 +1,11 @@
 """Benchmark of the codec kernels on model-shaped synthetic caches: `python -m hf_scd.kernels.bench [--out table.md]`.
 
-Per model shape and context length it times encode and decode of all layers (one launch for all keys, one for all
-values; median of triton's do_bench), counts the bytes each must move, and compares the achieved bandwidth with a
-device-to-device copy measured in the same run and the time with the plain-torch reference path. `decode_units`
-is what a consumer runs (the library entry: allocation, both launches, 4 exact sink tokens). It then puts that
+Per model shape and context length it times encode and decode of all layers (median of triton's do_bench): units of
+one layer coded per head on the fused kernels (one launch for all keys, one for all values), and the shipped
+artifacts' joint units ("joint" rows) on the block path (kernels around cuBLAS products). It counts the bytes each
+must move, and compares the achieved bandwidth with a device-to-device copy measured in the same run and the time
+with the plain-torch reference path. `decode_units` is what a consumer runs (the library entry: allocation, the
+decode, 4 exact sink tokens). It then puts that
 time for an 8K-token Llama-3-8B cache next to 1% of that model's prefill time (random weights; the forward's cost
 does not depend on them). Synthetic operating point: ~4 bits/component (a ~4x smaller cache than bf16), random
 orthogonal coders.
@@ -18,23 +20,27 @@ import time
 import torch
 
 SHAPES = {
-    # name: (layers, kv heads, head dim)
-    "Llama-3-8B": (32, 8, 128),
-    "SmolLM2-135M": (30, 3, 64),
+    # name: (layers, kv heads, head dim, layers a Reuse unit): units of one layer coded per head take the fused
+    # kernels; the shipped same-model artifacts' joint units (one block of all their layers' heads) the block path.
+    "Llama-3-8B": (32, 8, 128, 1),
+    "SmolLM2-135M": (30, 3, 64, 1),
+    "SmolLM2-135M joint": (30, 3, 64, 5),
+    "Qwen2.5-Coder-0.5B joint": (24, 2, 64, 8),
 }
 CONTEXTS = (1024, 8192, 32768)
 PREFILL_TOKENS = 8192
 
 
-def _coder(heads: int, dim: int, generator: torch.Generator, device: torch.device):
-    """Random orthogonal encoder/decoder and a ~4 bits/component allocation falling with the component index."""
+def _coder(blocks: int, width: int, generator: torch.Generator, device: torch.device):
+    """Random orthogonal encoder/decoder per block and a ~4 bits/component allocation falling with the component
+    index."""
     from hf_scd.codes import TransformCode
 
-    q = torch.linalg.qr(torch.randn(heads, dim, dim, generator=generator))[0]
-    profile = 8.0 * (1.0 - torch.arange(dim) / dim) + torch.rand(heads, dim, generator=generator) * 2 - 1
+    q = torch.linalg.qr(torch.randn(blocks, width, width, generator=generator))[0]
+    profile = 8.0 * (1.0 - torch.arange(width) / width) + torch.rand(blocks, width, generator=generator) * 2 - 1
     bits = profile.round().clamp(0, 8).to(torch.uint8)
     steps = torch.tensor([0.0] + [6.0 / 2**b for b in range(1, 9)])
-    mean = torch.randn(heads, dim, generator=generator) * 0.1
+    mean = torch.randn(blocks, width, generator=generator) * 0.1
     return TransformCode(mean, q, q.transpose(1, 2).contiguous(), steps, bits).to(device)
 
 
@@ -63,18 +69,22 @@ def _copy_bandwidth(device: torch.device) -> float:
 def _model_rows(name: str, tokens: int, device: torch.device, copy_gbps: float) -> list[dict]:
     from hf_scd import backend, codec, codes, kernels
 
-    n_layers, heads, dim = SHAPES[name]
+    n_layers, heads, dim, members = SHAPES[name]
     generator = torch.Generator().manual_seed(0)
     kv = torch.randn(2, n_layers, 1, heads, tokens, dim, device=device, dtype=torch.bfloat16)
-    keys, values = [[k] for k in kv[0].unbind(0)], [[v] for v in kv[1].unbind(0)]  # Reuse units of one layer
-    coders = [(_coder(heads, dim, generator, device), _coder(heads, dim, generator, device)) for _ in range(n_layers)]
+    keys, values = (_units(part, members) for part in kv)
+    blocks, width = (heads, dim) if members == 1 else (1, members * heads * dim)
+    coders = [
+        (_coder(blocks, width, generator, device), _coder(blocks, width, generator, device))
+        for _ in range(n_layers // members)
+    ]
     cos, sin = _rope(tokens, dim, device)
     rows = torch.arange(tokens, device=device)
     codes = [
         codes.LayerCodes(*e, None, None, None, None) for e in kernels.encode_rows(keys, values, cos, sin, rows, coders)
     ]
     out = torch.empty_like(kv)
-    out_keys, out_values = [[k] for k in out[0].unbind(0)], [[v] for v in out[1].unbind(0)]
+    out_keys, out_values = (_units(part, members) for part in out)
 
     def run_encode(impl):
         return lambda: impl(keys, values, cos, sin, rows, coders)
@@ -97,29 +107,26 @@ def _model_rows(name: str, tokens: int, device: torch.device, copy_gbps: float) 
                  copy_frac=gbps / copy_gbps, torch_ms=torch_ms, speedup=torch_ms / kernel_ms, check=mismatch[kind])
         )  # fmt: skip
         print(_table(result[-1:], copy_gbps).splitlines()[-1], file=sys.stderr, flush=True)
-    # What a consumer runs: allocation, both launches and the exact (sink) tokens, through the library's entry.
+    # What a consumer runs: allocation, the decode and the exact (sink) tokens, through the library's entry.
     sink = torch.arange(4, device=device)
-    layer_codes = [
-        codes.LayerCodes(*e, None, None, None, None)
-        for e in kernels.encode_rows(keys, values, cos, sin, rows[4:], coders)
-    ]
-    for layer, (k,), (v,) in zip(layer_codes, keys, values, strict=True):
-        layer.exact_keys, layer.exact_values = codec.flat_rows(k, sink), codec.flat_rows(v, sink)
-    units = [[layer] for layer in layer_codes]
+    units = backend.encode_units(keys, values, cos, sin, rows[4:], sink, coders)
     library_ms = _bench(
         lambda: backend.decode_units(units, cos, sin, rows[4:], sink, coders, (heads, dim), (1, tokens), torch.bfloat16)
     )
     result.append(dict(result[-1], kernel="decode_units", ms=library_ms, gbps=moved / (library_ms * 1e-3) / 1e9))
     result[-1]["copy_frac"] = result[-1]["gbps"] / copy_gbps
-    result[-1].update(
-        torch_ms=float("nan"), speedup=float("nan"), check="library entry: allocation, 2 launches, 4 sink tokens"
-    )
+    result[-1].update(torch_ms=float("nan"), speedup=float("nan"), check="library entry: allocation, 4 sink tokens")
     return result
 
 
+def _units(layers: torch.Tensor, members: int) -> list[list[torch.Tensor]]:
+    """(layers, batch, H, seq, d) as Reuse units of `members` consecutive layers."""
+    return [list(group.unbind(0)) for group in layers.split(members)]
+
+
 def _agreement(keys, values, cos, sin, rows, coders, codes) -> dict[str, str]:
-    """Kernel vs torch path on the first layer: off-by-one code fractions (encode), max relative error (decode)."""
-    from hf_scd import codec, codes, kernels
+    """Kernel vs torch path on the first unit: off-by-one code fractions (encode), max relative error (decode)."""
+    from hf_scd import codec, kernels
 
     args = (keys[:1], values[:1], cos, sin, rows, coders[:1])
     (encoded,), (ref,) = kernels.encode_rows(*args), codec.encode_rows(*args)
@@ -133,10 +140,10 @@ def _agreement(keys, values, cos, sin, rows, coders, codes) -> dict[str, str]:
     code_off = sum(
         float(((a != b) & m).sum() / (m.sum() * a.shape[-1])) for (a, b), m in zip(unpacked, same, strict=True)
     )
-    first = keys[0][0]
-    outputs = torch.empty(2, 2, *first.shape, dtype=first.dtype, device=first.device)
+    first, members = keys[0][0], len(keys[0])
+    outputs = torch.empty(2, 2, members, *first.shape, dtype=first.dtype, device=first.device)
     for (out_keys, out_values), impl in zip(outputs, (kernels, codec), strict=True):
-        impl.decode_rows(codes[:1], cos, sin, rows, coders[:1], [[out_keys]], [[out_values]])
+        impl.decode_rows(codes[:1], cos, sin, rows, coders[:1], [list(out_keys)], [list(out_values)])
     err = max(float((a.float() - b.float()).abs().max() / b.float().abs().max()) for a, b in zip(*outputs, strict=True))
     return {"encode": f"scales {scale_off:.1e}, codes {code_off / 2:.1e}", "decode": f"max rel err {err:.1e}"}
 

@@ -15,6 +15,7 @@ from hf_scd.codes import CoderPair, LayerCodes, TransformCode
 from ._bf16 import MMA_DTYPE
 from ._launch import KernelLaunch, autotuned, cache_tables, layer_pointers, single_layers, unit_stride
 from ._rotary import load_rotary
+from ._rows import program_rows
 from ._tables import BYTE_CHUNK, DECODER_PIECES
 
 
@@ -40,12 +41,10 @@ def _decode_kernel(
     ROTARY: tl.constexpr, D: tl.constexpr, C: tl.constexpr, BYTES_PAD: tl.constexpr, BJ: tl.constexpr,
     BD: tl.constexpr, PIECES: tl.constexpr, OUT_ALIGN: tl.constexpr, BLOCK_T: tl.constexpr,
 ):  # fmt: skip
-    pid_t = tl.program_id(0)
+    t, tmask, row, b, s = program_rows(rows_ptr, N, seq, BLOCK_T)
     h = tl.program_id(1)
     layer = tl.program_id(2)
     lh = layer * H + h
-    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    tmask = t < N
     t64 = t.to(tl.int64)
     c = tl.arange(0, C)
 
@@ -77,9 +76,6 @@ def _decode_kernel(
     scale = tl.load(scale_table_ptr + scode)
     half_codes = (q.to(tl.float32) - (1 << bits).to(tl.float32)[None, :] * 0.5 + 0.5).to(MMA_DTYPE)
 
-    row = tl.load(rows_ptr + t, mask=tmask, other=0).to(tl.int64)
-    b = row // seq
-    s = row - b * seq
     out_layer = out_ptr + tl.multiple_of(tl.load(out_off_ptr + layer), OUT_ALIGN)
     dst = out_layer + (b * sob + h * soh + s * sos)[:, None]
     dec_ptr += lh * C * D

@@ -15,6 +15,7 @@ from hf_scd.codes import CoderPair, RowCodes, TransformCode
 from ._bf16 import MMA_DTYPE, round_bf16
 from ._launch import KernelLaunch, autotuned, cache_tables, layer_pointers, single_layers, unit_stride
 from ._rotary import load_rotary
+from ._rows import program_rows
 from ._tables import BYTE_CHUNK
 
 
@@ -46,15 +47,10 @@ def _encode_kernel(
     ROTARY: tl.constexpr, D: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BYTES_PAD: tl.constexpr,
     BJ: tl.constexpr, X_EXACT: tl.constexpr, X_ALIGN: tl.constexpr, BLOCK_T: tl.constexpr,
 ):  # fmt: skip
-    pid_t = tl.program_id(0)
+    t, tmask, row, b, s = program_rows(rows_ptr, N, seq, BLOCK_T)
     h = tl.program_id(1)
     layer = tl.program_id(2)
     lh = layer * H + h
-    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    tmask = t < N
-    row = tl.load(rows_ptr + t, mask=tmask, other=0).to(tl.int64)
-    b = row // seq
-    s = row - b * seq
     x_layer = x_ptr + tl.multiple_of(tl.load(x_off_ptr + layer), X_ALIGN)
     src = x_layer + (b * sxb + h * sxh + s * sxs)[:, None]
     c = tl.arange(0, C)

@@ -189,13 +189,17 @@ BLOCK_PARAMS = ("batch", "seq", "heads", "dim", "n_rows", "dtype", "n_units", "m
 
 def _block_setup(batch, seq, heads, dim, n_rows, dtype, n_units, members, blocks, seed):
     """Units of `members` layers whose (members, H, d) vectors are coded as `blocks` blocks; the last of several
-    units codes only half its components, so the tables are padded."""
+    units codes only half its components, so the tables are padded, and the first decodes its values around another
+    mean, as a pair's coders do."""
     generator = torch.Generator().manual_seed(seed)
     width = members * heads * dim // blocks
     coders = []
     for unit in range(n_units):
         comps = width // 2 if n_units > 1 and unit == n_units - 1 else width
-        coders.append(tuple(random_coder(blocks, width, generator, False, comps, DEVICE) for _ in range(2)))
+        pair = tuple(random_coder(blocks, width, generator, False, comps, DEVICE) for _ in range(2))
+        if unit == 0:  # a pair's decoder predicts the consumer's vectors, around the consumer's mean
+            pair[1].out_mean = pair[1].mean + torch.randn(blocks, width, generator=generator).to(DEVICE)
+        coders.append(pair)
     layers = n_units * members
 
     def cache():

@@ -306,3 +306,24 @@ def test_block_path_on_the_shipped_joint_units_and_real_keys(smollm2, artifacts,
     (got_keys, got_values), (ref_keys, ref_values) = outputs
     for got, ref in ((got_keys, ref_keys), (got_values, ref_values)):
         assert ref.abs().amax() > 0 and (got - ref).abs().amax() <= 1e-5 * ref.abs().amax()
+
+
+def test_block_path_with_layers_of_other_strides_launches_a_layer_at_a_time():
+    """Member layers whose tensors differ in strides (a gather or scatter launch each) code and decode as the
+    reference does."""
+    from hf_scd import kernels
+
+    keys, values, cos, sin, rows, coders = _block_setup(1, 7, 2, 32, 6, torch.float32, 2, 2, 1, seed=11)
+    keys[0][1] = keys[0][1].contiguous()  # strides now differ from the other layers'
+    got = kernels.encode_rows(keys, values, cos, sin, rows, coders)
+    ref = codec.encode_rows(keys, values, cos, sin, rows, coders)
+    for got_unit, ref_unit in zip(got, ref, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(got_unit, ref_unit, strict=True))
+    codes = _layer_codes(ref)
+    outputs = [[[torch.zeros_like(layer) for layer in unit] for unit in keys + values] for _ in range(2)]
+    outputs[0][0][0] = torch.zeros(1, 7, 2, 32, device=DEVICE).transpose(1, 2)  # an output of other strides too
+    for impl, out in zip((kernels, codec), outputs, strict=True):
+        impl.decode_rows(codes, cos, sin, rows, coders, out[:2], out[2:])
+    for got_unit, ref_unit in zip(*outputs, strict=True):
+        for a, b in zip(got_unit, ref_unit, strict=True):
+            assert (a - b).abs().max() <= 1e-5 * b.abs().max()

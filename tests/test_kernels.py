@@ -327,3 +327,25 @@ def test_block_path_with_layers_of_other_strides_launches_a_layer_at_a_time():
     for got_unit, ref_unit in zip(*outputs, strict=True):
         for a, b in zip(got_unit, ref_unit, strict=True):
             assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+
+
+def test_block_path_in_chunks_of_tokens_matches_one_chunk(monkeypatch):
+    """Long contexts are coded CHUNK_TOKENS rows at a time (bounded intermediates): the same codes and outputs."""
+    from hf_scd import kernels
+    from hf_scd.kernels import blocks
+
+    keys, values, cos, sin, rows, coders = _block_setup(2, 11, 2, 32, 19, torch.bfloat16, 2, 2, 1, seed=12)
+    whole = kernels.encode_rows(keys, values, cos, sin, rows, coders)
+    monkeypatch.setattr(blocks, "CHUNK_TOKENS", 5)
+    chunked = kernels.encode_rows(keys, values, cos, sin, rows, coders)
+    for a, b in zip(whole, chunked, strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    codes = _layer_codes(whole)
+    outputs = []
+    for chunk in (5, 10**6):
+        monkeypatch.setattr(blocks, "CHUNK_TOKENS", chunk)
+        out = [[torch.full_like(layer, float("nan")) for layer in unit] for unit in keys + values]
+        kernels.decode_rows(codes, cos, sin, rows, coders, out[:2], out[2:])
+        outputs.append(out)
+    for got_unit, ref_unit in zip(*outputs, strict=True):
+        assert all(torch.equal(a.nan_to_num(), b.nan_to_num()) for a, b in zip(got_unit, ref_unit, strict=True))

@@ -7,8 +7,8 @@ where it is cheapest: batched matrix products of every unit's blocks (cuBLAS, in
 on CUDA), and around them one kernel launch a step for all units: `gather` (read the coded rows of every member
 layer, de-rotate keys, centre) -> product by the encoders -> `quantize` (scale code, quantize, pack); `dequantize`
 (unpack, scale) -> product by the decoders (steps folded in, plus the output mean) -> `scatter` (re-rotate keys,
-write the output rows). The fp32 intermediates are (U * G, tokens, W) and (U * G, tokens, C), 4 bytes a component
-against the cache's 2.
+write the output rows). The fp32 intermediates are (U * G, tokens, W) and (U * G, tokens, C), so tokens are coded
+`CHUNK_TOKENS` at a time.
 """
 
 from __future__ import annotations
@@ -28,6 +28,9 @@ from .quantize import _quantize_kernel
 from .scatter import _scatter_kernel
 
 COMPONENT_CHUNK = 128  # components a quantize or dequantize program reads at once
+# Tokens coded at once: bounds the fp32 intermediates at 8 bytes a component per token of a chunk (SmolLM2's joint
+# units: 750 MB a kind), whatever the context length.
+CHUNK_TOKENS = 16384
 
 _gather_tuned = autotuned(_gather_kernel, key=["D", "ROTARY"])
 _scatter_tuned = autotuned(_scatter_kernel, key=["D", "ROTARY"])
@@ -121,10 +124,16 @@ def encode_rows(
     for kind, units in enumerate((keys, values)):
         layers = [unit_stride(layer) for unit in units for layer in unit]
         codes = [pair[kind] for pair in coders]
-        steps, packed, scales = encode_steps(layers, len(units[0]), cos, sin, rows, codes, rotary=kind == 0)
-        for step in steps:
-            step()
-        outputs.append((packed, scales))
+        packed, scales = [], []  # per chunk of tokens, per unit
+        for part in rows.split(CHUNK_TOKENS) if rows.numel() else [rows]:
+            steps, chunk_packed, chunk_scales = encode_steps(layers, len(units[0]), cos, sin, part, codes, kind == 0)
+            for step in steps:
+                step()
+            packed.append(chunk_packed)
+            scales.append(chunk_scales)
+        if len(packed) > 1:
+            packed, scales = ([list(map(torch.cat, zip(*chunks, strict=True)))] for chunks in (packed, scales))
+        outputs.append((packed[0], scales[0]))
     (key_codes, key_scales), (value_codes, value_scales) = outputs
     return list(zip(key_codes, key_scales, value_codes, value_scales, strict=True))
 
@@ -192,11 +201,14 @@ def decode_rows(
     rows = rows.to(device=out_keys[0][0].device, dtype=torch.int64).contiguous()
     cos, sin = unit_stride(cos), unit_stride(sin)
     for kind, (name, outs) in enumerate((("key", out_keys), ("value", out_values))):
-        steps = decode_steps(
-            [getattr(unit, f"{name}_codes") for unit in codes],
-            [getattr(unit, f"{name}_scales") for unit in codes],
-            cos, sin, rows, [pair[kind] for pair in coders],
-            [layer for unit in outs for layer in unit], len(outs[0]), rotary=kind == 0,
-        )  # fmt: skip
-        for step in steps:
-            step()
+        packed = [getattr(unit, f"{name}_codes") for unit in codes]
+        scales = [getattr(unit, f"{name}_scales") for unit in codes]
+        for start in range(0, max(rows.numel(), 1), CHUNK_TOKENS):
+            span = slice(start, start + CHUNK_TOKENS)
+            steps = decode_steps(
+                [t[span] for t in packed], [t[span] for t in scales], cos, sin, rows[span],
+                [pair[kind] for pair in coders], [layer for unit in outs for layer in unit], len(outs[0]),
+                rotary=kind == 0,
+            )  # fmt: skip
+            for step in steps:
+                step()

@@ -11,6 +11,12 @@ Nothing heavy is imported here, so `available()` and `covers()` answer cheaply o
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from hf_scd.codes import CoderPair, LayerCodes, RowCodes
 
 __all__ = ["available", "covers", "decode_rows", "encode_rows"]
 
@@ -26,14 +32,14 @@ def available() -> bool:
     return torch.cuda.is_available()
 
 
-def _fused(units: Sequence[Sequence], coders: Sequence) -> bool:
+def _fused(units: Sequence[Sequence[torch.Tensor]], coders: Sequence[CoderPair]) -> bool:
     """Units of one layer, coded per head: the fused kernels' case."""
     _, heads, _, dim = units[0][0].shape
     one_layer = all(len(unit) == 1 for unit in units)
     return one_layer and all(tuple(code.mean.shape) == (heads, dim) for pair in coders for code in pair)
 
 
-def covers(units: Sequence[Sequence], coders: Sequence) -> bool:
+def covers(units: Sequence[Sequence[torch.Tensor]], coders: Sequence[CoderPair]) -> bool:
     """Whether the kernels code these units (each its member layers' (batch, H, seq, d) tensors) with these
     coders: a power-of-two head_dim of at least 32, and all units of one member count and coder shape, blocks
     made of whole heads."""
@@ -46,7 +52,14 @@ def covers(units: Sequence[Sequence], coders: Sequence) -> bool:
     return blocks * width == members * heads * dim and width % dim == 0
 
 
-def encode_rows(keys, values, cos, sin, rows, coders):
+def encode_rows(
+    keys: Sequence[Sequence[torch.Tensor]],
+    values: Sequence[Sequence[torch.Tensor]],
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    rows: torch.Tensor,
+    coders: Sequence[CoderPair],
+) -> list[RowCodes]:
     """`hf_scd.codec.encode_rows` on the fused kernels or the block path; see `covers`."""
     if _fused(keys, coders):
         from .encode import encode_rows
@@ -55,7 +68,15 @@ def encode_rows(keys, values, cos, sin, rows, coders):
     return encode_rows(keys, values, cos, sin, rows, coders)
 
 
-def decode_rows(codes, cos, sin, rows, coders, out_keys, out_values):
+def decode_rows(
+    codes: Sequence[LayerCodes],
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    rows: torch.Tensor,
+    coders: Sequence[CoderPair],
+    out_keys: Sequence[Sequence[torch.Tensor]],
+    out_values: Sequence[Sequence[torch.Tensor]],
+) -> None:
     """`hf_scd.codec.decode_rows` on the fused kernels or the block path; see `covers`."""
     if _fused(out_keys, coders):
         from .decode import decode_rows

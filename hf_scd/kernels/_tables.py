@@ -1,7 +1,8 @@
 """Host-side tables the kernels read: the TransformCodes of several layers, stacked as small contiguous tensors.
 
 One launch codes or decodes every layer of a cache, so its tables hold all the layers' matrices and bit layouts
-side by side, indexed by (layer, head). They are built once per (sequence of TransformCodes, device) and cached, so
+side by side, indexed by (layer, head) for the fused kernels (`CodeTables`) and by (unit, block) for the block path
+(`BlockTables`). They are built once per (sequence of TransformCodes, device) and cached, so
 a launch costs no host-side tensor work; an entry dies with any of its TransformCodes (weakref) and is rebuilt if
 any of their tensors is replaced or modified in place.
 """
@@ -73,7 +74,7 @@ class CodeTables:
     scale_table: torch.Tensor  # (256,) fp32 code_to_scale of every scale code, exactly as the reference
 
 
-_CACHE: dict[tuple[tuple[int, ...], str], tuple[tuple, CodeTables]] = {}
+_CACHE: dict[tuple[str, tuple[int, ...], str], tuple[tuple, CodeTables | BlockTables]] = {}
 
 
 def _stamp(codes: Sequence[TransformCode]) -> tuple:
@@ -164,6 +165,7 @@ def block_tables(codes: Sequence[TransformCode], device: torch.device) -> BlockT
 
 
 def _cached(codes: Sequence[TransformCode], device: torch.device, build):
+    """`build(codes, device)`, kept until one of the codes dies or any of their tensors changes."""
     key = (build.__name__, tuple(id(code) for code in codes), str(device))
     stamp = _stamp(codes)
     hit = _CACHE.get(key)

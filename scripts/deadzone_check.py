@@ -20,6 +20,7 @@ exact sink tokens. Teacher-forced KL / top-1 against the oracle on held-out text
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 from pathlib import Path
@@ -49,9 +50,10 @@ def order0_bits(codes: torch.Tensor) -> float:
     return total
 
 
+@functools.cache
 def bit_depths(artifacts: SCDArtifacts) -> torch.Tensor:
     """(units, 2, C) each component's unclipped water-filled bit depth e_c, fitted to every point's bits b = e - t
-    where 0 < b < 8; -inf where no point gives the component a bit."""
+    where 0 < b < 8; -inf where no point gives the component a bit. Fitted once per artifacts."""
     plans = [artifacts.plan(point.name) for point in artifacts.points]
     bits = torch.stack(
         [torch.stack([torch.stack([u.key.bits[0], u.value.bits[0]]) for u in plan.units]) for plan in plans]

@@ -83,6 +83,11 @@ def _stamp(codes: Sequence[TransformCode]) -> tuple:
     )
 
 
+def _whole_chunks(longest: int) -> int:
+    """The longest head's (block's) packed bytes, rounded up to whole BYTE_CHUNKs: at least one."""
+    return max(1, -(-longest // BYTE_CHUNK)) * BYTE_CHUNK
+
+
 def _pad_comps(t: torch.Tensor, comps: int, dim: int) -> torch.Tensor:
     """Zero-pad dimension `dim` of `t` to `comps` entries."""
     pad = [0, 0] * (t.ndim - 1 - dim % t.ndim) + [0, comps - t.shape[dim]]
@@ -126,8 +131,7 @@ def _build(codes: Sequence[TransformCode], device: torch.device) -> CodeTables:
     if dim & (dim - 1) or dim < 32:
         raise ValueError(f"kernels need a power-of-two head_dim >= 32, got {dim}")
     stacked = {name: torch.stack(ts) for name, ts in per_layer.items()}
-    longest = int(stacked["head_bytes"].max()) if heads else 1
-    bytes_pad = max(1, -(-longest // BYTE_CHUNK)) * BYTE_CHUNK
+    bytes_pad = _whole_chunks(int(stacked["head_bytes"].max()) if heads else 1)
     stacked["byte_count"] = (stacked["byte_rel"][..., None] == torch.arange(bytes_pad)).sum(-2)
     for name in ("encoder", "decoder"):  # (L, pieces, ...) -> (pieces, L, ...): one piece stride for all layers
         stacked[name] = stacked[name].movedim(1, 0)
@@ -255,11 +259,10 @@ def _build_blocks(codes: Sequence[TransformCode], device: torch.device) -> Block
         for name, t in unit.items():
             dim = -2 if name == "decoder" else -1
             parts.setdefault(name, []).append(_pad_comps(t, comps, dim) if name in _PER_COMPONENT else t)
-        sources.extend(zip(bits, byte - start[:, None], shift, strict=True))
+        sources.extend(zip(bits, unit["byte"], shift, strict=True))
         unit_bytes.append(code.layout.bytes_per_token)
     stacked = {name: torch.cat(ts) for name, ts in parts.items()}
-    longest = int(stacked["block_bytes"].max())
-    bytes_pad = max(1, -(-longest // BYTE_CHUNK)) * BYTE_CHUNK
+    bytes_pad = _whole_chunks(int(stacked["block_bytes"].max()))
     per_byte = [_byte_sources(*block, bytes_pad) for block in sources]
     slots = max(1, max(len(s) for block in per_byte for s in block))
     table = torch.full((len(per_byte), bytes_pad, slots), -1, dtype=torch.int32)

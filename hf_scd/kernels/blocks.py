@@ -67,6 +67,17 @@ def _per_layer(
     return launches
 
 
+def _token_spans(tokens: int) -> list[slice]:
+    """The chunks of at most CHUNK_TOKENS rows a request is coded in; one (empty) for no rows."""
+    return [slice(start, start + CHUNK_TOKENS) for start in range(0, max(tokens, 1), CHUNK_TOKENS)]
+
+
+def _encode_outputs(tab: BlockTables, units: int, tokens: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """All units' packed codes (N, bytes) uint8 side by side, and their scale codes (N, U, G) uint8."""
+    packed = torch.empty(tokens, sum(tab.unit_bytes), dtype=torch.uint8, device=device)
+    return packed, torch.empty(tokens, units, tab.blocks // units, dtype=torch.uint8, device=device)
+
+
 def encode_steps(
     layers: list[torch.Tensor],
     members: int,
@@ -75,16 +86,17 @@ def encode_steps(
     rows: torch.Tensor,
     codes: Sequence[TransformCode],
     rotary: bool,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[list[Callable[[], object]], list[torch.Tensor], list[torch.Tensor]]:
     """The steps coding tokens `rows` (int64, on the device) of one kind (keys or values) of every unit, whose
     member layers' caches (batch, H, seq, d) are `layers` in unit order, and per unit the packed codes (N, bytes)
-    and scale codes (N, G) they fill: gather launch(es), the product by the encoders, one quantize launch."""
+    and scale codes (N, G) they fill: gather launch(es), the product by the encoders, one quantize launch. They fill
+    `out` (all units' codes (N, bytes) and scales (N, U, G), `_encode_outputs`) where given, else new tensors."""
     device = rows.device
     tab = block_tables(codes, device)
     units, n = len(codes), rows.numel()
     _, heads, seq, dim = layers[0].shape
-    packed = torch.empty(n, sum(tab.unit_bytes), dtype=torch.uint8, device=device)
-    scales = torch.empty(n, units, tab.blocks // units, dtype=torch.uint8, device=device)
+    packed, scales = _encode_outputs(tab, units, n, device) if out is None else out
     outputs = list(packed.split(tab.unit_bytes, 1)), list(scales.unbind(1))
     if n == 0:
         return [], *outputs
@@ -124,16 +136,13 @@ def encode_rows(
     for kind, units in enumerate((keys, values)):
         layers = [unit_stride(layer) for unit in units for layer in unit]
         codes = [pair[kind] for pair in coders]
-        packed, scales = [], []  # per chunk of tokens, per unit
-        for part in rows.split(CHUNK_TOKENS) if rows.numel() else [rows]:
-            steps, chunk_packed, chunk_scales = encode_steps(layers, len(units[0]), cos, sin, part, codes, kind == 0)
-            for step in steps:
+        tab = block_tables(codes, rows.device)
+        packed, scales = _encode_outputs(tab, len(codes), rows.numel(), rows.device)
+        for span in _token_spans(rows.numel()):
+            out = (packed[span], scales[span])
+            for step in encode_steps(layers, len(units[0]), cos, sin, rows[span], codes, kind == 0, out)[0]:
                 step()
-            packed.append(chunk_packed)
-            scales.append(chunk_scales)
-        if len(packed) > 1:
-            packed, scales = ([list(map(torch.cat, zip(*chunks, strict=True)))] for chunks in (packed, scales))
-        outputs.append((packed[0], scales[0]))
+        outputs.append((list(packed.split(tab.unit_bytes, 1)), list(scales.unbind(1))))
     (key_codes, key_scales), (value_codes, value_scales) = outputs
     return list(zip(key_codes, key_scales, value_codes, value_scales, strict=True))
 
@@ -203,8 +212,7 @@ def decode_rows(
     for kind, (name, outs) in enumerate((("key", out_keys), ("value", out_values))):
         packed = [getattr(unit, f"{name}_codes") for unit in codes]
         scales = [getattr(unit, f"{name}_scales") for unit in codes]
-        for start in range(0, max(rows.numel(), 1), CHUNK_TOKENS):
-            span = slice(start, start + CHUNK_TOKENS)
+        for span in _token_spans(rows.numel()):
             steps = decode_steps(
                 [t[span] for t in packed], [t[span] for t in scales], cos, sin, rows[span],
                 [pair[kind] for pair in coders], [layer for unit in outs for layer in unit], len(outs[0]),

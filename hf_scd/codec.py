@@ -81,46 +81,64 @@ def rotate(
 
 def pack_codes(codes: torch.Tensor, layout: BitLayout) -> torch.Tensor:
     """(tokens, heads, dim) integer codes (0 where 0 bits) -> (tokens, bytes_per_token) uint8."""
-    return _pack_heads(codes.transpose(0, 1).to(torch.float32, copy=True), layout)
+    return _pack_heads(codes.transpose(0, 1).float(), layout)
+
+
+# Components packed by one product in `_pack_heads`: their codes start in a window of at most PACK_CHUNK bytes, so the
+# products are banded instead of as wide as a head's bytes (a joint unit's block is 960 components wide for SmolLM2).
+PACK_CHUNK = 32
 
 
 def _pack_heads(codes: torch.Tensor, layout: BitLayout) -> torch.Tensor:
     """Head-major codes (H, tokens, dim), whole numbers in float32 -> (tokens, bytes_per_token) uint8.
 
-    Two exact bf16 matmuls per head: each code is split where its byte ends, high = code div 2^(8 - shift) and low
-    = the rest, and one-hot matrices of powers of two add low * 2^shift into the byte where the code starts and
-    high into the next. Bits of different components never overlap, so the sums are ORs, every one a whole number
-    below 256: exact in bf16 inputs, products and outputs, whatever the order of the additions. `codes` may stop
-    after the last kept component (`_Derived.components`); it is overwritten."""
-    modulus, low_matrix, high_matrix = _pack_tables(layout, codes.device, codes.shape[-1])
-    high = torch.div(codes, modulus).floor_()  # exact: the modulus is a power of two
-    low = codes.addcmul_(high, modulus, value=-1)
-    packed = torch.bmm(low.to(torch.bfloat16), low_matrix)
-    packed = torch.baddbmm(packed, high.to(torch.bfloat16), high_matrix).to(torch.uint8)
-    heads = [packed[head, :, :size] for head, size in enumerate(layout.head_bytes.tolist())]
-    return torch.cat(heads, -1) if heads else packed.new_empty(codes.shape[1], 0)
+    The components are taken PACK_CHUNK at a time (all at once where the count is not a multiple): one float32
+    product per chunk by a one-hot matrix adds code * 2^shift into a word for the byte where each code starts, in a
+    window of bytes from the chunk's first code. Those are whole numbers below 2^16 with at most 8 significant bits
+    per term, so the sums are exact whatever the order of the additions or the precision the product runs in (bf16 or
+    TF32 included). The windows are added into the token's words, and each byte is its word's low 8 bits OR the bits
+    that overflowed the byte before (bits of different components never overlap). `codes` may stop after the last
+    kept component (`_Derived.components`)."""
+    tables = _pack_tables(layout, codes.device, codes.shape[-1])
+    heads, tokens, components = codes.shape
+    chunks = codes.view(heads, tokens, components // tables.chunk, tables.chunk).transpose(1, 2)
+    windows = torch.matmul(chunks, tables.matrix).flatten(0, 1)  # (heads * chunks, tokens, span)
+    span, width = windows.shape[-1], layout.bytes_per_token
+    words = torch.zeros(tokens, width + span, device=codes.device)
+    for window, start in zip(windows, tables.starts, strict=True):
+        words[:, start : start + span] += window
+    words = words[:, :width].to(torch.int32)
+    packed = words & 255
+    packed[:, 1:] |= words[:, :-1] >> 8
+    return packed.to(torch.uint8)
 
 
-def _pack_tables(
-    layout: BitLayout, device: torch.device, components: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For the first `components` of each head: 2^(8 - shift) (H, 1, components) float32, and the one-hot bf16
-    matrices (H, components, widest head's bytes) taking low and high parts to bytes; made once per layout."""
+@dataclass(frozen=True)
+class _PackTables:
+    """`_pack_heads`' tables for the first `components` of each head, taken `chunk` at a time: per chunk (all heads'
+    in order) the first byte of its window, and the one-hot float32 matrix (H, chunks per head, chunk, span) of
+    2^shift taking each code to its byte in the window."""
+
+    chunk: int
+    starts: list[int]
+    matrix: torch.Tensor
+
+
+def _pack_tables(layout: BitLayout, device: torch.device, components: int) -> _PackTables:
+    """Made once per layout, device and component count."""
     tables = layout.__dict__.setdefault("_pack_tables", {})
     if (device, components) not in tables:
-        byte, shift = (t[:, :components].long() for t in layout.offsets)
-        kept = layout.bits[:, :components] > 0
-        heads = byte.shape[0]
-        in_head = (byte - layout.head_start.unsqueeze(-1)).unsqueeze(-1)
-        width = int(layout.head_bytes.max()) if heads else 0
-        low = torch.zeros(heads, components, width + 2)  # dropped components add 0 to a byte past the last
-        high = torch.zeros_like(low)
-        low.scatter_(-1, in_head, torch.where(kept, torch.exp2(shift.float()), 0.0).unsqueeze(-1))
-        high.scatter_(-1, in_head + 1, kept.float().unsqueeze(-1))
-        tables[(device, components)] = (
-            torch.exp2(8 - shift.float()).unsqueeze(1).to(device),
-            *(matrix[..., :width].to(device, torch.bfloat16) for matrix in (low, high)),
-        )
+        chunk = PACK_CHUNK if components % PACK_CHUNK == 0 else max(components, 1)
+        byte, shift = (t[:, :components].long().reshape(-1, chunk) for t in layout.offsets)
+        kept = layout.bits[:, :components].reshape(-1, chunk) > 0
+        # A chunk's window starts at its first kept code's byte (dropped components point at their head's first).
+        starts = torch.where(kept, byte, byte.amax(-1, keepdim=True)).amin(-1)
+        in_window = torch.where(kept, byte - starts.unsqueeze(-1), 0)
+        span = int(in_window.max()) + 1 if in_window.numel() else 1
+        matrix = torch.zeros(*byte.shape, span)
+        matrix.scatter_(-1, in_window.unsqueeze(-1), torch.where(kept, torch.exp2(shift.float()), 0.0).unsqueeze(-1))
+        matrix = matrix.view(layout.bits.shape[0], -1, chunk, span)
+        tables[(device, components)] = _PackTables(chunk, starts.tolist(), matrix.to(device))
     return tables[(device, components)]
 
 
@@ -163,12 +181,12 @@ def _unpack_tables(
 class _Derived:
     """What coding with one `TransformCode` needs besides its inputs, computed once per coder and shaped to broadcast
     against block-major (G, tokens, ...) tensors. Every per-component part stops after the last component any block
-    keeps (`components`): past it all get 0 bits, so neither product spends time on them. The encoder with the
-    dropped components' columns zeroed, the mean (G, 1, W), the square root of the kept components per block (G, 1),
-    quantizer steps (1 where dropped, so 0 / 1 codes them 0), half the levels and the top code (G, 1, C), the decoder
-    with each component's step folded in (zero rows where dropped), the mid offset of each code as a column
-    (G * C, 1), the output mean (G, 1, W), and the peak limits of the components up to the last with
-    PEAK_BITS bits (G, 1, P), or None when none has."""
+    keeps, rounded up to whole chunks of `PACK_CHUNK` where the block is that wide (`components`): past it all get 0
+    bits, so neither product spends time on them. The encoder with the dropped components' columns zeroed, the mean (G,
+    1, W), the square root of the kept components per block (G, 1), quantizer steps (1 where dropped, so 0 / 1 codes
+    them 0), half the levels and the top code (G, 1, C), the decoder with each component's step folded in (zero rows
+    where dropped), the mid offset of each code as a column (G * C, 1), the output mean (G, 1, W), and the peak limits
+    of the components up to the last with PEAK_BITS bits (G, 1, P), or None when none has."""
 
     encoder: torch.Tensor
     mean: torch.Tensor
@@ -194,7 +212,9 @@ def _derived(code: TransformCode) -> _Derived:
     derived = code.__dict__.get("_derived")
     if derived is None:
         kept_any = (code.bits > 0).any(0)
-        components = int(kept_any.nonzero().max()) + 1 if bool(kept_any.any()) else 1
+        last = int(kept_any.nonzero().max()) + 1 if bool(kept_any.any()) else 1
+        # Rounded up to whole chunks of the packing's products, where the block is that wide
+        components = min(-(-last // PACK_CHUNK) * PACK_CHUNK, code.bits.shape[-1])
         bits = code.bits[:, :components].float()
         kept = bits > 0
         steps = code.component_steps()[:, :components]

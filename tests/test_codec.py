@@ -49,6 +49,21 @@ def test_pack_unpack_round_trip_on_random_allocations(seed):
     assert torch.equal(pack_codes(other, layout)[:, : per_head_bytes[0]], packed[:, : per_head_bytes[0]])
 
 
+def test_pack_is_exact_when_float32_products_run_in_bf16():
+    """Packing's float32 products stay exact when a user lets torch run them in bf16 or TF32: every term is a code
+    (8 significant bits at most) times a power of two, summed in float32."""
+    generator = torch.Generator().manual_seed(5)
+    bits = torch.sort(torch.randint(1, 9, (1, 128), generator=generator), descending=True).values.to(torch.uint8)
+    codes = (torch.rand(33, 1, 128, generator=generator) * torch.exp2(bits.float())).floor().to(torch.int32)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        packed = pack_codes(codes, BitLayout(bits))
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert torch.equal(packed, _bit_by_bit(codes, bits))
+
+
 def test_scale_codes_round_trip_within_half_a_step():
     rms = torch.exp2(torch.linspace(-7.9, 7.9, 1000))
     ratio = code_to_scale(scale_to_code(rms)) / rms
@@ -107,12 +122,17 @@ def _bit_by_bit(codes: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
-def test_pack_matches_the_bit_by_bit_definition(seed):
+@pytest.mark.parametrize("heads, dim", [(4, 24), (4, 64), (1, 160)], ids=["one-chunk", "2-chunks", "joint-5-chunks"])
+def test_pack_matches_the_bit_by_bit_definition(seed, heads, dim):
+    """Heads narrower than `PACK_CHUNK`'s multiples take one product; wider ones (a joint unit's single block) are
+    packed chunk by chunk, whose windows overlap where a code spills into the next chunk's first byte."""
     generator = torch.Generator().manual_seed(seed)
-    bits = torch.randint(0, 9, (4, 24), generator=generator).to(torch.uint8)
-    bits[seed % 4] = 0  # an empty head, first, inside or last
+    bits = torch.randint(0, 9, (heads, dim), generator=generator).to(torch.uint8)
+    bits[seed % heads] = 0  # an empty head, first, inside or last (the only head when there is one)
+    if heads == 1:  # and a joint unit's shape: widths falling with importance, the last components dropped
+        bits = torch.sort(torch.randint(0, 9, (1, dim), generator=generator), descending=True).values.to(torch.uint8)
     layout = BitLayout(bits)
-    codes = (torch.rand(7, 4, 24, generator=generator) * torch.exp2(bits.float())).floor().to(torch.int32)
+    codes = (torch.rand(7, heads, dim, generator=generator) * torch.exp2(bits.float())).floor().to(torch.int32)
     packed = pack_codes(codes, layout)
     assert torch.equal(packed, _bit_by_bit(codes, bits))
     assert torch.equal(unpack_codes(packed, layout), codes)

@@ -86,6 +86,14 @@ def _check_codes(got_codes, got_scales, ref_codes, ref_scales, code: codes.Trans
     return mismatch
 
 
+def _check_unit_codes(got_unit: codes.RowCodes, ref_unit: codes.RowCodes, coders: codes.CoderPair) -> None:
+    """`_check_codes` on a unit's keys and values; prints both mismatch fractions."""
+    key_code, value_code = coders
+    key_mismatch = _check_codes(got_unit[0], got_unit[1], ref_unit[0], ref_unit[1], key_code)
+    value_mismatch = _check_codes(got_unit[2], got_unit[3], ref_unit[2], ref_unit[3], value_code)
+    print(f"code mismatch fraction: keys {key_mismatch:.2e}, values {value_mismatch:.2e}")
+
+
 PARAMS = ("batch", "seq", "heads", "dim", "n_rows", "dtype", "layers")
 
 
@@ -95,10 +103,8 @@ def test_encode_matches_reference(batch, seq, heads, dim, n_rows, dtype, layers)
     got = encode_rows(keys, values, cos, sin, rows, coders)
     ref = codec.encode_rows(keys, values, cos, sin, rows, coders)
     assert len(got) == layers
-    for got_layer, ref_layer, (key_code, value_code) in zip(got, ref, coders, strict=True):
-        key_mismatch = _check_codes(got_layer[0], got_layer[1], ref_layer[0], ref_layer[1], key_code)
-        value_mismatch = _check_codes(got_layer[2], got_layer[3], ref_layer[2], ref_layer[3], value_code)
-        print(f"code mismatch fraction: keys {key_mismatch:.2e}, values {value_mismatch:.2e}")
+    for got_layer, ref_layer, coder in zip(got, ref, coders, strict=True):
+        _check_unit_codes(got_layer, ref_layer, coder)
         if heads > 1:  # heads with no bits get scale code 0 (RMS 0, clamped to 2^-8) in both
             assert (got_layer[1][:, -1] == 0).all() and (ref_layer[1][:, -1] == 0).all()
 
@@ -223,10 +229,8 @@ def test_block_encode_matches_reference(batch, seq, heads, dim, n_rows, dtype, n
     got = kernels.encode_rows(keys, values, cos, sin, rows, coders)
     ref = codec.encode_rows(keys, values, cos, sin, rows, coders)
     assert len(got) == n_units
-    for got_unit, ref_unit, (key_code, value_code) in zip(got, ref, coders, strict=True):
-        key_mismatch = _check_codes(got_unit[0], got_unit[1], ref_unit[0], ref_unit[1], key_code)
-        value_mismatch = _check_codes(got_unit[2], got_unit[3], ref_unit[2], ref_unit[3], value_code)
-        print(f"code mismatch fraction: keys {key_mismatch:.2e}, values {value_mismatch:.2e}")
+    for got_unit, ref_unit, coder in zip(got, ref, coders, strict=True):
+        _check_unit_codes(got_unit, ref_unit, coder)
 
 
 @pytest.mark.parametrize(BLOCK_PARAMS, BLOCK_CASES)
@@ -296,9 +300,8 @@ def test_block_path_on_the_shipped_joint_units_and_real_keys(smollm2, artifacts,
     assert kernels.covers(keys, coders) and not kernels._fused(keys, coders)
     got = kernels.encode_rows(keys, values, cos, sin, rows, coders)
     ref = codec.encode_rows(keys, values, cos, sin, rows, coders)
-    for got_unit, ref_unit, (key_code, value_code) in zip(got, ref, coders, strict=True):
-        _check_codes(got_unit[0], got_unit[1], ref_unit[0], ref_unit[1], key_code)
-        _check_codes(got_unit[2], got_unit[3], ref_unit[2], ref_unit[3], value_code)
+    for got_unit, ref_unit, coder in zip(got, ref, coders, strict=True):
+        _check_unit_codes(got_unit, ref_unit, coder)
     codes = _layer_codes(ref)
     outputs = torch.zeros(2, 2, len(kv), *kv[0][0].shape, dtype=kv[0][0].dtype, device=DEVICE)
     for impl, out_kv in zip((kernels, codec), outputs, strict=True):

@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     ev.add_argument("--artifacts", required=True)
     ev.add_argument("--points", nargs="*", help="operating points to evaluate (default: all)")
     ev.add_argument(
-        "--entropy", action="store_true", help="also ship each point through the entropy stage (scd-<point>+rans)"
+        "--entropy", action="store_true", help="also ship each point through the entropy stage (scd-<point>+zstd)"
     )
     ev.add_argument(
         "--baselines",

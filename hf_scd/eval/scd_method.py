@@ -15,14 +15,14 @@ from .transfer import Shipment, Transfer
 
 class SCDTransfer(Transfer):
     """Ship a prefix through an `SCDPayload` at one operating point; bytes are the whole serialized payload, or with
-    `entropy` the payload through the entropy stage (`hf_scd.entropy`, method "scd-<point>+rans")."""
+    `entropy` the payload through the entropy stage (`hf_scd.entropy`, method "scd-<point>+zstd")."""
 
     def __init__(self, producer: torch.nn.Module, artifacts: SCDArtifacts, point: str, entropy: bool = False):
         super().__init__(producer)
         self.artifacts = artifacts
         self.point = artifacts.point(point).name
         self.entropy = entropy
-        self.name = f"scd-{self.point}" + ("+rans" if entropy else "")
+        self.name = f"scd-{self.point}" + ("+zstd" if entropy else "")
 
     def send(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> Shipment:
         cache = SCDCache(self.artifacts, self.producer, point=self.point)

@@ -47,7 +47,7 @@ def compress_payload(payload: SCDPayload, artifacts: SCDArtifacts) -> bytes:
     groups = list(_groups(payload, artifacts))
     symbols: list[list[torch.Tensor]] = [[] for _ in range(MAX_BITS + 1)]
     for _, _, code, packed in groups:
-        rows = _component_rows(unpack_codes(packed, code.layout))
+        rows = _component_rows(unpack_codes(packed, code.layout)).to(torch.uint8)  # codes have at most 8 bits
         for bits, index in _width_rows(code, packed.shape[0]):
             symbols[bits].append(_symbol_bytes(rows.index_select(0, index).view(-1), bits))
     symbols = [group for width in symbols for group in width]  # by width: zstd's blocks then each see one law
@@ -108,7 +108,7 @@ def decompress_payload(blob: bytes | bytearray | memoryview, artifacts: SCDArtif
     for number, ((index, kind, code, packed), widths) in enumerate(zip(groups, plan, strict=True)):
         tokens = packed.shape[0]
         heads, dim = code.bits.shape
-        rows = torch.zeros(heads * dim, tokens, dtype=torch.int32)
+        rows = torch.zeros(heads * dim, tokens, dtype=torch.uint8)
         for bits, components in widths:
             codes = _codes_of_bytes(*symbols[bits, number], bits)
             rows.index_copy_(0, components, codes.view(-1, tokens))
@@ -158,22 +158,25 @@ def _symbol_bytes_size(count: int, bits: int) -> int:
 
 
 def _symbol_bytes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """int32 codes of `bits` bits each -> uint8, 8 // bits codes a byte (the first in the lowest bits; zeros pad
-    the last byte)."""
+    """uint8 codes of `bits` bits each -> bytes of 8 // bits codes (the first in the lowest bits; zeros pad the last
+    byte)."""
     per = 8 // bits
-    padded = torch.nn.functional.pad(codes, (0, -codes.numel() % per)).view(-1, per)
-    if per > 1:
-        padded = (padded << torch.arange(0, 8, bits, dtype=torch.int32)[:per]).sum(-1, dtype=torch.int32)
-    return padded.view(-1).to(torch.uint8)
+    if per == 1:
+        return codes
+    parts = torch.nn.functional.pad(codes, (0, -codes.numel() % per)).view(-1, per)
+    data = parts[:, 0].clone()
+    for i in range(1, per):
+        data |= parts[:, i] << (bits * i)
+    return data
 
 
 def _codes_of_bytes(data: torch.Tensor, count: int, bits: int) -> torch.Tensor:
-    """Inverse of `_symbol_bytes`: the first `count` int32 codes."""
+    """Inverse of `_symbol_bytes`: the first `count` uint8 codes."""
     per = 8 // bits
-    codes = data.to(torch.int32).unsqueeze(-1)
-    if per > 1:
-        codes = (codes >> torch.arange(0, 8, bits, dtype=torch.int32)[:per]) & ((1 << bits) - 1)
-    return codes.view(-1)[:count]
+    if per == 1:
+        return data[:count]
+    shifts = torch.arange(0, bits * per, bits, dtype=torch.uint8)
+    return ((data.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).view(-1)[:count]
 
 
 def _read(blob: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

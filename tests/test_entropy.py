@@ -110,7 +110,7 @@ def test_damaged_truncated_and_foreign_bytes_are_typed_errors(shipped, artifacts
 
 @pytest.mark.parametrize("bits", range(1, 9))
 def test_symbol_bytes_hold_8_over_width_codes_each_and_give_them_back(bits):
-    codes = torch.randint(0, 1 << bits, (1001,), generator=torch.Generator().manual_seed(bits), dtype=torch.int32)
+    codes = torch.randint(0, 1 << bits, (1001,), generator=torch.Generator().manual_seed(bits), dtype=torch.uint8)
     data = _symbol_bytes(codes, bits)
     assert data.dtype == torch.uint8 and data.numel() == -(-1001 // (8 // bits))
     assert torch.equal(_codes_of_bytes(data, 1001, bits), codes)

@@ -28,7 +28,7 @@ from safetensors.torch import save as st_save
 from .artifacts import SCDArtifacts
 from .codec import pack_codes, unpack_codes
 from .codes import MAX_BITS, LayerCodes, TransformCode
-from .errors import ArtifactMismatchError, CorruptPayloadError
+from .errors import ArtifactMismatchError, CorruptPayloadError, PayloadLimitError
 from .payload import SCDPayload, read_body, seal, unseal
 
 MAGIC = b"HFSCE\0"
@@ -68,9 +68,12 @@ def compress_payload(payload: SCDPayload, artifacts: SCDArtifacts) -> bytes:
     return seal(body, MAGIC, FORMAT_VERSION)
 
 
-def decompress_payload(blob: bytes | bytearray | memoryview, artifacts: SCDArtifacts) -> SCDPayload:
+def decompress_payload(
+    blob: bytes | bytearray | memoryview, artifacts: SCDArtifacts, *, max_bytes: int | None = None
+) -> SCDPayload:
     """The payload `compress_payload` compressed with these artifacts. Damaged, truncated or foreign bytes raise a
-    `PayloadError`; the codes' frame is checked against the size the artifacts' plan gives before it is decompressed."""
+    `PayloadError`; the codes' frame is checked against the size the artifacts' plan gives before it is decompressed,
+    and a payload that would exceed `max_bytes` (what a receiver accepts from a peer) is a `PayloadLimitError`."""
     tensors, metadata = _read(bytes(blob))
     if metadata.get("coded") == "no":  # stored as it was: compressing did not pay
         if tensors["codes"].numel():
@@ -89,6 +92,11 @@ def decompress_payload(blob: bytes | bytearray | memoryview, artifacts: SCDArtif
         for bits, index in widths
     )
     sizes = [_symbol_bytes_size(count, bits) for bits, _, count in order]
+    if max_bytes is not None and tensors["payload"].numel() + sum(sizes) > max_bytes:
+        raise PayloadLimitError(
+            f"compressed payload would expand to more than {max_bytes} bytes ({tensors['payload'].numel()} besides "
+            f"{sum(sizes)} of codes)"
+        )
     frame = tensors["codes"].numpy().tobytes()
     try:
         declared = zstd.frame_content_size(frame)

@@ -13,7 +13,7 @@ from safetensors.torch import save as st_save
 from hf_scd import ArtifactMismatchError, SCDArtifacts, SCDCache
 from hf_scd.compat import with_cache
 from hf_scd.entropy import FORMAT_VERSION, MAGIC, _codes_of_bytes, _symbol_bytes, compress_payload, decompress_payload
-from hf_scd.errors import CorruptPayloadError, PayloadVersionError, TruncatedPayloadError
+from hf_scd.errors import CorruptPayloadError, PayloadLimitError, PayloadVersionError, TruncatedPayloadError
 from hf_scd.eval.corpus import evaluation_texts
 from hf_scd.payload import _HEADER, seal
 
@@ -71,7 +71,7 @@ def _sealed(tensors: dict, metadata: dict, version: int = FORMAT_VERSION) -> byt
 
 
 def test_damaged_truncated_and_foreign_bytes_are_typed_errors(shipped, artifacts):
-    _, blob = shipped
+    payload, blob = shipped
     flipped = bytearray(blob)
     flipped[-5] ^= 1
     with pytest.raises(CorruptPayloadError, match="checksum"):
@@ -103,6 +103,9 @@ def test_damaged_truncated_and_foreign_bytes_are_typed_errors(shipped, artifacts
     unsaid = json.loads(metadata["hf-scd"]) | {"coded": "maybe"}
     with pytest.raises(CorruptPayloadError, match="whether"):
         decompress_payload(_sealed(tensors, {"hf-scd": json.dumps(unsaid)}), artifacts)
+    with pytest.raises(PayloadLimitError, match="expand to more than"):  # a receiver's cap, before decompressing
+        decompress_payload(blob, artifacts, max_bytes=len(blob))
+    assert decompress_payload(blob, artifacts, max_bytes=2 * len(payload.to_bytes())).to_bytes() == payload.to_bytes()
     other = SCDArtifacts.from_pretrained(REPO / "hub_artifacts" / "qwen2.5-coder-0.5b-instruct")
     with pytest.raises(ArtifactMismatchError):
         decompress_payload(blob, other)

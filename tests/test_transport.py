@@ -17,6 +17,7 @@ from hf_scd.compat import with_cache
 from hf_scd.errors import (
     ArtifactMismatchError,
     AuthenticationError,
+    CacheStateError,
     ConnectionLostError,
     CorruptPayloadError,
     ProducerAbortedError,
@@ -24,6 +25,7 @@ from hf_scd.errors import (
 )
 from hf_scd.eval.corpus import evaluation_texts
 from hf_scd.transport import (
+    CacheSender,
     ChunkLink,
     Frame,
     Kind,
@@ -180,20 +182,30 @@ def _request(producer, mode, smollm2, artifacts, prompt, **kwargs):
 
 
 def test_streamed_one_shot_and_stored_transfers_continue_like_the_oracle(producer, smollm2, artifacts, prompt):
-    caches = {}
-    for mode in ("stream", "oneshot", "stored"):
+    caches, wire = {}, {}
+    for mode in ("stream", "oneshot", "stored", "zstd"):
         received, out, oracle = _request(producer, mode, smollm2, artifacts, prompt, fallback="raise")
         report = received.report
         assert isinstance(received.cache, SCDCache) and report.outcome == "transferred", report
-        assert report.streaming == (mode != "oneshot") and report.fallback_reason is None
+        assert report.streaming == (mode in ("stream", "stored")) and report.fallback_reason is None
+        assert report.entropy == (mode == "zstd")
         assert report.wire_bytes < report.raw_bytes / 6  # the default 8x point, frames and the exact sink included
         assert len(report.layer_arrival_ms) == 30 and report.decode_ms > 0
         assert out[0, -12:].tolist() == oracle[0, -12:].tolist(), mode
-        caches[mode] = received.cache
-    for a, b in zip(caches["stream"].layers, caches["oneshot"].layers, strict=True):
-        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)  # streamed == one-shot, bit for bit
-    for a, b in zip(caches["stream"].layers, caches["stored"].layers, strict=True):
-        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+        caches[mode], wire[mode] = received.cache, report.wire_bytes
+    for mode in ("oneshot", "stored", "zstd"):  # streamed == one-shot == through the entropy stage, bit for bit
+        for a, b in zip(caches["stream"].layers, caches[mode].layers, strict=True):
+            assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values), mode
+    assert wire["zstd"] < 0.95 * wire["oneshot"]
+
+
+def test_the_entropy_stage_is_refused_on_streams(smollm2, artifacts):
+    model, _ = smollm2
+    cache = SCDCache(artifacts, model)
+    with pytest.raises(CacheStateError, match="whole payloads"):
+        CacheSender(None, cache, entropy=True).send(streaming=True)
+    with pytest.raises(CacheStateError, match="whole payloads"), CacheSender(None, cache, entropy=True):
+        pass
 
 
 def test_a_wrong_key_is_refused_and_the_request_completes(producer, smollm2, artifacts, prompt):

@@ -167,18 +167,19 @@ class Producer:
             return
         timings = {"prefill_ms": 0.0, "encode_ms": 0.0}
         if scenario == "stored":
-            key = (tuple(request["input_ids"][0]), method, request.get("point"), streaming)
+            key = (tuple(request["input_ids"][0]), method, request.get("point"), streaming, request.get("entropy"))
             if key not in self.stored:
                 tape = FrameTape()
-                self._produce(tape, ids, method, request.get("point"), streaming, {})
+                self._produce(tape, ids, request, {})
                 self.stored[key] = tape.tape
             for frame in self.stored[key]:
                 link.send(frame)
         else:
-            self._produce(link, ids, method, request.get("point"), streaming, timings)
+            self._produce(link, ids, request, timings)
         link.send(json_frame(Kind.END, timings))
 
-    def _produce(self, link: Link, ids, method: str, point: str | None, streaming: bool, timings: dict) -> None:
+    def _produce(self, link: Link, ids, request: dict, timings: dict) -> None:
+        method, point, streaming = request["method"], request.get("point"), request["streaming"]
         start = time.perf_counter()
         if method == "scd":
             cache = SCDCache(self.artifacts, self.model, point=point)
@@ -189,7 +190,7 @@ class Producer:
             else:
                 self.model(ids, **with_cache(self.model, cache))
                 timings["prefill_ms"] = (time.perf_counter() - start) * 1e3
-                sender = CacheSender(link, cache)
+                sender = CacheSender(link, cache, entropy=request.get("entropy", False))
                 sender.send(streaming=False)
                 timings["encode_ms"] = sender.report.encode_ms
             cache.close()
@@ -315,16 +316,20 @@ def run_arm(args, model, artifacts, prompt, arm: dict, gbps_app: float | None, o
     }
 
 
-def arms(points: list[str]) -> list[dict]:
+def arms(points: list[str], methods: list[str] | None = None) -> list[dict]:
+    """Every arm, or those whose names (`arm_name`) are in `methods`; SCD one-shot also through the entropy stage."""
     out = [{"method": "prefill", "streaming": False}]
     for streaming in (True, False):
         out += [{"method": "bf16", "streaming": streaming}, {"method": "kivi-int4", "streaming": streaming}]
         out += [{"method": "scd", "point": point, "streaming": streaming} for point in points]
-    return out
+    out += [{"method": "scd", "point": point, "streaming": False, "entropy": True} for point in points]
+    return [arm for arm in out if methods is None or arm_name(arm) in methods]
 
 
 def arm_name(arm: dict) -> str:
-    return f"scd-{arm['point']}" if arm["method"] == "scd" else arm["method"]
+    if arm["method"] != "scd":
+        return arm["method"]
+    return f"scd-{arm['point']}" + ("+zstd" if arm.get("entropy") else "")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -354,7 +359,7 @@ def drive(args) -> None:
             for scenario in args.scenarios:
                 if scenario == "live" and tokens not in (args.live_tokens or args.tokens):
                     continue
-                for arm in arms(args.points):
+                for arm in arms(args.points, args.methods):
                     if arm["method"] == "prefill" and (links_index or scenario != args.scenarios[0]):
                         continue  # the consumer's own prefill uses no link: measured once per prompt
                     request = {**arm, "scenario": scenario}
@@ -397,6 +402,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="Gbit/s; 0 is the unshaped link")  # fmt: skip
     parser.add_argument("--points", type=lambda s: s.split(","), default=["4x", "8x"])
     parser.add_argument("--scenarios", type=lambda s: s.split(","), default=["stored", "live"])
+    parser.add_argument(
+        "--methods",
+        type=lambda s: s.split(","),
+        default=None,
+        help="only these arms, by name (prefill, bf16, kivi-int4, scd-8x, scd-8x+zstd, ...)",
+    )
     parser.add_argument("--live-tokens", type=lambda s: [int(x) for x in s.split(",")], default=None,
                         help="prompt lengths for the live scenario (default: --tokens)")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=5)

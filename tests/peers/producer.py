@@ -84,9 +84,9 @@ def answer(link: TCPLink, mode: str, model, artifacts) -> None:
         return
     cache = SCDCache(artifacts, model)
     forward = {"input_ids": input_ids, "attention_mask": attention_mask, **with_cache(model, cache)}
-    if mode in ("oneshot", "stored"):
+    if mode in ("oneshot", "stored", "zstd"):
         model(**forward)
-        CacheSender(link, cache).send(streaming=mode == "stored")
+        CacheSender(link, cache, entropy=mode == "zstd").send(streaming=mode == "stored")
         return
     if mode == "die":  # the process dies while layer 10 is being written
         cache.layer_listeners.append(lambda index: index == 10 and os._exit(3))

@@ -452,6 +452,7 @@ def main(argv: list[str] | None = None) -> None:
                       ("scenarios", args.scenarios), ("repeats", args.repeats), ("shaper", args.shaper),
                       ("out", str(Path(args.out).resolve())))]  # fmt: skip
         forwarded += ["--append"] if args.append else []
+        forwarded += [f"--methods={','.join(args.methods)}"] if args.methods else []
         subprocess.run(consumer_prefix + pin[1] + common + ["--role", "consumer", "--host", host] + forwarded,
                        env=env, check=True)  # fmt: skip
     finally:
@@ -480,8 +481,8 @@ def summary(rows: list[dict]) -> str:
                    (scenario, tokens, link, method)]  # fmt: skip
             best = min(arm, key=lambda r: r["ttft_ms"]) if arm else None
             cells.append(f"{best['ttft_ms']:.0f} ({'s' if best['streaming'] else 'o'})" if best else "-")
-        first = prefill.get(tokens)
-        lines.append(f"| {scenario} | {tokens} | {link or 'unshaped'} | {first:.0f} | " + " | ".join(cells) + " |")
+        first = f"{prefill[tokens]:.0f}" if tokens in prefill else "-"  # a run with --methods may leave it out
+        lines.append(f"| {scenario} | {tokens} | {link or 'unshaped'} | {first} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

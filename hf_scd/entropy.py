@@ -27,13 +27,14 @@ from safetensors.torch import save as st_save
 
 from .artifacts import SCDArtifacts
 from .codec import pack_codes, unpack_codes
-from .codes import MAX_BITS, LayerCodes, TransformCode
+from .codes import MAX_BITS, CoderPair, LayerCodes, TransformCode
 from .errors import ArtifactMismatchError, CorruptPayloadError, PayloadLimitError
-from .payload import SCDPayload, read_body, seal, unseal
+from .payload import SCDPayload, layer_from_bytes, layer_to_bytes, read_body, seal, unseal
 
 MAGIC = b"HFSCE\0"
 FORMAT_VERSION = 2
-_FORMAT = "hf-scd-entropy"
+_PAYLOAD, _LAYER = "payload", "layer"
+_FORMATS = {_PAYLOAD: "hf-scd-entropy", _LAYER: "hf-scd-entropy-layer"}
 _KINDS = ("key", "value")
 ZSTD_LEVEL = 1
 
@@ -43,29 +44,17 @@ def compress_payload(payload: SCDPayload, artifacts: SCDArtifacts) -> bytes:
     u32 CRC-32 of the body, u64 body length) and a safetensors body of the payload without its K/V codes and one zstd
     frame of the codes regrouped by width. Where that is not smaller (a short prompt), the body holds the payload as
     it is."""
-    zstd = _zstandard()
     groups = list(_groups(payload, artifacts))
-    symbols: list[list[torch.Tensor]] = [[] for _ in range(MAX_BITS + 1)]
-    for _, _, code, packed in groups:
-        rows = _component_rows(unpack_codes(packed, code.layout)).to(torch.uint8)  # codes have at most 8 bits
-        for bits, index in _width_rows(code, packed.shape[0]):
-            symbols[bits].append(_symbol_bytes(rows.index_select(0, index).view(-1), bits))
-    symbols = [group for width in symbols for group in width]  # by width: zstd's blocks then each see one law
+    frame = _regroup([(code, packed) for _, _, code, packed in groups])
     layers = list(payload.layers)
     for index, kind, _, packed in groups:
         layers[index] = replace(layers[index], **{f"{kind}_codes": packed[:, :0]})
     stripped = SCDPayload.of(payload.head, layers).to_bytes()
-    frame = zstd.ZstdCompressor(level=ZSTD_LEVEL).compress(torch.cat(symbols).numpy().tobytes() if symbols else b"")
     plain = payload.to_bytes()
     coded = len(stripped) + len(frame) < len(plain)
     if not coded:
         stripped, frame = plain, b""
-    metadata = {"format": _FORMAT, "coded": "yes" if coded else "no"}
-    body = st_save(
-        {"payload": _bytes_tensor(stripped), "codes": _bytes_tensor(frame)},
-        metadata={"hf-scd": json.dumps(metadata, sort_keys=True)},
-    )
-    return seal(body, MAGIC, FORMAT_VERSION)
+    return _seal(_PAYLOAD, stripped, frame, {"coded": "yes" if coded else "no"})
 
 
 def decompress_payload(
@@ -74,55 +63,99 @@ def decompress_payload(
     """The payload `compress_payload` compressed with these artifacts. Damaged, truncated or foreign bytes raise a
     `PayloadError`; the codes' frame is checked against the size the artifacts' plan gives before it is decompressed,
     and a payload that would exceed `max_bytes` (what a receiver accepts from a peer) is a `PayloadLimitError`."""
-    tensors, metadata = _read(bytes(blob))
+    stripped_bytes, frame, metadata = _read(bytes(blob), _PAYLOAD)
     if metadata.get("coded") == "no":  # stored as it was: compressing did not pay
-        if tensors["codes"].numel():
+        if frame:
             raise CorruptPayloadError("an uncoded compressed payload carries coded codes")
-        return SCDPayload.from_bytes(tensors["payload"].numpy().tobytes())
+        return SCDPayload.from_bytes(stripped_bytes)
     if metadata.get("coded") != "yes":
         raise CorruptPayloadError("compressed payload does not say whether its codes are entropy-coded")
-    zstd = _zstandard()
-    stripped = SCDPayload.from_bytes(tensors["payload"].numpy().tobytes())
+    stripped = SCDPayload.from_bytes(stripped_bytes)
     groups = list(_groups(stripped, artifacts, stripped=True))
-    plan = [_width_rows(code, packed.shape[0]) for _, _, code, packed in groups]
-    # The frame holds every group's bytes by width, then unit and kind: (width, group number, count, size)
-    order = sorted(
-        (bits, number, packed.shape[0] * index.numel())
-        for number, ((_, _, _, packed), widths) in enumerate(zip(groups, plan, strict=True))
-        for bits, index in widths
+    budget = None if max_bytes is None else max_bytes - len(stripped_bytes)
+    packed = _ungroup(frame, [(code, codes.shape[0]) for _, _, code, codes in groups], budget, "payload")
+    layers = list(stripped.layers)
+    for (index, kind, _, _), codes in zip(groups, packed, strict=True):
+        layers[index] = replace(layers[index], **{f"{kind}_codes": codes})
+    return SCDPayload.of(stripped.head, layers)
+
+
+def compress_layer(codes: LayerCodes, coders: CoderPair) -> bytes:
+    """A stream's LAYER frame body with the K/V codes of the Reuse unit this layer ends (`coders`) entropy-coded:
+    the same header, then the layer without its K/V codes and one zstd frame of them. Coding each frame keeps the
+    stream's overlap of wire and decode. Where that is not smaller (a unit's codes of under about a thousand
+    tokens, for SmolLM2), the plain frame body (`layer_to_bytes`)."""
+    codes = codes.to(torch.device("cpu"))
+    frame = _regroup([(coders[0], codes.key_codes), (coders[1], codes.value_codes)])
+    stripped = replace(codes, key_codes=codes.key_codes[:, :0], value_codes=codes.value_codes[:, :0])
+    coded, plain = _seal(_LAYER, layer_to_bytes(stripped), frame, {}), layer_to_bytes(codes)
+    return coded if len(coded) < len(plain) else plain
+
+
+def decompress_layer(
+    body: bytes, coders: CoderPair, index: int, tokens: int, *, max_bytes: int | None = None
+) -> LayerCodes:
+    """The codes `compress_layer` coded, for layer `index` of a stream of `tokens` tokens: checked as a plain LAYER
+    frame's are, the codes' frame against their size before it is decompressed, within `max_bytes` of codes."""
+    stripped_bytes, frame, _ = _read(body, _LAYER)
+    stripped = layer_from_bytes(stripped_bytes, index, tokens)
+    rows = stripped.key_codes.shape[0]
+    key_codes, value_codes = _ungroup(frame, [(coders[0], rows), (coders[1], rows)], max_bytes, f"layer {index}")
+    return replace(stripped, key_codes=key_codes, value_codes=value_codes)
+
+
+def _regroup(parts: list[tuple[TransformCode, torch.Tensor]]) -> bytes:
+    """One zstd frame of the parts' packed codes regrouped: per width, every part's group of that width in turn
+    (zstd's blocks then each see one law), each group component by component as `_symbol_bytes`."""
+    symbols: list[list[torch.Tensor]] = [[] for _ in range(MAX_BITS + 1)]
+    for code, packed in parts:
+        rows = _component_rows(unpack_codes(packed, code.layout)).to(torch.uint8)  # codes have at most 8 bits
+        for bits, index in _width_rows(code, packed.shape[0]):
+            symbols[bits].append(_symbol_bytes(rows.index_select(0, index).view(-1), bits))
+    groups = [group for width in symbols for group in width]
+    data = torch.cat(groups).numpy().tobytes() if groups else b""
+    return _zstandard().ZstdCompressor(level=ZSTD_LEVEL).compress(data)
+
+
+def _ungroup(
+    frame: bytes, parts: list[tuple[TransformCode, int]], max_bytes: int | None, what: str
+) -> list[torch.Tensor]:
+    """Inverse of `_regroup`: each part's packed codes (tokens, bytes), the parts given as (coder, tokens). The frame
+    must declare exactly the bytes their groups take, within `max_bytes`, before it is decompressed."""
+    zstd = _zstandard()
+    widths = [_width_rows(code, tokens) for code, tokens in parts]
+    order = sorted(  # (width, part, codes): the frame's order
+        (bits, number, tokens * index.numel())
+        for number, ((_, tokens), part) in enumerate(zip(parts, widths, strict=True))
+        for bits, index in part
     )
     sizes = [_symbol_bytes_size(count, bits) for bits, _, count in order]
-    if max_bytes is not None and tensors["payload"].numel() + sum(sizes) > max_bytes:
+    if max_bytes is not None and sum(sizes) > max_bytes:
         raise PayloadLimitError(
-            f"compressed payload would expand to more than {max_bytes} bytes ({tensors['payload'].numel()} besides "
-            f"{sum(sizes)} of codes)"
+            f"compressed {what} would expand to more than {max_bytes} bytes of codes ({sum(sizes)})"
         )
-    frame = tensors["codes"].numpy().tobytes()
     try:
         declared = zstd.frame_content_size(frame)
     except zstd.ZstdError as exc:
-        raise CorruptPayloadError(f"entropy-coded codes are not a zstd frame: {exc}") from exc
+        raise CorruptPayloadError(f"entropy-coded codes of the {what} are not a zstd frame: {exc}") from exc
     if declared != sum(sizes):
-        raise CorruptPayloadError(f"entropy-coded codes declare {declared} bytes, the plan's codes take {sum(sizes)}")
+        raise CorruptPayloadError(f"entropy-coded codes declare {declared} bytes, the {what}'s codes take {sum(sizes)}")
     try:
         data = zstd.ZstdDecompressor().decompress(frame, max_output_size=sum(sizes), allow_extra_data=False)
     except zstd.ZstdError as exc:
-        raise CorruptPayloadError(f"entropy-coded codes do not decompress: {exc}") from exc
+        raise CorruptPayloadError(f"entropy-coded codes of the {what} do not decompress: {exc}") from exc
     if len(data) != sum(sizes):
-        raise CorruptPayloadError(f"entropy-coded codes hold {len(data)} bytes, the plan's codes take {sum(sizes)}")
+        raise CorruptPayloadError(f"entropy-coded codes hold {len(data)} bytes, the {what}'s codes take {sum(sizes)}")
     pieces = _bytes_tensor(data).split(sizes) if sizes else ()
     symbols = {(bits, number): (piece, count) for (bits, number, count), piece in zip(order, pieces, strict=True)}
-    layers = list(stripped.layers)
-    for number, ((index, kind, code, packed), widths) in enumerate(zip(groups, plan, strict=True)):
-        tokens = packed.shape[0]
+    packed = []
+    for number, ((code, tokens), part) in enumerate(zip(parts, widths, strict=True)):
         heads, dim = code.bits.shape
         rows = torch.zeros(heads * dim, tokens, dtype=torch.uint8)
-        for bits, components in widths:
-            codes = _codes_of_bytes(*symbols[bits, number], bits)
-            rows.index_copy_(0, components, codes.view(-1, tokens))
-        codes = rows.view(heads, dim, tokens).permute(2, 0, 1)
-        layers[index] = replace(layers[index], **{f"{kind}_codes": pack_codes(codes, code.layout)})
-    return SCDPayload.of(stripped.head, layers)
+        for bits, components in part:
+            rows.index_copy_(0, components, _codes_of_bytes(*symbols[bits, number], bits).view(-1, tokens))
+        packed.append(pack_codes(rows.view(heads, dim, tokens).permute(2, 0, 1), code.layout))
+    return packed
 
 
 def _groups(
@@ -151,7 +184,7 @@ def _groups(
 def _width_rows(code: TransformCode, tokens: int) -> list[tuple[int, torch.Tensor]]:
     """Per bit width its components use, (width, their rows in `_component_rows` order): one group each; none where
     no token is coded."""
-    flat = code.bits.reshape(-1)
+    flat = code.bits.reshape(-1).cpu()  # the stage runs on the CPU, whichever device the plan is on
     present = [bits for bits in range(1, MAX_BITS + 1) if tokens and bool((flat == bits).any())]
     return [(bits, (flat == bits).nonzero().squeeze(-1)) for bits in present]
 
@@ -187,14 +220,23 @@ def _codes_of_bytes(data: torch.Tensor, count: int, bits: int) -> torch.Tensor:
     return ((data.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).view(-1)[:count]
 
 
-def _read(blob: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The checked header and body of a compressed payload."""
-    tensors, metadata = read_body(unseal(blob, MAGIC, FORMAT_VERSION, "compressed payload"))
-    if metadata.get("format") != _FORMAT or set(tensors) != {"payload", "codes"}:
-        raise CorruptPayloadError("compressed payload does not declare the hf-scd entropy format")
+def _seal(kind: str, rest: bytes, frame: bytes, metadata: dict[str, str]) -> bytes:
+    body = st_save(
+        {kind: _bytes_tensor(rest), "codes": _bytes_tensor(frame)},
+        metadata={"hf-scd": json.dumps({"format": _FORMATS[kind], **metadata}, sort_keys=True)},
+    )
+    return seal(body, MAGIC, FORMAT_VERSION)
+
+
+def _read(blob: bytes, kind: str) -> tuple[bytes, bytes, dict[str, str]]:
+    """The checked header and body of a compressed payload or layer: the rest of it, the codes' frame, metadata."""
+    what = f"compressed {kind}"
+    tensors, metadata = read_body(unseal(blob, MAGIC, FORMAT_VERSION, what))
+    if metadata.get("format") != _FORMATS[kind] or set(tensors) != {kind, "codes"}:
+        raise CorruptPayloadError(f"{what} does not declare the hf-scd entropy format")
     if any(tensor.ndim != 1 or tensor.dtype != torch.uint8 for tensor in tensors.values()):
-        raise CorruptPayloadError("compressed payload tensors must be 1-D bytes")
-    return tensors, metadata
+        raise CorruptPayloadError(f"{what} tensors must be 1-D bytes")
+    return tensors[kind].numpy().tobytes(), tensors["codes"].numpy().tobytes(), metadata
 
 
 def _bytes_tensor(data: bytes) -> torch.Tensor:

@@ -96,9 +96,12 @@ class Plan:
     @property
     def units(self) -> list[ReuseUnit]:
         """The Reuse units, in layer order."""
-        return [
-            coder for index, coder in enumerate(self.layers) if isinstance(coder, ReuseUnit) and coder.carries(index)
-        ]
+        return [unit for index in range(len(self.layers)) if (unit := self.unit_ending_at(index)) is not None]
+
+    def unit_ending_at(self, index: int) -> ReuseUnit | None:
+        """The Reuse unit whose codes layer `index` carries (its last member), or None."""
+        coder = self.layers[index]
+        return coder if isinstance(coder, ReuseUnit) and coder.carries(index) else None
 
     @property
     def patch_layers(self) -> list[int]:

@@ -103,7 +103,7 @@ def test_damaged_truncated_and_foreign_bytes_are_typed_errors(shipped, artifacts
     unsaid = json.loads(metadata["hf-scd"]) | {"coded": "maybe"}
     with pytest.raises(CorruptPayloadError, match="whether"):
         decompress_payload(_sealed(tensors, {"hf-scd": json.dumps(unsaid)}), artifacts)
-    with pytest.raises(PayloadLimitError, match="expand to more than"):  # a receiver's cap, before decompressing
+    with pytest.raises(PayloadLimitError, match="expand to"):  # a receiver's cap, before decompressing
         decompress_payload(blob, artifacts, max_bytes=len(blob))
     assert decompress_payload(blob, artifacts, max_bytes=2 * len(payload.to_bytes())).to_bytes() == payload.to_bytes()
     other = SCDArtifacts.from_pretrained(REPO / "hub_artifacts" / "qwen2.5-coder-0.5b-instruct")

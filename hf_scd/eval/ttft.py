@@ -184,7 +184,7 @@ class Producer:
         if method == "scd":
             cache = SCDCache(self.artifacts, self.model, point=point)
             if streaming:
-                with CacheSender(link, cache) as sender:
+                with CacheSender(link, cache, entropy=request.get("entropy", False)) as sender:
                     self.model(ids, **with_cache(self.model, cache))
                 timings.update(prefill_ms=sender.report.prefill_ms, encode_ms=sender.report.encode_ms)
             else:
@@ -317,12 +317,12 @@ def run_arm(args, model, artifacts, prompt, arm: dict, gbps_app: float | None, o
 
 
 def arms(points: list[str], methods: list[str] | None = None) -> list[dict]:
-    """Every arm, or those whose names (`arm_name`) are in `methods`; SCD one-shot also through the entropy stage."""
+    """Every arm, or those whose names (`arm_name`) are in `methods`; SCD also through the entropy stage."""
     out = [{"method": "prefill", "streaming": False}]
     for streaming in (True, False):
         out += [{"method": "bf16", "streaming": streaming}, {"method": "kivi-int4", "streaming": streaming}]
         out += [{"method": "scd", "point": point, "streaming": streaming} for point in points]
-    out += [{"method": "scd", "point": point, "streaming": False, "entropy": True} for point in points]
+        out += [{"method": "scd", "point": point, "streaming": streaming, "entropy": True} for point in points]
     return [arm for arm in out if methods is None or arm_name(arm) in methods]
 
 

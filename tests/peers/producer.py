@@ -84,16 +84,16 @@ def answer(link: TCPLink, mode: str, model, artifacts) -> None:
         return
     cache = SCDCache(artifacts, model)
     forward = {"input_ids": input_ids, "attention_mask": attention_mask, **with_cache(model, cache)}
-    if mode in ("oneshot", "stored", "zstd"):
+    if mode in ("oneshot", "stored", "oneshot-zstd"):
         model(**forward)
-        CacheSender(link, cache, entropy=mode == "zstd").send(streaming=mode == "stored")
+        CacheSender(link, cache, entropy=mode.endswith("zstd")).send(streaming=mode == "stored")
         return
     if mode == "die":  # the process dies while layer 10 is being written
         cache.layer_listeners.append(lambda index: index == 10 and os._exit(3))
     if mode == "abort":  # the forward fails on layer 10: the stream ends with ABORT
         cache.layer_listeners.append(fail_on_layer_10)
     try:
-        with CacheSender(link, cache):
+        with CacheSender(link, cache, entropy=mode == "stream-zstd"):
             model(**forward)
     except RuntimeError:
         pass

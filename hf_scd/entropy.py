@@ -9,8 +9,8 @@ and bit width, the codes of those components, component by component, as whole b
 2-bit codes, two 3- or 4-bit ones, one code of 5 bits or more). zstd (level 1; `pip install zstandard`) codes these
 bytes within 1% of their per-width order-0 entropy, at a fraction of the codec's own time.
 
-The stage wraps a finished payload and gives it back byte for byte, so fidelity is the codes' own. Streams stay
-uncompressed.
+The stage wraps a finished payload (or one stream frame: the layer that ends a Reuse unit) and gives it back byte for
+byte, so fidelity is the codes' own.
 
     blob = compress_payload(cache.encode("8x"), artifacts)  # bytes to store or send
     payload = decompress_payload(blob, artifacts)           # the SCDPayload that was compressed

@@ -39,13 +39,13 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _app_config(channel: str, routes: list[dict]) -> dict:
+def _app_config(channel: str, routes: list[dict], entropy: bool = False) -> dict:
     replica = {"num_cpus": 0, "torch_threads": 1}
     return {
         "routes": [route | {"decode": replica} for route in routes],
         "prefill": replica,
         "ingress": {"num_cpus": 0},
-        "transport": {"channel": channel, "timeout_s": 60},
+        "transport": {"channel": channel, "timeout_s": 60, "entropy": entropy},
         "policy": {"enabled": False},  # every request transfers: the tests are about the transfer
         "max_prompt_tokens": MAX_PROMPT,
         "max_new_tokens": 64,
@@ -60,7 +60,8 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def cluster():
-    """A local Ray cluster with two apps: the TCP channel with both routes at "/", the object store at "/store"."""
+    """A local Ray cluster with two apps: the TCP channel with both routes at "/", the object store at "/store" with
+    the entropy stage on."""
     os.environ["RAY_enable_worker_prestart"] = "0"
     os.environ["HF_SCD_TRANSPORT_KEY"] = "test-serve-key"  # frames between replicas are authenticated
     import ray
@@ -75,7 +76,7 @@ def cluster():
         same = {"name": SAME, "model": "default", "artifacts": SAME_ARTIFACTS, "point": POINT}
         tuned = {"name": TUNED, "model": TUNED, "artifacts": PAIR_ARTIFACTS}
         serve.run(build_app(AppConfig.model_validate(_app_config("tcp", [same, tuned]))), name="tcp", route_prefix="/")
-        store = AppConfig.model_validate(_app_config("object_store", [same]))
+        store = AppConfig.model_validate(_app_config("object_store", [same], entropy=True))
         serve.run(build_app(store), name="store", route_prefix="/store")
         yield Cluster(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics")
     finally:
@@ -178,6 +179,18 @@ def test_greedy_output_equals_the_oracle(cluster, smollm2, same_artifacts, prefi
         assert reply["usage"]["completion_tokens"] == NEW_TOKENS
         text = reply["choices"][0]["text"]
         _check_against_oracle(model, model, tokenizer, same_artifacts, _ids(tokenizer, prompt), text, POINT)
+
+
+def test_a_long_prompt_streams_entropy_coded_frames_and_answers_like_the_oracle(cluster, smollm2, same_artifacts):
+    model, tokenizer = smollm2
+    (prompt,) = _prompts(tokenizer, 1, 1200)  # a unit's frame is smaller coded from about a thousand tokens
+    reply, plain = _completion(cluster, prompt, prefix="/store"), _completion(cluster, prompt)  # "/": no entropy
+    transfer = reply["usage"]["hf_scd"]
+    assert transfer["outcome"] == "transferred" and transfer["entropy"], transfer
+    assert not plain["usage"]["hf_scd"]["entropy"]
+    assert transfer["wire_bytes"] < 0.97 * plain["usage"]["hf_scd"]["wire_bytes"]
+    text = reply["choices"][0]["text"]
+    _check_against_oracle(model, model, tokenizer, same_artifacts, _ids(tokenizer, prompt), text, POINT)
 
 
 def test_chat_and_the_fine_tune_route(cluster, smollm2):

@@ -131,7 +131,8 @@ class Prefill:
             cache.layer_listeners.append(self._count_layer)
             ids = torch.tensor([job.input_ids], device=self.model.device)
             try:
-                with self.forward_lock, torch.inference_mode(), CacheSender(link, cache) as sender:
+                entropy = self.config.transport.entropy
+                with self.forward_lock, torch.inference_mode(), CacheSender(link, cache, entropy=entropy) as sender:
                     self.model(ids, **with_cache(self.model, cache))
             finally:
                 cache.close()
@@ -314,6 +315,7 @@ class Decode:
             "outcome": report.outcome,
             "fallback_reason": report.fallback_reason,
             "channel": self.channel.name,
+            "entropy": report.entropy,
             "operating_point": report.operating_point if report.outcome == "transferred" else None,
             "tokens": tokens,
             "wire_bytes": report.wire_bytes,

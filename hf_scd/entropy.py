@@ -4,10 +4,11 @@ symbol by symbol.
 The codec packs every component's code in a fixed number of bits, each token's codes one after another. A byte-wise
 coder finds little in that (DEFLATE shrinks 8x codes 1.3%): bytes mix the bits of components of different widths.
 Coefficients are normalised to unit spread by their token's scale and quantized with the step of their bit width, so
-the codes of every component of one width follow nearly the same law. The stage regroups them: per Reuse unit, K/V
-and bit width, the codes of those components, component by component, as whole bytes of 8 // width codes each (four
-2-bit codes, two 3- or 4-bit ones, one code of 5 bits or more). zstd (level 1; `pip install zstandard`) codes these
-bytes within 1% of their per-width order-0 entropy, at a fraction of the codec's own time.
+the codes of every component of one width follow nearly the same law. The stage regroups them: per bit width, Reuse
+unit and K/V, the codes of those components, component by component, as whole bytes of 8 // width codes each (four
+2-bit codes, two 3- or 4-bit ones, one code of 5 bits or more), one zstd frame per width (level 1; `pip install
+zstandard`). zstd codes these bytes within 1% of their per-width order-0 entropy, at a fraction of the codec's own
+time.
 
 The stage wraps a finished payload (or one stream frame: the layer that ends a Reuse unit) and gives it back byte for
 byte, so fidelity is the codes' own.
@@ -41,31 +42,31 @@ ZSTD_LEVEL = 1
 
 def compress_payload(payload: SCDPayload, artifacts: SCDArtifacts) -> bytes:
     """`payload` (made with `artifacts`) with its K/V codes entropy-coded: a header (magic ``HFSCE\\0``, u16 version,
-    u32 CRC-32 of the body, u64 body length) and a safetensors body of the payload without its K/V codes and one zstd
-    frame of the codes regrouped by width. Where that is not smaller (a short prompt), the body holds the payload as
-    it is."""
+    u32 CRC-32 of the body, u64 body length) and a safetensors body of the payload without its K/V codes, and the
+    codes regrouped, one zstd frame per width, with the frames' lengths. Where that is not smaller (a very short
+    prompt), the body holds the payload as it is."""
     groups = list(_groups(payload, artifacts))
-    frame = _regroup([(code, packed) for _, _, code, packed in groups])
+    frames = _regroup([(code, packed) for _, _, code, packed in groups])
     layers = list(payload.layers)
     for index, kind, _, packed in groups:
         layers[index] = replace(layers[index], **{f"{kind}_codes": packed[:, :0]})
     stripped = SCDPayload.of(payload.head, layers).to_bytes()
     plain = payload.to_bytes()
-    coded = len(stripped) + len(frame) < len(plain)
+    coded = bool(frames) and len(stripped) + sum(map(len, frames)) < len(plain)
     if not coded:
-        stripped, frame = plain, b""
-    return _seal(_PAYLOAD, stripped, frame, {"coded": "yes" if coded else "no"})
+        stripped, frames = plain, []
+    return _seal(_PAYLOAD, stripped, frames, {"coded": "yes" if coded else "no"})
 
 
 def decompress_payload(
     blob: bytes | bytearray | memoryview, artifacts: SCDArtifacts, *, max_bytes: int | None = None
 ) -> SCDPayload:
     """The payload `compress_payload` compressed with these artifacts. Damaged, truncated or foreign bytes raise a
-    `PayloadError`; the codes' frame is checked against the size the artifacts' plan gives before it is decompressed,
+    `PayloadError`; each frame of codes is checked against the size the artifacts' plan gives before it is decompressed,
     and a payload that would exceed `max_bytes` (what a receiver accepts from a peer) is a `PayloadLimitError`."""
-    stripped_bytes, frame, metadata = _read(bytes(blob), _PAYLOAD)
+    stripped_bytes, frames, metadata = _read(bytes(blob), _PAYLOAD)
     if metadata.get("coded") == "no":  # stored as it was: compressing did not pay
-        if frame:
+        if frames:
             raise CorruptPayloadError("an uncoded compressed payload carries coded codes")
         return SCDPayload.from_bytes(stripped_bytes)
     if metadata.get("coded") != "yes":
@@ -73,7 +74,7 @@ def decompress_payload(
     stripped = SCDPayload.from_bytes(stripped_bytes)
     groups = list(_groups(stripped, artifacts, stripped=True))
     budget = None if max_bytes is None else max_bytes - len(stripped_bytes)
-    packed = _ungroup(frame, [(code, codes.shape[0]) for _, _, code, codes in groups], budget, "payload")
+    packed = _ungroup(frames, [(code, codes.shape[0]) for _, _, code, codes in groups], budget, "payload")
     layers = list(stripped.layers)
     for (index, kind, _, _), codes in zip(groups, packed, strict=True):
         layers[index] = replace(layers[index], **{f"{kind}_codes": codes})
@@ -82,71 +83,79 @@ def decompress_payload(
 
 def compress_layer(codes: LayerCodes, coders: CoderPair) -> bytes:
     """A stream's LAYER frame body with the K/V codes of the Reuse unit this layer ends (`coders`) entropy-coded:
-    the same header, then the layer without its K/V codes and one zstd frame of them. Coding each frame keeps the
-    stream's overlap of wire and decode. Where that is not smaller (a unit's codes of under about a thousand
-    tokens, for SmolLM2), the plain frame body (`layer_to_bytes`)."""
+    the same header, then the layer without its K/V codes and their zstd frames. Coding each frame keeps the stream's
+    overlap of wire and decode. Where that is not smaller (a very short prompt), the plain frame body
+    (`layer_to_bytes`)."""
     codes = codes.to(torch.device("cpu"))
-    frame = _regroup([(coders[0], codes.key_codes), (coders[1], codes.value_codes)])
+    frames = _regroup([(coders[0], codes.key_codes), (coders[1], codes.value_codes)])
     stripped = replace(codes, key_codes=codes.key_codes[:, :0], value_codes=codes.value_codes[:, :0])
-    coded, plain = _seal(_LAYER, layer_to_bytes(stripped), frame, {}), layer_to_bytes(codes)
-    return coded if len(coded) < len(plain) else plain
+    coded, plain = _seal(_LAYER, layer_to_bytes(stripped), frames, {}), layer_to_bytes(codes)
+    return coded if frames and len(coded) < len(plain) else plain
 
 
 def decompress_layer(
     body: bytes, coders: CoderPair, index: int, tokens: int, *, max_bytes: int | None = None
 ) -> LayerCodes:
     """The codes `compress_layer` coded, for layer `index` of a stream of `tokens` tokens: checked as a plain LAYER
-    frame's are, the codes' frame against their size before it is decompressed, within `max_bytes` of codes."""
-    stripped_bytes, frame, _ = _read(body, _LAYER)
+    frame's are, each frame of codes against its size before it is decompressed, within `max_bytes` of codes."""
+    stripped_bytes, frames, _ = _read(body, _LAYER)
     stripped = layer_from_bytes(stripped_bytes, index, tokens)
     rows = stripped.key_codes.shape[0]
-    key_codes, value_codes = _ungroup(frame, [(coders[0], rows), (coders[1], rows)], max_bytes, f"layer {index}")
+    key_codes, value_codes = _ungroup(frames, [(coders[0], rows), (coders[1], rows)], max_bytes, f"layer {index}")
     return replace(stripped, key_codes=key_codes, value_codes=value_codes)
 
 
-def _regroup(parts: list[tuple[TransformCode, torch.Tensor]]) -> bytes:
-    """One zstd frame of the parts' packed codes regrouped: per width, every part's group of that width in turn
-    (zstd's blocks then each see one law), each group component by component as `_symbol_bytes`."""
+def _regroup(parts: list[tuple[TransformCode, torch.Tensor]]) -> list[bytes]:
+    """The parts' packed codes regrouped, one zstd frame per bit width they use (in increasing width): every part's
+    group of that width in turn, each component by component as `_symbol_bytes`. A frame per width keeps each of
+    zstd's blocks to one law, also where the groups are smaller than a block (a unit of a few hundred tokens)."""
     symbols: list[list[torch.Tensor]] = [[] for _ in range(MAX_BITS + 1)]
     for code, packed in parts:
+        widths = _width_rows(code, packed.shape[0])
+        if not widths:  # no coded token
+            continue
         rows = _component_rows(unpack_codes(packed, code.layout)).to(torch.uint8)  # codes have at most 8 bits
-        for bits, index in _width_rows(code, packed.shape[0]):
+        for bits, index in widths:
             symbols[bits].append(_symbol_bytes(rows.index_select(0, index).view(-1), bits))
-    groups = [group for width in symbols for group in width]
-    data = torch.cat(groups).numpy().tobytes() if groups else b""
-    return _zstandard().ZstdCompressor(level=ZSTD_LEVEL).compress(data)
+    compressor = _zstandard().ZstdCompressor(level=ZSTD_LEVEL)
+    return [compressor.compress(torch.cat(groups).numpy().tobytes()) for groups in symbols if groups]
 
 
 def _ungroup(
-    frame: bytes, parts: list[tuple[TransformCode, int]], max_bytes: int | None, what: str
+    frames: list[bytes], parts: list[tuple[TransformCode, int]], max_bytes: int | None, what: str
 ) -> list[torch.Tensor]:
-    """Inverse of `_regroup`: each part's packed codes (tokens, bytes), the parts given as (coder, tokens). The frame
-    must declare exactly the bytes their groups take, within `max_bytes`, before it is decompressed."""
+    """Inverse of `_regroup`: each part's packed codes (tokens, bytes), the parts given as (coder, tokens). Each frame
+    must declare exactly the bytes its width's groups take, within `max_bytes` in all, before it is decompressed."""
     zstd = _zstandard()
     widths = [_width_rows(code, tokens) for code, tokens in parts]
-    order = sorted(  # (width, part, codes): the frame's order
+    order = sorted(  # (width, part, codes): the frames' order
         (bits, number, tokens * index.numel())
         for number, ((_, tokens), part) in enumerate(zip(parts, widths, strict=True))
         for bits, index in part
     )
     sizes = [_symbol_bytes_size(count, bits) for bits, _, count in order]
     if max_bytes is not None and sum(sizes) > max_bytes:
-        raise PayloadLimitError(
-            f"compressed {what} would expand to more than {max_bytes} bytes of codes ({sum(sizes)})"
-        )
-    try:
-        declared = zstd.frame_content_size(frame)
-    except zstd.ZstdError as exc:
-        raise CorruptPayloadError(f"entropy-coded codes of the {what} are not a zstd frame: {exc}") from exc
-    if declared != sum(sizes):
-        raise CorruptPayloadError(f"entropy-coded codes declare {declared} bytes, the {what}'s codes take {sum(sizes)}")
-    try:
-        data = zstd.ZstdDecompressor().decompress(frame, max_output_size=sum(sizes), allow_extra_data=False)
-    except zstd.ZstdError as exc:
-        raise CorruptPayloadError(f"entropy-coded codes of the {what} do not decompress: {exc}") from exc
-    if len(data) != sum(sizes):
-        raise CorruptPayloadError(f"entropy-coded codes hold {len(data)} bytes, the {what}'s codes take {sum(sizes)}")
-    pieces = _bytes_tensor(data).split(sizes) if sizes else ()
+        raise PayloadLimitError(f"compressed {what} would expand to {sum(sizes)} bytes of codes, over {max_bytes}")
+    per_width: dict[int, int] = {}
+    for (bits, _, _), size in zip(order, sizes, strict=True):
+        per_width[bits] = per_width.get(bits, 0) + size
+    if len(frames) != len(per_width):
+        raise CorruptPayloadError(f"the {what} holds {len(frames)} frames of codes, its plan {len(per_width)} widths")
+    data = []
+    for (bits, expected), frame in zip(per_width.items(), frames, strict=True):
+        try:
+            declared = zstd.frame_content_size(frame)
+        except zstd.ZstdError as exc:
+            raise CorruptPayloadError(f"entropy-coded {bits}-bit codes of the {what} are not a zstd frame") from exc
+        if declared != expected:
+            raise CorruptPayloadError(f"{bits}-bit codes of the {what} declare {declared} bytes, the plan's {expected}")
+        try:
+            data.append(zstd.ZstdDecompressor().decompress(frame, max_output_size=expected, allow_extra_data=False))
+        except zstd.ZstdError as exc:
+            raise CorruptPayloadError(f"{bits}-bit codes of the {what} do not decompress: {exc}") from exc
+        if len(data[-1]) != expected:
+            raise CorruptPayloadError(f"{bits}-bit codes of the {what} hold {len(data[-1])} bytes, not {expected}")
+    pieces = _bytes_tensor(b"".join(data)).split(sizes) if sizes else ()
     symbols = {(bits, number): (piece, count) for (bits, number, count), piece in zip(order, pieces, strict=True)}
     packed = []
     for number, ((code, tokens), part) in enumerate(zip(parts, widths, strict=True)):
@@ -220,23 +229,33 @@ def _codes_of_bytes(data: torch.Tensor, count: int, bits: int) -> torch.Tensor:
     return ((data.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).view(-1)[:count]
 
 
-def _seal(kind: str, rest: bytes, frame: bytes, metadata: dict[str, str]) -> bytes:
+def _seal(kind: str, rest: bytes, frames: list[bytes], metadata: dict[str, str]) -> bytes:
     body = st_save(
-        {kind: _bytes_tensor(rest), "codes": _bytes_tensor(frame)},
+        {
+            kind: _bytes_tensor(rest),
+            "codes": _bytes_tensor(b"".join(frames)),
+            "frames": torch.tensor([len(frame) for frame in frames], dtype=torch.int32),
+        },
         metadata={"hf-scd": json.dumps({"format": _FORMATS[kind], **metadata}, sort_keys=True)},
     )
     return seal(body, MAGIC, FORMAT_VERSION)
 
 
-def _read(blob: bytes, kind: str) -> tuple[bytes, bytes, dict[str, str]]:
-    """The checked header and body of a compressed payload or layer: the rest of it, the codes' frame, metadata."""
+def _read(blob: bytes, kind: str) -> tuple[bytes, list[bytes], dict[str, str]]:
+    """The checked header and body of a compressed payload or layer: the rest of it, the codes' frames, metadata."""
     what = f"compressed {kind}"
     tensors, metadata = read_body(unseal(blob, MAGIC, FORMAT_VERSION, what))
-    if metadata.get("format") != _FORMATS[kind] or set(tensors) != {kind, "codes"}:
+    if metadata.get("format") != _FORMATS[kind] or set(tensors) != {kind, "codes", "frames"}:
         raise CorruptPayloadError(f"{what} does not declare the hf-scd entropy format")
-    if any(tensor.ndim != 1 or tensor.dtype != torch.uint8 for tensor in tensors.values()):
-        raise CorruptPayloadError(f"{what} tensors must be 1-D bytes")
-    return tensors[kind].numpy().tobytes(), tensors["codes"].numpy().tobytes(), metadata
+    lengths = tensors.pop("frames")
+    if any(tensor.ndim != 1 or tensor.dtype != torch.uint8 for tensor in tensors.values()) or lengths.ndim != 1:
+        raise CorruptPayloadError(f"{what} tensors must be 1-D bytes and frame lengths")
+    if lengths.dtype != torch.int32 or bool((lengths <= 0).any()) or int(lengths.sum()) != tensors["codes"].numel():
+        raise CorruptPayloadError(f"{what}: its frame lengths do not add up to its codes")
+    codes = tensors["codes"].numpy().tobytes()
+    ends = lengths.cumsum(0).tolist()
+    frames = [codes[end - length : end] for end, length in zip(ends, lengths.tolist(), strict=True)]
+    return tensors[kind].numpy().tobytes(), frames, metadata
 
 
 def _bytes_tensor(data: bytes) -> torch.Tensor:

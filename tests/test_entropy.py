@@ -40,18 +40,22 @@ def test_the_stage_gives_the_payload_back_byte_for_byte_in_fewer_bytes(shipped, 
     assert len(blob) < len(payload.to_bytes()) - codes // 16
 
 
-def test_a_short_prompt_is_stored_as_it_is_where_tables_would_outweigh_their_savings(smollm2, artifacts, chat_ids):
+def test_a_chat_prompt_shrinks_and_a_payload_with_nothing_to_code_is_stored_as_it_is(smollm2, artifacts, chat_ids):
     model, _ = smollm2
-    with torch.inference_mode():
-        cache = SCDCache(artifacts, model)
-        model(chat_ids, **with_cache(model, cache))
-        payload = cache.encode("8x")
-    blob = compress_payload(payload, artifacts)
-    tensors, metadata = _body(blob)
+    blobs = {}
+    for name, ids in (("chat", chat_ids), ("sink only", chat_ids[:, :3])):  # 3 tokens: all exact sink, no codes
+        with torch.inference_mode():
+            cache = SCDCache(artifacts, model)
+            model(ids, **with_cache(model, cache))
+            payload = cache.encode("8x")
+        blobs[name] = blob = compress_payload(payload, artifacts)
+        assert decompress_payload(blob, artifacts).to_bytes() == payload.to_bytes(), name
+        if name == "chat":  # a frame per width pays from a few dozen tokens
+            assert len(blob) < len(payload.to_bytes()), (len(blob), len(payload.to_bytes()))
+    tensors, metadata = _body(blobs["sink only"])
     assert json.loads(metadata["hf-scd"])["coded"] == "no" and not tensors["codes"].numel()
-    assert len(payload.to_bytes()) < len(blob) < len(payload.to_bytes()) + 1024
-    assert decompress_payload(blob, artifacts).to_bytes() == payload.to_bytes()
-    stray = tensors | {"codes": torch.ones(3, dtype=torch.uint8)}
+    assert not tensors["frames"].numel()
+    stray = tensors | _frames([torch.ones(3, dtype=torch.uint8)])
     with pytest.raises(CorruptPayloadError, match="uncoded"):
         decompress_payload(_sealed(stray, metadata), artifacts)
 
@@ -64,6 +68,11 @@ def _body(blob: bytes) -> tuple[dict, dict]:
 
 def _frame(data: bytes) -> torch.Tensor:
     return torch.frombuffer(bytearray(zstandard.ZstdCompressor().compress(data)), dtype=torch.uint8)
+
+
+def _frames(frames: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The body tensors of these zstd frames."""
+    return {"codes": torch.cat(frames), "frames": torch.tensor([f.numel() for f in frames], dtype=torch.int32)}
 
 
 def _sealed(tensors: dict, metadata: dict, version: int = FORMAT_VERSION) -> bytes:
@@ -84,19 +93,25 @@ def test_damaged_truncated_and_foreign_bytes_are_typed_errors(shipped, artifacts
     with pytest.raises(PayloadVersionError, match="version 9"):
         decompress_payload(_sealed(tensors, metadata, version=9), artifacts)
     # Checksums match from here on: what is wrong is the content.
-    frame = tensors["codes"]
-    data = zstandard.ZstdDecompressor().decompress(frame.numpy().tobytes())
-    for codes, why in (
-        (frame[: frame.numel() // 2], "not a zstd frame|do not decompress"),
-        (_frame(data[:-1]), "declare"),
-        (_frame(data + b"\0"), "declare"),
-        (torch.cat([frame, frame[:7]]), "do not decompress"),
+    lengths = tensors["frames"].tolist()
+    frames = list(tensors["codes"].split(lengths))  # one zstd frame per bit width, in increasing width
+    first = zstandard.ZstdDecompressor().decompress(frames[0].numpy().tobytes())
+    for frame, why in (
+        (frames[0][: lengths[0] // 2], "not a zstd frame|do not decompress"),
+        (_frame(first[:-1]), "declare"),
+        (_frame(first + b"\0"), "declare"),
+        (torch.cat([frames[0], frames[0][:7]]), "do not decompress"),
         (torch.zeros(8, dtype=torch.uint8), "not a zstd frame"),
     ):
         with pytest.raises(CorruptPayloadError, match=why):
-            decompress_payload(_sealed(tensors | {"codes": codes}, metadata), artifacts)
+            decompress_payload(_sealed(tensors | _frames([frame, *frames[1:]]), metadata), artifacts)
+    with pytest.raises(CorruptPayloadError, match="frames of codes"):
+        decompress_payload(_sealed(tensors | _frames(frames[:-1]), metadata), artifacts)
+    for bad in (tensors["frames"] + 1, -tensors["frames"], tensors["frames"][:-1]):
+        with pytest.raises(CorruptPayloadError, match="frame lengths"):
+            decompress_payload(_sealed(tensors | {"frames": bad}, metadata), artifacts)
     with pytest.raises(CorruptPayloadError, match="1-D bytes"):
-        decompress_payload(_sealed(tensors | {"codes": frame.to(torch.int32)}, metadata), artifacts)
+        decompress_payload(_sealed(tensors | {"codes": tensors["codes"].to(torch.int32)}, metadata), artifacts)
     for foreign, why in ((json.dumps({"format": "other"}), "entropy format"), ("[1, 2]", "not an object")):
         with pytest.raises(CorruptPayloadError, match=why):
             decompress_payload(_sealed(tensors, {"hf-scd": foreign}), artifacts)

@@ -181,9 +181,9 @@ def test_greedy_output_equals_the_oracle(cluster, smollm2, same_artifacts, prefi
         _check_against_oracle(model, model, tokenizer, same_artifacts, _ids(tokenizer, prompt), text, POINT)
 
 
-def test_a_long_prompt_streams_entropy_coded_frames_and_answers_like_the_oracle(cluster, smollm2, same_artifacts):
+def test_the_entropy_stage_codes_the_frames_and_the_answer_is_the_oracles(cluster, smollm2, same_artifacts):
     model, tokenizer = smollm2
-    (prompt,) = _prompts(tokenizer, 1, 1200)  # a unit's frame is smaller coded from about a thousand tokens
+    (prompt,) = _prompts(tokenizer, 1, 1200)
     reply, plain = _completion(cluster, prompt, prefix="/store"), _completion(cluster, prompt)  # "/": no entropy
     transfer = reply["usage"]["hf_scd"]
     assert transfer["outcome"] == "transferred" and transfer["entropy"], transfer

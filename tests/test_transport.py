@@ -186,7 +186,7 @@ def test_streamed_one_shot_and_stored_transfers_continue_like_the_oracle(produce
         report = received.report
         assert isinstance(received.cache, SCDCache) and report.outcome == "transferred", report
         assert report.streaming == (not mode.startswith("oneshot")) and report.fallback_reason is None
-        assert report.entropy == (mode == "oneshot-zstd")  # a unit's frame of 400 tokens is not smaller coded
+        assert report.entropy == mode.endswith("zstd")
         assert report.wire_bytes < report.raw_bytes / 6  # the default 8x point, frames and the exact sink included
         assert len(report.layer_arrival_ms) == 30 and report.decode_ms > 0
         assert out[0, -12:].tolist() == oracle[0, -12:].tolist(), mode
@@ -194,25 +194,7 @@ def test_streamed_one_shot_and_stored_transfers_continue_like_the_oracle(produce
     for mode in caches:  # streamed == one-shot == through the entropy stage, bit for bit
         for a, b in zip(caches["stream"].layers, caches[mode].layers, strict=True):
             assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values), mode
-    assert wire["oneshot-zstd"] < 0.95 * wire["oneshot"]
-    assert abs(wire["stream-zstd"] - wire["stream"]) < 64  # the same frames (END's timings vary in length)
-
-
-def test_a_longer_stream_codes_each_units_frame_and_rebuilds_the_same_cache(producer, smollm2, artifacts):
-    connect, _ = producer
-    model, tokenizer = smollm2
-    text = "\n\n".join(evaluation_texts())
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][:, :1024]
-    received = {}
-    for mode in ("stream", "stream-zstd"):
-        with connect(mode) as link:
-            send_request(link, ids)
-            received[mode] = receive_cache(link, artifacts, model, input_ids=ids, fallback="raise")
-    plain, coded = received["stream"], received["stream-zstd"]
-    assert coded.report.entropy and coded.report.streaming and not plain.report.entropy
-    assert coded.report.wire_bytes < 0.97 * plain.report.wire_bytes  # 3-7% smaller frames at this length
-    for a, b in zip(plain.cache.layers, coded.cache.layers, strict=True):
-        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+    assert wire["oneshot-zstd"] < 0.95 * wire["oneshot"] and wire["stream-zstd"] < 0.95 * wire["stream"]
 
 
 def test_a_wrong_key_is_refused_and_the_request_completes(producer, smollm2, artifacts, prompt):

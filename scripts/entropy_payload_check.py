@@ -3,7 +3,8 @@ compressing and decompressing cost, beside the codec's own encode and decode of 
 
 For a model with its shipped artifacts, on the first `--tokens` tokens of the held-out text, at each point: the
 payload's bytes (`cache.encode(point).to_bytes()`), the bytes of `hf_scd.entropy.compress_payload` of it (checked to
-decompress to the same bytes), and the median of `--repeats` timings of each step (after a warm-up).
+decompress to the same bytes), the bytes of its layer frames as a stream sends them with `entropy=True` against
+plain, and the median of `--repeats` timings of each step (after a warm-up).
 
     python scripts/entropy_payload_check.py --tokens 2048 --threads 2
     python scripts/entropy_payload_check.py --artifacts hub_artifacts/qwen2.5-coder-0.5b-instruct
@@ -19,12 +20,25 @@ import torch
 
 from hf_scd import SCDArtifacts, SCDCache, SCDPayload
 from hf_scd.compat import with_cache
-from hf_scd.entropy import compress_payload, decompress_payload
+from hf_scd.entropy import compress_layer, compress_payload, decompress_payload
 from hf_scd.eval.codec_speed import encode, median_ms
 from hf_scd.eval.corpus import evaluation_texts
 from hf_scd.models import load_model
+from hf_scd.payload import layer_to_bytes
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def stream_frames(payload: SCDPayload, artifacts: SCDArtifacts) -> tuple[int, int]:
+    """Bytes of the payload's layer frame bodies as a stream sends them: plain, and with `entropy=True` (each layer
+    that ends a Reuse unit through `compress_layer`)."""
+    plan = artifacts.plan(payload.operating_point)
+    plain = [len(layer_to_bytes(layer)) for layer in payload.layers]
+    coded = [
+        len(compress_layer(layer, (unit.key, unit.value))) if (unit := plan.unit_ending_at(index)) else size
+        for index, (layer, size) in enumerate(zip(payload.layers, plain, strict=True))
+    ]
+    return sum(plain), sum(coded)
 
 
 def rebuild(blob: bytes, artifacts: SCDArtifacts, model) -> SCDCache:
@@ -56,10 +70,13 @@ def main() -> None:
             compressed = compress_payload(payload, artifacts)
             if decompress_payload(compressed, artifacts).to_bytes() != blob:
                 raise SystemExit(f"{point}: the entropy stage did not give the payload back")
+            frames, coded_frames = stream_frames(payload, artifacts)
             rows.append({
                 "point": point,
                 "payload_bytes": len(blob),
                 "compressed_bytes": len(compressed),
+                "stream_frame_bytes": frames,
+                "coded_stream_frame_bytes": coded_frames,
                 "ratio_vs_bf16": bf16 / len(blob),
                 "compressed_ratio_vs_bf16": bf16 / len(compressed),
                 "codec_encode_ms": median_ms(args.repeats, encode, cache, point),
@@ -69,11 +86,15 @@ def main() -> None:
             })  # fmt: skip
     name = artifacts.config.model.name
     print(f"{name}, {ids.shape[1]} tokens, {args.threads} threads; ratios are whole payloads against BF16 K/V")
-    print("| point | payload | with the entropy stage | codec enc / dec ms | stage compress / decompress ms |")
-    print("|---|---:|---:|---:|---:|")
+    print(
+        "| point | payload | with the entropy stage | stream frames coded / plain | codec enc / dec ms "
+        "| stage compress / decompress ms |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
             f"| {r['point']} | {r['ratio_vs_bf16']:.2f}x | {r['compressed_ratio_vs_bf16']:.2f}x | "
+            f"{r['coded_stream_frame_bytes'] / r['stream_frame_bytes']:.3f} | "
             f"{r['codec_encode_ms']:.0f} / {r['codec_decode_ms']:.0f} | "
             f"{r['compress_ms']:.0f} / {r['decompress_ms']:.0f} |"
         )

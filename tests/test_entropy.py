@@ -12,10 +12,21 @@ from safetensors.torch import save as st_save
 
 from hf_scd import ArtifactMismatchError, SCDArtifacts, SCDCache
 from hf_scd.compat import with_cache
-from hf_scd.entropy import FORMAT_VERSION, MAGIC, _codes_of_bytes, _symbol_bytes, compress_payload, decompress_payload
+from hf_scd.entropy import (
+    FORMAT_VERSION,
+    MAGIC,
+    _codes_of_bytes,
+    _symbol_bytes,
+    compress_layer,
+    compress_payload,
+    decompress_layer,
+    decompress_payload,
+)
 from hf_scd.errors import CorruptPayloadError, PayloadLimitError, PayloadVersionError, TruncatedPayloadError
 from hf_scd.eval.corpus import evaluation_texts
-from hf_scd.payload import _HEADER, seal
+from hf_scd.payload import _HEADER, layer_to_bytes, seal
+from hf_scd.transport import TransferReport
+from hf_scd.transport.stream import _layer_codes
 
 zstandard = pytest.importorskip("zstandard")
 
@@ -134,3 +145,18 @@ def test_symbol_bytes_hold_8_over_width_codes_each_and_give_them_back(bits):
     assert torch.equal(_codes_of_bytes(data, 1001, bits), codes)
     first = int(data[0])  # the first code in the lowest bits
     assert first & ((1 << bits) - 1) == int(codes[0])
+
+
+def test_a_units_frame_round_trips_and_a_coded_frame_where_no_unit_ends_is_refused(shipped, artifacts):
+    payload, _ = shipped
+    plan = artifacts.plan(payload.operating_point)
+    unit = plan.units[0]
+    last, tokens = unit.members[-1], payload.head.num_tokens
+    body = compress_layer(payload.layers[last], (unit.key, unit.value))
+    assert body.startswith(MAGIC) and len(body) < len(layer_to_bytes(payload.layers[last]))
+    codes = decompress_layer(body, (unit.key, unit.value), last, tokens, max_bytes=len(body) * 4)
+    assert layer_to_bytes(codes) == layer_to_bytes(payload.layers[last])
+    with pytest.raises(PayloadLimitError):
+        decompress_layer(body, (unit.key, unit.value), last, tokens, max_bytes=len(body) // 2)
+    with pytest.raises(CorruptPayloadError, match="carries no Reuse unit"):  # layer 0 only feeds a joint unit
+        _layer_codes(body, plan, unit.members[0], tokens, len(body), TransferReport())

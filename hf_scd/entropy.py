@@ -28,9 +28,10 @@ from safetensors.torch import save as st_save
 
 from .artifacts import SCDArtifacts
 from .codec import pack_codes, unpack_codes
-from .codes import MAX_BITS, CoderPair, LayerCodes, TransformCode
+from .codes import MAX_BITS, LayerCodes, TransformCode
 from .errors import ArtifactMismatchError, CorruptPayloadError, PayloadLimitError
 from .payload import SCDPayload, layer_from_bytes, layer_to_bytes, read_body, seal, unseal
+from .plan import Plan
 
 MAGIC = b"HFSCE\0"
 FORMAT_VERSION = 2
@@ -81,27 +82,35 @@ def decompress_payload(
     return SCDPayload.of(stripped.head, layers)
 
 
-def compress_layer(codes: LayerCodes, coders: CoderPair) -> bytes:
-    """A stream's LAYER frame body with the K/V codes of the Reuse unit this layer ends (`coders`) entropy-coded:
-    the same header, then the layer without its K/V codes and their zstd frames. Coding each frame keeps the stream's
-    overlap of wire and decode. Where that is not smaller (a very short prompt), the plain frame body
+def compress_layer(codes: LayerCodes, plan: Plan, index: int) -> bytes:
+    """Layer `index`'s LAYER frame body for a stream coded with `plan`: for the layer that ends a Reuse unit, the same
+    header, then the layer without its K/V codes and their zstd frames. Coding each frame keeps the stream's overlap
+    of wire and decode. Any other layer, or where coding is not smaller (a very short prompt), gets the plain body
     (`layer_to_bytes`)."""
     codes = codes.to(torch.device("cpu"))
-    frames = _regroup([(coders[0], codes.key_codes), (coders[1], codes.value_codes)])
+    plain = layer_to_bytes(codes)
+    unit = plan.unit_ending_at(index)
+    if unit is None:
+        return plain
+    frames = _regroup([(unit.key, codes.key_codes), (unit.value, codes.value_codes)])
     stripped = replace(codes, key_codes=codes.key_codes[:, :0], value_codes=codes.value_codes[:, :0])
-    coded, plain = _seal(_LAYER, layer_to_bytes(stripped), frames, {}), layer_to_bytes(codes)
+    coded = _seal(_LAYER, layer_to_bytes(stripped), frames, {})
     return coded if frames and len(coded) < len(plain) else plain
 
 
-def decompress_layer(
-    body: bytes, coders: CoderPair, index: int, tokens: int, *, max_bytes: int | None = None
-) -> LayerCodes:
-    """The codes `compress_layer` coded, for layer `index` of a stream of `tokens` tokens: checked as a plain LAYER
-    frame's are, each frame of codes against its size before it is decompressed, within `max_bytes` of codes."""
+def decompress_layer(body: bytes, plan: Plan, index: int, tokens: int, *, max_bytes: int | None = None) -> LayerCodes:
+    """The codes of layer `index`'s LAYER frame body, coded by `compress_layer` (known by its magic) or plain, for a
+    stream of `tokens` tokens: checked as a plain frame's are, each frame of codes against its size before it is
+    decompressed, within `max_bytes` of codes. A coded body for a layer that ends no Reuse unit is refused."""
+    if not body.startswith(MAGIC):
+        return layer_from_bytes(body, index, tokens)
+    unit = plan.unit_ending_at(index)
+    if unit is None:
+        raise CorruptPayloadError(f"layer {index} frame is entropy-coded, but the layer carries no Reuse unit's codes")
     stripped_bytes, frames, _ = _read(body, _LAYER)
     stripped = layer_from_bytes(stripped_bytes, index, tokens)
     rows = stripped.key_codes.shape[0]
-    key_codes, value_codes = _ungroup(frames, [(coders[0], rows), (coders[1], rows)], max_bytes, f"layer {index}")
+    key_codes, value_codes = _ungroup(frames, [(unit.key, rows), (unit.value, rows)], max_bytes, f"layer {index}")
     return replace(stripped, key_codes=key_codes, value_codes=value_codes)
 
 
@@ -193,9 +202,11 @@ def _groups(
 def _width_rows(code: TransformCode, tokens: int) -> list[tuple[int, torch.Tensor]]:
     """Per bit width its components use, (width, their rows in `_component_rows` order): one group each; none where
     no token is coded."""
+    if not tokens:
+        return []
     flat = code.bits.reshape(-1).cpu()  # the stage runs on the CPU, whichever device the plan is on
-    present = [bits for bits in range(1, MAX_BITS + 1) if tokens and bool((flat == bits).any())]
-    return [(bits, (flat == bits).nonzero().squeeze(-1)) for bits in present]
+    groups = [(bits, (flat == bits).nonzero().squeeze(-1)) for bits in range(1, MAX_BITS + 1)]
+    return [(bits, index) for bits, index in groups if index.numel()]
 
 
 def _component_rows(codes: torch.Tensor) -> torch.Tensor:

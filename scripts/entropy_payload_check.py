@@ -33,12 +33,8 @@ def stream_frames(payload: SCDPayload, artifacts: SCDArtifacts) -> tuple[int, in
     """Bytes of the payload's layer frame bodies as a stream sends them: plain, and with `entropy=True` (each layer
     that ends a Reuse unit through `compress_layer`)."""
     plan = artifacts.plan(payload.operating_point)
-    plain = [len(layer_to_bytes(layer)) for layer in payload.layers]
-    coded = [
-        len(compress_layer(layer, (unit.key, unit.value))) if (unit := plan.unit_ending_at(index)) else size
-        for index, (layer, size) in enumerate(zip(payload.layers, plain, strict=True))
-    ]
-    return sum(plain), sum(coded)
+    plain = sum(len(layer_to_bytes(layer)) for layer in payload.layers)
+    return plain, sum(len(compress_layer(layer, plan, index)) for index, layer in enumerate(payload.layers))
 
 
 def rebuild(blob: bytes, artifacts: SCDArtifacts, model) -> SCDCache:

@@ -25,8 +25,6 @@ from hf_scd.entropy import (
 from hf_scd.errors import CorruptPayloadError, PayloadLimitError, PayloadVersionError, TruncatedPayloadError
 from hf_scd.eval.corpus import evaluation_texts
 from hf_scd.payload import _HEADER, layer_to_bytes, seal
-from hf_scd.transport import TransferReport
-from hf_scd.transport.stream import _layer_codes
 
 zstandard = pytest.importorskip("zstandard")
 
@@ -152,11 +150,13 @@ def test_a_units_frame_round_trips_and_a_coded_frame_where_no_unit_ends_is_refus
     plan = artifacts.plan(payload.operating_point)
     unit = plan.units[0]
     last, tokens = unit.members[-1], payload.head.num_tokens
-    body = compress_layer(payload.layers[last], (unit.key, unit.value))
+    body = compress_layer(payload.layers[last], plan, last)
     assert body.startswith(MAGIC) and len(body) < len(layer_to_bytes(payload.layers[last]))
-    codes = decompress_layer(body, (unit.key, unit.value), last, tokens, max_bytes=len(body) * 4)
+    codes = decompress_layer(body, plan, last, tokens, max_bytes=len(body) * 4)
     assert layer_to_bytes(codes) == layer_to_bytes(payload.layers[last])
+    first = unit.members[0]  # layer 0 only feeds a joint unit: its frame stays plain, and a coded one is refused
+    assert compress_layer(payload.layers[first], plan, first) == layer_to_bytes(payload.layers[first])
     with pytest.raises(PayloadLimitError):
-        decompress_layer(body, (unit.key, unit.value), last, tokens, max_bytes=len(body) // 2)
-    with pytest.raises(CorruptPayloadError, match="carries no Reuse unit"):  # layer 0 only feeds a joint unit
-        _layer_codes(body, plan, unit.members[0], tokens, len(body), TransferReport())
+        decompress_layer(body, plan, last, tokens, max_bytes=len(body) // 2)
+    with pytest.raises(CorruptPayloadError, match="carries no Reuse unit"):
+        decompress_layer(body, plan, first, tokens, max_bytes=len(body) * 4)

@@ -25,11 +25,10 @@ import torch
 from transformers import Cache
 
 from ..cache import CacheRebuild, SCDCache
-from ..codes import LayerCodes
 from ..entropy import MAGIC as ENTROPY_MAGIC
 from ..entropy import compress_layer, compress_payload, decompress_layer, decompress_payload
-from ..errors import CacheStateError, CorruptPayloadError, ProducerAbortedError, SCDError, TransferError, describe
-from ..payload import PayloadHead, SCDPayload, layer_from_bytes, layer_to_bytes
+from ..errors import CacheStateError, ProducerAbortedError, SCDError, TransferError, describe
+from ..payload import PayloadHead, SCDPayload, layer_to_bytes
 from ..plan import DEFAULT_MAX_KV_BYTES
 from ..prefill import prefill
 from .frames import Frame, Kind, json_frame
@@ -194,8 +193,7 @@ class CacheSender:
         written = [(layer.keys, layer.values) for layer in self.cache.layers[: index + 1]]
         patch_input = self.cache.recorder.patch_input(index) if index in self._plan.patch_layers else None
         codes = self._plan.encode_layer(index, written, self._tokens, patch_input)
-        unit = self._plan.unit_ending_at(index) if self.entropy else None
-        body = compress_layer(codes, (unit.key, unit.value)) if unit is not None else layer_to_bytes(codes)
+        body = compress_layer(codes, self._plan, index) if self.entropy else layer_to_bytes(codes)
         self.report.layers += 1
         self.report.encode_ms += _ms(start)
         return Frame(Kind.LAYER, body, layer=index, tokens=self._head.num_tokens)
@@ -313,18 +311,6 @@ def prefill_instead(
     return cache
 
 
-def _layer_codes(body: bytes, plan, index: int, tokens: int, cap: int, report: TransferReport) -> LayerCodes:
-    """A LAYER frame's codes, plain or through the entropy stage (then within twice the frame's cap: a code takes at
-    most 1.6x its packed bits as the stage lays it out)."""
-    if body[: len(ENTROPY_MAGIC)] != ENTROPY_MAGIC:
-        return layer_from_bytes(body, index, tokens)
-    unit = plan.unit_ending_at(index)
-    if unit is None:
-        raise CorruptPayloadError(f"layer {index} frame is entropy-coded, but the layer carries no Reuse unit's codes")
-    report.entropy = True
-    return decompress_layer(body, (unit.key, unit.value), index, tokens, max_bytes=2 * cap)
-
-
 def _check_prefix(head: PayloadHead, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
     mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
     same = head.input_ids.shape == input_ids.shape and torch.equal(head.attention_mask, mask.cpu())
@@ -359,7 +345,7 @@ def _receive(
     _raise_if_aborted(first)
     shape = artifacts.shape
     if first.kind is Kind.PAYLOAD:
-        report.streaming, report.entropy = False, first.body[: len(ENTROPY_MAGIC)] == ENTROPY_MAGIC
+        report.streaming, report.entropy = False, first.body.startswith(ENTROPY_MAGIC)
         report.wire_ms, report.layer_arrival_ms = _ms(wire_start), [_ms(wire_start)] * shape.num_layers
         decode_start = time.perf_counter()
         if report.entropy:
@@ -381,7 +367,10 @@ def _receive(
                 if frame.layer != index or frame.tokens != head.num_tokens:
                     raise TransferError(f"frame for layer {frame.layer} arrived where layer {index} was due")
                 decode_start = time.perf_counter()
-                rebuild.add_layer(index, _layer_codes(frame.body, rebuild.plan, index, head.num_tokens, cap, report))
+                # A coded frame may expand past its cap: a code takes at most 1.6x its packed bits in the stage
+                codes = decompress_layer(frame.body, rebuild.plan, index, head.num_tokens, max_bytes=2 * cap)
+                report.entropy |= frame.body.startswith(ENTROPY_MAGIC)
+                rebuild.add_layer(index, codes)
                 report.decode_ms += _ms(decode_start)
             end = link.receive(deadline, {Kind.END: MAX_JSON_FRAME_BYTES, **_ABORT})
             _raise_if_aborted(end)

@@ -44,19 +44,16 @@ ZSTD_LEVEL = 1
 def compress_payload(payload: SCDPayload, artifacts: SCDArtifacts) -> bytes:
     """`payload` (made with `artifacts`) with its K/V codes entropy-coded: a header (magic ``HFSCE\\0``, u16 version,
     u32 CRC-32 of the body, u64 body length) and a safetensors body of the payload without its K/V codes, and the
-    codes regrouped, one zstd frame per width, with the frames' lengths. Where that is not smaller (a very short
-    prompt), the body holds the payload as it is."""
+    codes regrouped, one zstd frame per width, with the frames' lengths. Where the frames are not smaller than the
+    codes (a very short prompt), the body holds the payload as it is."""
     groups = list(_groups(payload, artifacts))
     frames = _regroup([(code, packed) for _, _, code, packed in groups])
+    if not frames or sum(map(len, frames)) >= sum(packed.numel() for *_, packed in groups):
+        return _seal(_PAYLOAD, payload.to_bytes(), [], {"coded": "no"})
     layers = list(payload.layers)
     for index, kind, _, packed in groups:
         layers[index] = replace(layers[index], **{f"{kind}_codes": packed[:, :0]})
-    stripped = SCDPayload.of(payload.head, layers).to_bytes()
-    plain = payload.to_bytes()
-    coded = bool(frames) and len(stripped) + sum(map(len, frames)) < len(plain)
-    if not coded:
-        stripped, frames = plain, []
-    return _seal(_PAYLOAD, stripped, frames, {"coded": "yes" if coded else "no"})
+    return _seal(_PAYLOAD, SCDPayload.of(payload.head, layers).to_bytes(), frames, {"coded": "yes"})
 
 
 def decompress_payload(

@@ -160,3 +160,30 @@ def test_a_units_frame_round_trips_and_a_coded_frame_where_no_unit_ends_is_refus
         decompress_layer(body, plan, last, tokens, max_bytes=len(body) // 2)
     with pytest.raises(CorruptPayloadError, match="carries no Reuse unit"):
         decompress_layer(body, plan, first, tokens, max_bytes=len(body) * 4)
+
+
+def test_the_throughput_benchmarks_stage_arms_rebuild_what_its_plain_arms_rebuild(smollm2, artifacts):
+    """`hf_scd.eval.codec_speed --entropy` times the stage's own round trips, one-shot and streamed: each must rebuild
+    the cache its plain arm rebuilds, bit for bit, from fewer bytes."""
+    from hf_scd.eval import codec_speed
+
+    model, tokenizer = smollm2
+    ids = tokenizer(evaluation_texts()[1], return_tensors="pt", add_special_tokens=False)["input_ids"][:, :400]
+    with torch.inference_mode():
+        cache = codec_speed.prefilled(model, artifacts, ids)
+        payload = cache.encode("8x")
+        rebuilt = {}
+        for entropy in (False, True):
+            blob = codec_speed.encode(cache, "8x", entropy)
+            bodies = codec_speed.stream_encode(cache, "8x", entropy)
+            rebuilt[entropy] = (
+                len(blob),
+                sum(map(len, bodies)),
+                codec_speed.decode(blob, artifacts, model, entropy),
+                codec_speed.stream_decode(payload, bodies, artifacts, model, entropy),
+            )
+    (plain_size, plain_stream, plain, plain_streamed), (size, stream, coded, coded_streamed) = rebuilt.values()
+    assert size < plain_size and stream < plain_stream
+    for got in (coded, coded_streamed, plain_streamed):
+        for mine, theirs in zip(got.layers, plain.layers, strict=True):
+            assert torch.equal(mine.keys, theirs.keys) and torch.equal(mine.values, theirs.values)

@@ -1,12 +1,14 @@
 """CPU codec throughput against the model's own prefill: can one core code K/V as fast as the model makes it?
 
-    python -m hf_scd.eval.codec_speed [--tokens 512,2048,4096] [--points 4x,8x] [--repeats 7]
+    python -m hf_scd.eval.codec_speed [--tokens 512,2048,4096] [--points 4x,8x] [--repeats 7] [--entropy]
 
 For SmolLM2-135M with its real artifacts, on real held-out text, one torch thread (run it pinned: `taskset -c 1`),
 the median time of: the prefill forward into an `SCDCache`; the one-shot encode (cache -> payload bytes) and decode
 (bytes -> rebuilt cache); and the streamed path, layer by layer (`Plan.encode_layer` and the frame's bytes on the
-producer, `layer_from_bytes` and `CacheRebuild.add_layer` on the consumer). Throughput is in GB/s of the bf16 K/V
-those tokens take (2 x layers x tokens x kv_heads x head_dim x 2 bytes), the prefill's too: the K/V it produces.
+producer, `layer_from_bytes` and `CacheRebuild.add_layer` on the consumer). With `--entropy`, the same four stages
+with the entropy stage (`hf_scd.entropy`) included: `compress_payload` after the encode and `decompress_payload`
+before the decode, `compress_layer` / `decompress_layer` per frame. Throughput is in GB/s of the bf16 K/V those tokens
+take (2 x layers x tokens x kv_heads x head_dim x 2 bytes), the prefill's too: the K/V it produces.
 """
 
 from __future__ import annotations
@@ -23,13 +25,16 @@ import torch
 from ..artifacts import SCDArtifacts
 from ..cache import CacheRebuild, SCDCache
 from ..compat import with_cache
+from ..entropy import compress_layer, compress_payload, decompress_layer, decompress_payload
 from ..models import load_model
 from ..payload import SCDPayload, layer_from_bytes, layer_to_bytes
+from ..plan import Plan
 from .corpus import evaluation_texts
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "hub_artifacts" / "smollm2-135m-instruct"
 STAGES = ("encode", "decode", "stream_encode", "stream_decode")
+ENTROPY_STAGES = tuple(f"{stage}+zstd" for stage in STAGES)
 
 
 def median_ms(repeats: int, run: Callable[..., object], *args) -> float:
@@ -50,31 +55,43 @@ def prefilled(model, artifacts: SCDArtifacts, prompt: torch.Tensor) -> SCDCache:
     return cache
 
 
-def encode(cache: SCDCache, point: str) -> bytes:
-    return cache.encode(point).to_bytes()
+def encode(cache: SCDCache, point: str, entropy: bool = False) -> bytes:
+    payload = cache.encode(point)
+    return compress_payload(payload, cache.artifacts) if entropy else payload.to_bytes()
 
 
-def stream_encode(cache: SCDCache, point: str) -> list[bytes]:
+def stream_encode(cache: SCDCache, point: str, entropy: bool = False) -> list[bytes]:
     """What a `CacheSender` does per layer once the forward is done: each layer's codes as its frame's body."""
     plan = cache.artifacts.plan(point, cache.layers[0].keys.device)
     tokens = plan.layout(cache.record)
     kv = [(layer.keys, layer.values) for layer in cache.layers]
-    return [layer_to_bytes(plan.encode_layer(index, kv, tokens)) for index in range(len(kv))]
+    codes = (plan.encode_layer(index, kv, tokens) for index in range(len(kv)))
+    if entropy:
+        return [compress_layer(layer, plan, index) for index, layer in enumerate(codes)]
+    return [layer_to_bytes(layer) for layer in codes]
 
 
-def stream_decode(payload: SCDPayload, bodies: list[bytes], artifacts: SCDArtifacts, model) -> SCDCache:
+def stream_decode(
+    payload: SCDPayload, bodies: list[bytes], artifacts: SCDArtifacts, model, entropy: bool = False
+) -> SCDCache:
     """What `receive_cache` does with a stream: each frame's codes read, checked and decoded as it arrives."""
     head = payload.head
     with CacheRebuild(head, artifacts, model) as rebuild:
+        plan: Plan = rebuild.plan
         for index, body in enumerate(bodies):
-            rebuild.add_layer(index, layer_from_bytes(body, index, head.num_tokens))
+            if entropy:
+                layer = decompress_layer(body, plan, index, head.num_tokens)
+            else:
+                layer = layer_from_bytes(body, index, head.num_tokens)
+            rebuild.add_layer(index, layer)
         cache = rebuild.finish()
     cache.close()
     return cache
 
 
-def decode(blob: bytes, artifacts: SCDArtifacts, model) -> SCDCache:
-    cache = SCDCache.from_payload(SCDPayload.from_bytes(blob), artifacts, model)
+def decode(blob: bytes, artifacts: SCDArtifacts, model, entropy: bool = False) -> SCDCache:
+    payload = decompress_payload(blob, artifacts) if entropy else SCDPayload.from_bytes(blob)
+    cache = SCDCache.from_payload(payload, artifacts, model)
     cache.close()
     return cache
 
@@ -92,20 +109,27 @@ def measure(args: argparse.Namespace) -> list[dict]:
         prefill_ms = median_ms(args.prefill_repeats, prefilled, model, artifacts, prompt)
         cache = prefilled(model, artifacts, prompt)
         for point in args.points:
-            blob = encode(cache, point)
-            payload = SCDPayload.from_bytes(blob)
-            bodies = stream_encode(cache, point)
-            times = {
-                "encode": median_ms(args.repeats, encode, cache, point),
-                "decode": median_ms(args.repeats, decode, blob, artifacts, model),
-                "stream_encode": median_ms(args.repeats, stream_encode, cache, point),
-                "stream_decode": median_ms(args.repeats, stream_decode, payload, bodies, artifacts, model),
-            }
+            times, sizes = {}, {}
+            for entropy in (False, True) if args.entropy else (False,):
+                suffix = "+zstd" if entropy else ""
+                blob = encode(cache, point, entropy)
+                payload = cache.encode(point)
+                bodies = stream_encode(cache, point, entropy)
+                sizes[f"payload{suffix}"] = len(blob)
+                sizes[f"stream{suffix}"] = sum(map(len, bodies))
+                times |= {
+                    f"encode{suffix}": median_ms(args.repeats, encode, cache, point, entropy),
+                    f"decode{suffix}": median_ms(args.repeats, decode, blob, artifacts, model, entropy),
+                    f"stream_encode{suffix}": median_ms(args.repeats, stream_encode, cache, point, entropy),
+                    f"stream_decode{suffix}": median_ms(
+                        args.repeats, stream_decode, payload, bodies, artifacts, model, entropy
+                    ),
+                }
             row = {
                 "tokens": tokens,
                 "point": point,
                 "kv_bytes_bf16": kv_bytes,
-                "payload_bytes": len(blob),
+                **{f"{part}_bytes": size for part, size in sizes.items()},
                 "prefill_ms": prefill_ms,
                 "prefill_tokens_per_s": tokens / prefill_ms * 1e3,
                 "prefill_gbps": kv_bytes / prefill_ms / 1e6,
@@ -120,13 +144,15 @@ def measure(args: argparse.Namespace) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    """Markdown: per prompt and point, ms and GB/s of bf16-equivalent K/V for every stage, the prefill alongside."""
-    head = "| tokens | point | prefill ms (tok/s, GB/s K/V) | " + " | ".join(f"{s} ms (GB/s)" for s in STAGES) + " |"
-    lines = [head, "|" + "---:|" * (3 + len(STAGES))]
+    """Markdown: per prompt and point, ms and GB/s of bf16-equivalent K/V for every stage measured, the prefill
+    alongside."""
+    stages = [stage for stage in STAGES + ENTROPY_STAGES if f"{stage}_ms" in rows[0]]
+    head = "| tokens | point | prefill ms (tok/s, GB/s K/V) | " + " | ".join(f"{s} ms (GB/s)" for s in stages) + " |"
+    lines = [head, "|" + "---:|" * (3 + len(stages))]
     for row in rows:
         prefill = f"{row['prefill_ms']:.0f} ({row['prefill_tokens_per_s']:.0f}, {row['prefill_gbps']:.3f})"
-        stages = " | ".join(f"{row[f'{s}_ms']:.1f} ({row[f'{s}_gbps']:.2f})" for s in STAGES)
-        lines.append(f"| {row['tokens']} | {row['point']} | {prefill} | {stages} |")
+        cells = " | ".join(f"{row[f'{s}_ms']:.1f} ({row[f'{s}_gbps']:.2f})" for s in stages)
+        lines.append(f"| {row['tokens']} | {row['point']} | {prefill} | {cells} |")
     return "\n".join(lines)
 
 
@@ -137,6 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=7, help="timed runs of each codec stage (median)")
     parser.add_argument("--prefill-repeats", type=int, default=3, help="timed prefills per prompt (median)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--entropy", action="store_true", help="also every stage with the entropy stage included")
     parser.add_argument("--out", default="benchmarks/codec_speed_smollm2-135m-instruct.json")
     args = parser.parse_args(argv)
     with torch.inference_mode():

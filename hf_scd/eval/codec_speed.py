@@ -28,7 +28,6 @@ from ..compat import with_cache
 from ..entropy import compress_layer, compress_payload, decompress_layer, decompress_payload
 from ..models import load_model
 from ..payload import SCDPayload, layer_from_bytes, layer_to_bytes
-from ..plan import Plan
 from .corpus import evaluation_texts
 
 REPO = Path(__file__).resolve().parents[2]
@@ -77,10 +76,9 @@ def stream_decode(
     """What `receive_cache` does with a stream: each frame's codes read, checked and decoded as it arrives."""
     head = payload.head
     with CacheRebuild(head, artifacts, model) as rebuild:
-        plan: Plan = rebuild.plan
         for index, body in enumerate(bodies):
             if entropy:
-                layer = decompress_layer(body, plan, index, head.num_tokens)
+                layer = decompress_layer(body, rebuild.plan, index, head.num_tokens)
             else:
                 layer = layer_from_bytes(body, index, head.num_tokens)
             rebuild.add_layer(index, layer)

@@ -127,7 +127,7 @@ def decode_units(
     codes = [unit[-1] for unit in members]
     batch, seq = shape
     heads, dim = kv_shape
-    device = codes[0].key_codes.device
+    device = codes[0].key_scales.device
     layers = sum(map(len, members))
     covered = coded_rows.numel() + exact_rows.numel() == batch * seq
     out = (torch.empty if covered else torch.zeros)(2, layers, batch, heads, seq, dim, dtype=dtype, device=device)

@@ -26,7 +26,8 @@ shape (joint units); this file is their reference and never imports them (`backe
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from functools import cached_property
 
 import torch
 
@@ -259,19 +260,78 @@ def _encode_heads(
 
 
 def _decode_heads(
-    code: TransformCode, packed: torch.Tensor, scale_codes: torch.Tensor, products: torch.dtype = torch.float32
+    code: TransformCode, rows: torch.Tensor, scale_codes: torch.Tensor, products: torch.dtype = torch.float32
 ) -> torch.Tensor:
-    """Packed codes and per-token scale codes -> block-major reconstruction (G, tokens, W), `out_mean + unit *
-    scale`, in the `products` dtype. Each code is centred and scaled by its token's scale before the product, so one
-    batched multiply-add by the decoder, which has the steps folded in, gives the vectors."""
+    """Component rows (`unpacked_rows`) and per-token scale codes -> block-major reconstruction (G, tokens, W),
+    `out_mean + unit * scale`, in the `products` dtype. Each code is centred and scaled by its token's scale before
+    the product, so one batched multiply-add by the decoder, which has the steps folded in, gives the vectors."""
     derived = _derived(code)
     heads, components = code.bits.shape[0], derived.components
-    centred = _unpack_rows(packed, code.layout, components).float().sub_(derived.offsets)  # 0 at dropped components
-    scaled = centred.view(heads, components, -1).mul_(code_to_scale(scale_codes).T.unsqueeze(1)).transpose(1, 2)
+    offsets = derived.offsets.view(heads, components, 1)
+    centred = rows[:, :components].float().sub_(offsets)  # 0 at dropped components
+    scaled = centred.mul_(code_to_scale(scale_codes).T.unsqueeze(1)).transpose(1, 2)
     _, decoder = derived.matrices(products)
     return torch.baddbmm(
         derived.out_mean.to(products), scaled.to(products, memory_format=torch.contiguous_format), decoder
     )
+
+
+def unpacked_rows(code: TransformCode, packed: torch.Tensor) -> torch.Tensor:
+    """Packed codes (tokens, bytes) -> the rows the decoder reads: (heads, components, tokens) int32, each head's
+    components in order up to the last any head keeps (at least)."""
+    components = _derived(code).components
+    return _unpack_rows(packed, code.layout, components).view(code.bits.shape[0], components, -1)
+
+
+class UnpackedLayerCodes(LayerCodes):
+    """A Reuse unit's last layer holding its K/V codes as the decoder reads them: one row per component, (heads, dim,
+    tokens) uint8 (0 where a component has no bits). The entropy stage decompresses into these, so a payload or frame
+    that goes straight to the decoder is not packed and unpacked again on the way. `key_codes` and `value_codes` are
+    packed from the rows when something asks for them (a payload written out again, the GPU kernels)."""
+
+    def __init__(self, layer: LayerCodes, coders: CoderPair, key_rows: torch.Tensor, value_rows: torch.Tensor):
+        for part in fields(LayerCodes):
+            if part.name not in _KV_CODES:
+                setattr(self, part.name, getattr(layer, part.name))
+        self.coders = coders
+        self.rows = {"key": key_rows, "value": value_rows}
+
+    @cached_property
+    def key_codes(self) -> torch.Tensor:
+        return pack_codes(self.rows["key"].permute(2, 0, 1), self.coders[0].layout)
+
+    @cached_property
+    def value_codes(self) -> torch.Tensor:
+        return pack_codes(self.rows["value"].permute(2, 0, 1), self.coders[1].layout)
+
+    def codes_shape(self, kind: str) -> tuple[int, int]:
+        if kind not in self.rows:
+            return super().codes_shape(kind)
+        code = self.coders[0] if kind == "key" else self.coders[1]
+        return self.rows[kind].shape[-1], code.layout.bytes_per_token
+
+    def to(self, device: torch.device | str) -> UnpackedLayerCodes:
+        rows = (self.rows[kind].to(device) for kind in ("key", "value"))
+        return UnpackedLayerCodes(without_codes(self).to(device), self.coders, *rows)
+
+
+_KV_CODES = ("key_codes", "value_codes")
+
+
+def without_codes(layer: LayerCodes) -> LayerCodes:
+    """The layer with zero-width K/V codes: what rides beside them where they travel apart (the entropy stage)."""
+    empty = layer.key_scales[:, :0]
+    return LayerCodes(
+        **{part.name: empty if part.name in _KV_CODES else getattr(layer, part.name) for part in fields(LayerCodes)}
+    )
+
+
+def code_rows(layer: LayerCodes, kind: str, code: TransformCode) -> torch.Tensor:
+    """A unit's `kind` ("key"/"value") codes in its last `layer` as the decoder reads them, (heads, components,
+    tokens), each head's components in order up to the last any head keeps (at least): held so, or unpacked."""
+    if isinstance(layer, UnpackedLayerCodes):
+        return layer.rows[kind]
+    return unpacked_rows(code, getattr(layer, f"{kind}_codes"))
 
 
 def encode_vectors(code: TransformCode, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -281,7 +341,7 @@ def encode_vectors(code: TransformCode, x: torch.Tensor) -> tuple[torch.Tensor, 
 
 def decode_vectors(code: TransformCode, packed: torch.Tensor, scale_codes: torch.Tensor) -> torch.Tensor:
     """Packed codes and per-token scale codes -> (tokens, H, d) float32 reconstruction."""
-    return _decode_heads(code, packed, scale_codes).transpose(0, 1)
+    return _decode_heads(code, unpacked_rows(code, packed), scale_codes).transpose(0, 1)
 
 
 def token_runs(rows: torch.Tensor, seq: int) -> list[tuple[int, int, int, int]]:
@@ -412,8 +472,11 @@ def decode_rows(
         _, heads, _, dim = unit_keys[0].shape
         shape = (rows.numel(), len(unit_keys), heads, dim)
         # Keys in float32 before they are rotated: torch's CPU multiply of a strided bf16 view is several times slower
-        content = _decode_heads(key_code, unit_codes.key_codes, unit_codes.key_scales, products).float()
-        vectors = _decode_heads(value_code, unit_codes.value_codes, unit_codes.value_scales, products)
+        content = _decode_heads(key_code, code_rows(unit_codes, "key", key_code), unit_codes.key_scales, products)
+        content = content.float()
+        vectors = _decode_heads(
+            value_code, code_rows(unit_codes, "value", value_code), unit_codes.value_scales, products
+        )
         content, vectors = (part.transpose(0, 1).reshape(shape) for part in (content, vectors))
         for member, (out_k, out_v) in enumerate(zip(unit_keys, unit_values, strict=True)):
             for batch, start, end, first in runs:

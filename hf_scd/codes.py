@@ -142,6 +142,11 @@ class LayerCodes:
     def to(self, device: torch.device | str) -> LayerCodes:
         return LayerCodes(*(getattr(self, f.name).to(device) for f in fields(self)))
 
+    def codes_shape(self, kind: str) -> tuple[int, int]:
+        """(coded tokens, bytes per token) of the `kind` ("key", "value", "hidden") codes this layer puts on the
+        wire."""
+        return tuple(getattr(self, f"{kind}_codes").shape)
+
 
 CoderPair = tuple[TransformCode, TransformCode]
 RowCodes = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]

@@ -21,23 +21,21 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import replace
 
 import torch
 from safetensors.torch import save as st_save
 
 from .artifacts import SCDArtifacts
-from .codec import pack_codes, unpack_codes
+from .codec import UnpackedLayerCodes, code_rows, without_codes
 from .codes import MAX_BITS, LayerCodes, TransformCode
 from .errors import ArtifactMismatchError, CorruptPayloadError, PayloadLimitError
 from .payload import SCDPayload, layer_from_bytes, layer_to_bytes, read_body, seal, unseal
-from .plan import Plan
+from .plan import Plan, ReuseUnit
 
 MAGIC = b"HFSCE\0"
 FORMAT_VERSION = 2
 _PAYLOAD, _LAYER = "payload", "layer"
 _FORMATS = {_PAYLOAD: "hf-scd-entropy", _LAYER: "hf-scd-entropy-layer"}
-_KINDS = ("key", "value")
 ZSTD_LEVEL = 1
 
 
@@ -46,13 +44,13 @@ def compress_payload(payload: SCDPayload, artifacts: SCDArtifacts) -> bytes:
     u32 CRC-32 of the body, u64 body length) and a safetensors body of the payload without its K/V codes, and the
     codes regrouped, one zstd frame per width, with the frames' lengths. Where the frames are not smaller than the
     codes (a very short prompt), the body holds the payload as it is."""
-    groups = list(_groups(payload, artifacts))
-    frames = _regroup([(code, packed) for _, _, code, packed in groups])
-    if not frames or sum(map(len, frames)) >= sum(packed.numel() for *_, packed in groups):
+    units = list(_units(payload, artifacts))
+    frames = _regroup([(code, layer, kind) for unit, layer in units for kind, code in _kinds(unit)])
+    if not frames or sum(map(len, frames)) >= _packed_bytes(units):
         return _seal(_PAYLOAD, payload.to_bytes(), [], {"coded": "no"})
     layers = list(payload.layers)
-    for index, kind, _, packed in groups:
-        layers[index] = replace(layers[index], **{f"{kind}_codes": packed[:, :0]})
+    for unit, layer in units:
+        layers[unit.members[-1]] = without_codes(layer)
     return _seal(_PAYLOAD, SCDPayload.of(payload.head, layers).to_bytes(), frames, {"coded": "yes"})
 
 
@@ -61,7 +59,9 @@ def decompress_payload(
 ) -> SCDPayload:
     """The payload `compress_payload` compressed with these artifacts. Damaged, truncated or foreign bytes raise a
     `PayloadError`; each frame of codes is checked against the size the artifacts' plan gives before it is decompressed,
-    and a payload that would exceed `max_bytes` (what a receiver accepts from a peer) is a `PayloadLimitError`."""
+    and a payload that would exceed `max_bytes` (what a receiver accepts from a peer) is a `PayloadLimitError`. The
+    units' codes stay as the stage decodes them, one row per component (`UnpackedLayerCodes`): the decoder reads them
+    so, and they are packed only if the payload is written out again."""
     stripped_bytes, frames, metadata = _read(bytes(blob), _PAYLOAD)
     if metadata.get("coded") == "no":  # stored as it was: compressing did not pay
         if frames:
@@ -70,35 +70,36 @@ def decompress_payload(
     if metadata.get("coded") != "yes":
         raise CorruptPayloadError("compressed payload does not say whether its codes are entropy-coded")
     stripped = SCDPayload.from_bytes(stripped_bytes)
-    groups = list(_groups(stripped, artifacts, stripped=True))
+    units = list(_units(stripped, artifacts, stripped=True))
     budget = None if max_bytes is None else max_bytes - len(stripped_bytes)
-    packed = _ungroup(frames, [(code, codes.shape[0]) for _, _, code, codes in groups], budget, "payload")
+    parts = [(code, layer.codes_shape(kind)[0]) for unit, layer in units for kind, code in _kinds(unit)]
+    rows = iter(_ungroup(frames, parts, budget, "payload"))
     layers = list(stripped.layers)
-    for (index, kind, _, _), codes in zip(groups, packed, strict=True):
-        layers[index] = replace(layers[index], **{f"{kind}_codes": codes})
+    for unit, layer in units:
+        layers[unit.members[-1]] = UnpackedLayerCodes(layer, (unit.key, unit.value), next(rows), next(rows))
     return SCDPayload.of(stripped.head, layers)
 
 
 def compress_layer(codes: LayerCodes, plan: Plan, index: int) -> bytes:
     """Layer `index`'s LAYER frame body for a stream coded with `plan`: for the layer that ends a Reuse unit, the same
     header, then the layer without its K/V codes and their zstd frames. Coding each frame keeps the stream's overlap
-    of wire and decode. Any other layer, or where coding is not smaller (a very short prompt), gets the plain body
-    (`layer_to_bytes`)."""
+    of wire and decode. Any other layer, or where the frames are not smaller than the codes (a very short prompt),
+    gets the plain body (`layer_to_bytes`)."""
     codes = codes.to(torch.device("cpu"))
-    plain = layer_to_bytes(codes)
     unit = plan.unit_ending_at(index)
     if unit is None:
-        return plain
-    frames = _regroup([(unit.key, codes.key_codes), (unit.value, codes.value_codes)])
-    stripped = replace(codes, key_codes=codes.key_codes[:, :0], value_codes=codes.value_codes[:, :0])
-    coded = _seal(_LAYER, layer_to_bytes(stripped), frames, {})
-    return coded if frames and len(coded) < len(plain) else plain
+        return layer_to_bytes(codes)
+    frames = _regroup([(code, codes, kind) for kind, code in _kinds(unit)])
+    if not frames or sum(map(len, frames)) >= _packed_bytes([(unit, codes)]):
+        return layer_to_bytes(codes)
+    return _seal(_LAYER, layer_to_bytes(without_codes(codes)), frames, {})
 
 
 def decompress_layer(body: bytes, plan: Plan, index: int, tokens: int, *, max_bytes: int | None = None) -> LayerCodes:
-    """The codes of layer `index`'s LAYER frame body, coded by `compress_layer` (known by its magic) or plain, for a
-    stream of `tokens` tokens: checked as a plain frame's are, each frame of codes against its size before it is
-    decompressed, within `max_bytes` of codes. A coded body for a layer that ends no Reuse unit is refused."""
+    """The codes of layer `index`'s LAYER frame body, coded by `compress_layer` (known by its magic: its codes then
+    stay unpacked, `UnpackedLayerCodes`) or plain, for a stream of `tokens` tokens: checked as a plain frame's are,
+    each frame of codes against its size before it is decompressed, within `max_bytes` of codes. A coded body for a
+    layer that ends no Reuse unit is refused."""
     if not body.startswith(MAGIC):
         return layer_from_bytes(body, index, tokens)
     unit = plan.unit_ending_at(index)
@@ -106,23 +107,26 @@ def decompress_layer(body: bytes, plan: Plan, index: int, tokens: int, *, max_by
         raise CorruptPayloadError(f"layer {index} frame is entropy-coded, but the layer carries no Reuse unit's codes")
     stripped_bytes, frames, _ = _read(body, _LAYER)
     stripped = layer_from_bytes(stripped_bytes, index, tokens)
-    rows = stripped.key_codes.shape[0]
-    key_codes, value_codes = _ungroup(frames, [(unit.key, rows), (unit.value, rows)], max_bytes, f"layer {index}")
-    return replace(stripped, key_codes=key_codes, value_codes=value_codes)
+    coded = stripped.codes_shape("key")[0]
+    rows = _ungroup(frames, [(unit.key, coded), (unit.value, coded)], max_bytes, f"layer {index}")
+    return UnpackedLayerCodes(stripped, (unit.key, unit.value), *rows)
 
 
-def _regroup(parts: list[tuple[TransformCode, torch.Tensor]]) -> list[bytes]:
-    """The parts' packed codes regrouped, one zstd frame per bit width they use (in increasing width): every part's
-    group of that width in turn, each component by component as `_symbol_bytes`. A frame per width keeps each of
-    zstd's blocks to one law, also where the groups are smaller than a block (a unit of a few hundred tokens)."""
+def _regroup(parts: list[tuple[TransformCode, LayerCodes, str]]) -> list[bytes]:
+    """The parts' codes (a coder, the unit's last layer, "key" or "value") regrouped, one zstd frame per bit width they
+    use (in increasing width): every part's group of that width in turn, each component by component as
+    `_symbol_bytes`. A frame per width keeps each of zstd's blocks to one law, also where the groups are smaller than
+    a block (a unit of a few hundred tokens). The parts' codes are unpacked one at a time, where they are packed."""
     symbols: list[list[torch.Tensor]] = [[] for _ in range(MAX_BITS + 1)]
-    for code, packed in parts:
-        widths = _width_rows(code, packed.shape[0])
+    for code, layer, kind in parts:
+        rows = code_rows(layer, kind, code)
+        heads, components, tokens = rows.shape
+        widths = _width_rows(code, tokens, components)
         if not widths:  # no coded token
             continue
-        rows = _component_rows(unpack_codes(packed, code.layout)).to(torch.uint8)  # codes have at most 8 bits
+        flat = rows.reshape(heads * components, tokens).to(torch.uint8)  # codes have at most 8 bits
         for bits, index in widths:
-            symbols[bits].append(_symbol_bytes(rows.index_select(0, index).view(-1), bits))
+            symbols[bits].append(_symbol_bytes(flat.index_select(0, index).view(-1), bits))
     compressor = _zstandard().ZstdCompressor(level=ZSTD_LEVEL)
     return [compressor.compress(torch.cat(groups).numpy().tobytes()) for groups in symbols if groups]
 
@@ -130,10 +134,11 @@ def _regroup(parts: list[tuple[TransformCode, torch.Tensor]]) -> list[bytes]:
 def _ungroup(
     frames: list[bytes], parts: list[tuple[TransformCode, int]], max_bytes: int | None, what: str
 ) -> list[torch.Tensor]:
-    """Inverse of `_regroup`: each part's packed codes (tokens, bytes), the parts given as (coder, tokens). Each frame
-    must declare exactly the bytes its width's groups take, within `max_bytes` in all, before it is decompressed."""
+    """Inverse of `_regroup`: each part's codes as rows (heads, dim, tokens) uint8, 0 where a component has no bits,
+    the parts given as (coder, tokens). Each frame must declare exactly the bytes its width's groups take, within
+    `max_bytes` in all, before it is decompressed."""
     zstd = _zstandard()
-    widths = [_width_rows(code, tokens) for code, tokens in parts]
+    widths = [_width_rows(code, tokens, code.bits.shape[-1]) for code, tokens in parts]
     order = sorted(  # (width, part, codes): the frames' order
         (bits, number, tokens * index.numel())
         for number, ((_, tokens), part) in enumerate(zip(parts, widths, strict=True))
@@ -163,52 +168,54 @@ def _ungroup(
             raise CorruptPayloadError(f"{bits}-bit codes of the {what} hold {len(data[-1])} bytes, not {expected}")
     pieces = _bytes_tensor(b"".join(data)).split(sizes) if sizes else ()
     symbols = {(bits, number): (piece, count) for (bits, number, count), piece in zip(order, pieces, strict=True)}
-    packed = []
+    unpacked = []
     for number, ((code, tokens), part) in enumerate(zip(parts, widths, strict=True)):
         heads, dim = code.bits.shape
         rows = torch.zeros(heads * dim, tokens, dtype=torch.uint8)
         for bits, components in part:
             rows.index_copy_(0, components, _codes_of_bytes(*symbols[bits, number], bits).view(-1, tokens))
-        packed.append(pack_codes(rows.view(heads, dim, tokens).permute(2, 0, 1), code.layout))
-    return packed
+        unpacked.append(rows.view(heads, dim, tokens))
+    return unpacked
 
 
-def _groups(
+def _units(
     payload: SCDPayload, artifacts: SCDArtifacts, stripped: bool = False
-) -> Iterator[tuple[int, str, TransformCode, torch.Tensor]]:
-    """(layer index, "key"/"value", coder, packed codes) of every Reuse unit of the payload's plan, in a fixed order;
-    a stripped payload's codes are zero-width, one row per coded token still."""
+) -> Iterator[tuple[ReuseUnit, LayerCodes]]:
+    """Every Reuse unit of the payload's plan, in order, with its last layer (which carries its codes), once the
+    layer's K/V codes are checked to be as wide as the plan gives (zero-width in a stripped payload)."""
     if payload.artifacts_id != artifacts.artifacts_id:
         raise ArtifactMismatchError(
             f"payload was made with artifacts {payload.artifacts_id}, these are {artifacts.artifacts_id}"
         )
-    plan = artifacts.plan(payload.operating_point)
-    for unit in plan.units:
+    for unit in artifacts.plan(payload.operating_point).units:
         index = unit.members[-1]
         layer: LayerCodes = payload.layers[index]
-        for kind, code in zip(_KINDS, (unit.key, unit.value), strict=True):
-            packed = getattr(layer, f"{kind}_codes")
-            expected = 0 if stripped else code.layout.bytes_per_token
-            if packed.shape[1] != expected:
-                raise CorruptPayloadError(
-                    f"layer {index} {kind} codes are {packed.shape[1]} bytes wide, not {expected}"
-                )
-            yield index, kind, code, packed
+        for kind, code in _kinds(unit):
+            width, expected = layer.codes_shape(kind)[1], 0 if stripped else code.layout.bytes_per_token
+            if width != expected:
+                raise CorruptPayloadError(f"layer {index} {kind} codes are {width} bytes wide, not {expected}")
+        yield unit, layer
 
 
-def _width_rows(code: TransformCode, tokens: int) -> list[tuple[int, torch.Tensor]]:
-    """Per bit width its components use, (width, their rows in `_component_rows` order): one group each; none where
-    no token is coded."""
+def _packed_bytes(units: list[tuple[ReuseUnit, LayerCodes]]) -> int:
+    """Bytes of the units' K/V codes as the codec packs them."""
+    return sum(
+        code.layout.bytes_per_token * layer.codes_shape(kind)[0] for unit, layer in units for kind, code in _kinds(unit)
+    )
+
+
+def _kinds(unit: ReuseUnit) -> tuple[tuple[str, TransformCode], tuple[str, TransformCode]]:
+    return ("key", unit.key), ("value", unit.value)
+
+
+def _width_rows(code: TransformCode, tokens: int, components: int) -> list[tuple[int, torch.Tensor]]:
+    """Per bit width the coder's components use, (width, those components as rows of (heads * components) rows, each
+    head's first `components`, in order): one group each; none where no token is coded."""
     if not tokens:
         return []
-    flat = code.bits.reshape(-1).cpu()  # the stage runs on the CPU, whichever device the plan is on
+    flat = code.bits[:, :components].reshape(-1).cpu()  # the stage runs on the CPU, whichever device the plan is on
     groups = [(bits, (flat == bits).nonzero().squeeze(-1)) for bits in range(1, MAX_BITS + 1)]
     return [(bits, index) for bits, index in groups if index.numel()]
-
-
-def _component_rows(codes: torch.Tensor) -> torch.Tensor:
-    """(tokens, heads, dim) codes as (heads * dim, tokens), one row per component (a view of `unpack_codes`' rows)."""
-    return codes.permute(1, 2, 0).reshape(-1, codes.shape[0])
 
 
 def _symbol_bytes_size(count: int, bits: int) -> int:

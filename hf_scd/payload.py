@@ -22,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from .codec import UnpackedLayerCodes
 from .codes import CODED_KINDS, LayerCodes
 from .errors import CorruptPayloadError, PayloadVersionError, TruncatedPayloadError
 
@@ -81,7 +82,10 @@ class SCDPayload:
 
     def layers_on(self, device: torch.device | str) -> list[LayerCodes]:
         """The layers' codes on `device`, each part moved in one transfer for all layers; a layer's codes are then
-        column views of one tensor, the layout the kernels decode in one launch."""
+        column views of one tensor, the layout the kernels decode in one launch. Layers holding their codes
+        unpacked (`UnpackedLayerCodes`) are moved as they are: joining them would pack their codes."""
+        if any(isinstance(layer, UnpackedLayerCodes) for layer in self.layers):
+            return [layer.to(device) for layer in self.layers]
         parts = {
             name: joined.split(widths, 1) if widths is not None else joined.unbind(0)
             for name, (joined, widths) in self._joined(device).items()

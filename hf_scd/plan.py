@@ -174,11 +174,11 @@ class Plan:
     def check_layer(self, index: int, layer_codes: LayerCodes, coded: int) -> None:
         """One layer's code and scale widths against this plan's coder, and its token count (`coded` coded rows)."""
         coder = self.layers[index]
-        widths = tuple(getattr(layer_codes, f"{kind}_codes").shape[-1] for kind in CODED_KINDS)
+        widths = tuple(layer_codes.codes_shape(kind)[-1] for kind in CODED_KINDS)
         scale_widths = tuple(getattr(layer_codes, f"{kind}_scales").shape[-1] for kind in CODED_KINDS)
         if widths != coder.widths(index) or scale_widths != coder.scale_widths(index):
             raise ArtifactMismatchError(f"layer {index} codes do not match the artifacts' bit allocation")
-        if layer_codes.key_codes.shape[0] != coded or layer_codes.exact_keys.shape[1:] != self.kv_shape:
+        if layer_codes.codes_shape("key")[0] != coded or layer_codes.exact_keys.shape[1:] != self.kv_shape:
             raise ArtifactMismatchError(f"layer {index} of the payload does not match the artifacts' layout")
 
     def layer_bytes(self, index: int, coded: int, exact: int) -> int:

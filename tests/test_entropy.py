@@ -11,6 +11,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from hf_scd import ArtifactMismatchError, SCDArtifacts, SCDCache
+from hf_scd.codec import UnpackedLayerCodes
 from hf_scd.compat import with_cache
 from hf_scd.entropy import (
     FORMAT_VERSION,
@@ -47,6 +48,25 @@ def test_the_stage_gives_the_payload_back_byte_for_byte_in_fewer_bytes(shipped, 
     codes = sum(layer.key_codes.numel() + layer.value_codes.numel() for layer in payload.layers)
     # The rest of the payload rides along; the codes themselves shrink (by 9% on this text).
     assert len(blob) < len(payload.to_bytes()) - codes // 16
+
+
+def test_decompressed_codes_go_to_the_decoder_unpacked_and_are_packed_only_when_written(smollm2, shipped, artifacts):
+    """The stage hands the decoder its rows: rebuilding a cache from a decompressed payload packs nothing, gives the
+    cache the plain payload gives, bit for bit, and the payload still writes out (and compresses again) as it was."""
+    model, _ = smollm2
+    payload, blob = shipped
+    decompressed = decompress_payload(blob, artifacts)
+    held = [layer for layer in decompressed.layers if isinstance(layer, UnpackedLayerCodes)]
+    assert len(held) == len(artifacts.plan(payload.operating_point).units)
+    with torch.inference_mode():
+        plain = SCDCache.from_payload(payload, artifacts, model)
+        rebuilt = SCDCache.from_payload(decompressed, artifacts, model)
+    assert not any({"key_codes", "value_codes"} & vars(layer).keys() for layer in held)  # never packed
+    for mine, theirs in zip(rebuilt.layers, plain.layers, strict=True):
+        assert torch.equal(mine.keys, theirs.keys) and torch.equal(mine.values, theirs.values)
+    assert compress_payload(decompressed, artifacts) == blob
+    assert decompressed.to_bytes() == payload.to_bytes()
+    assert all({"key_codes", "value_codes"} <= vars(layer).keys() for layer in held)  # packed to be written
 
 
 def test_a_chat_prompt_shrinks_and_a_payload_with_nothing_to_code_is_stored_as_it_is(smollm2, artifacts, chat_ids):

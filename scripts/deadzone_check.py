@@ -123,7 +123,7 @@ class Quantizer(Transfer):
         packed, scales = codec._encode_heads(code, centred)
         codes = codec.unpack_codes(packed, code.layout).reshape(tokens, -1)
         kept = code.bits.reshape(-1) > 0
-        x_hat = codec._decode_heads(code, packed, scales).transpose(0, 1).reshape(x.shape)
+        x_hat = codec._decode_heads(code, codec.unpacked_rows(code, packed), scales).transpose(0, 1).reshape(x.shape)
         return x_hat, order0_bits(codes[:, kept])
 
     def _deadzone(self, code, depth: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, float]:

@@ -21,16 +21,18 @@ from .codes import CoderPair, LayerCodes, RowCodes
 KV = tuple[torch.Tensor, torch.Tensor]
 
 
-def _row_coder(reference, x: torch.Tensor, rows: torch.Tensor, units: Sequence[Sequence], coders: Sequence[CoderPair]):
+def _row_coder(
+    reference, x: torch.Tensor, rows: torch.Tensor, units: Sequence[Sequence], coders: Sequence[CoderPair], **options
+):
     """The Triton kernels standing in for `reference` (`encode_rows` / `decode_rows`) on CUDA tensors (x, a layer's
-    (batch, H, seq, d)) of units they cover (`kernels.covers`), else itself; itself too when there are no `rows` to
-    code (every token exact)."""
+    (batch, H, seq, d)) of units they cover (`kernels.covers`), else itself with `options`; itself too when there are
+    no `rows` to code (every token exact)."""
     if x.is_cuda and rows.numel():
         from . import kernels  # nothing heavy: hf_scd.kernels imports triton only when a kernel is called
 
         if kernels.available() and kernels.covers(units, coders):
             return getattr(kernels, reference.__name__)
-    return partial(reference, products=products(x.device))
+    return partial(reference, products=products(x.device), **options)
 
 
 def products(device: torch.device) -> torch.dtype:
@@ -55,13 +57,15 @@ def code_units(
     sin: torch.Tensor,
     coded_rows: torch.Tensor,
     coders: Sequence[CoderPair],
+    packed: bool = True,
 ) -> list[RowCodes]:
     """Units' member layers' caches (batch, H, seq, d), rotary (batch*seq, d) -> per unit, the codes of its
     `coded_rows` (flat into batch*seq): on CUDA tensors of per-head units one Triton launch for all keys and one for
-    all values."""
+    all values. With `packed=False` the reference gives the rows the decoder reads instead of packed bytes, for
+    codes that are entropy-coded next (the kernels' codes come packed either way)."""
     if not keys:
         return []
-    coder = _row_coder(codec.encode_rows, keys[0][0], coded_rows, keys, coders)
+    coder = _row_coder(codec.encode_rows, keys[0][0], coded_rows, keys, coders, packed=packed)
     return coder(keys, values, cos, sin, coded_rows, coders)
 
 
@@ -94,14 +98,19 @@ def layer_codes(
     coded_rows: torch.Tensor,
     exact_rows: torch.Tensor,
     codes: RowCodes | None = None,
+    coders: CoderPair | None = None,
 ) -> LayerCodes:
     """What one layer of a unit puts on the wire: its exact `exact_rows` in bf16 (keys de-rotated), and the unit's
-    `codes` if it is the unit's last layer, else zero-width codes for its `coded_rows`."""
+    `codes` (`code_units`, by the unit's `coders`) if it is the unit's last layer, else zero-width codes for its
+    `coded_rows`. Codes given as rows (`code_units` with `packed=False`) are held so (`UnpackedLayerCodes`)."""
     exact_keys = codec.content_keys(codec.flat_rows(keys, exact_rows), cos, sin, exact_rows).to(torch.bfloat16)
     exact_values = codec.flat_rows(values, exact_rows).to(torch.bfloat16)
     empty = torch.empty(coded_rows.numel(), 0, dtype=torch.uint8, device=keys.device)
     key_codes, key_scales, value_codes, value_scales = codes or (empty, empty, empty, empty)
-    return LayerCodes(key_codes, key_scales, value_codes, value_scales, exact_keys, exact_values, empty, empty)
+    if key_codes.ndim == 2:  # packed bytes (tokens, bytes), or no codes
+        return LayerCodes(key_codes, key_scales, value_codes, value_scales, exact_keys, exact_values, empty, empty)
+    layer = LayerCodes(empty, key_scales, empty, value_scales, exact_keys, exact_values, empty, empty)
+    return codec.UnpackedLayerCodes(layer, coders, key_codes, value_codes)
 
 
 def decode_units(

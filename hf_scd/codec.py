@@ -240,11 +240,12 @@ def _derived(code: TransformCode) -> _Derived:
 
 
 def _encode_heads(
-    code: TransformCode, centred: torch.Tensor, products: torch.dtype = torch.float32
+    code: TransformCode, centred: torch.Tensor, products: torch.dtype = torch.float32, packed: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Centred block-major vectors (G, tokens, W), in the `products` dtype -> packed codes (tokens, bytes) uint8 and
-    per-token scale codes (tokens, G) uint8. The product runs in `products`; everything after it in float32, in place
-    on one (G, tokens, C) buffer."""
+    """Centred block-major vectors (G, tokens, W), in the `products` dtype -> packed codes (tokens, bytes) uint8, or
+    with `packed=False` the rows the decoder reads (G, C, tokens) uint8 (`UnpackedLayerCodes`), and per-token scale
+    codes (tokens, G) uint8. The product runs in `products`; everything after it in float32, in place on one (G,
+    tokens, C) buffer."""
     derived = _derived(code)
     encoder, _ = derived.matrices(products)
     unit = torch.bmm(centred, encoder).float()  # 0 at dropped components
@@ -256,7 +257,8 @@ def _encode_heads(
     steps = derived.steps * code_to_scale(scale_codes).unsqueeze(-1)
     codes = unit.div_(steps).floor_().add_(derived.half_levels).clamp_(min=0)
     torch.minimum(codes, derived.top, out=codes)  # 0 where dropped
-    return _pack_heads(codes, code.layout), scale_codes.T.contiguous()
+    held = _pack_heads(codes, code.layout) if packed else codes.to(torch.uint8).transpose(1, 2)
+    return held, scale_codes.T.contiguous()
 
 
 def _decode_heads(
@@ -284,10 +286,12 @@ def unpacked_rows(code: TransformCode, packed: torch.Tensor) -> torch.Tensor:
 
 
 class UnpackedLayerCodes(LayerCodes):
-    """A Reuse unit's last layer holding its K/V codes as the decoder reads them: one row per component, (heads, dim,
-    tokens) uint8 (0 where a component has no bits). The entropy stage decompresses into these, so a payload or frame
-    that goes straight to the decoder is not packed and unpacked again on the way. `key_codes` and `value_codes` are
-    packed from the rows when something asks for them (a payload written out again, the GPU kernels)."""
+    """A Reuse unit's last layer holding its K/V codes as the decoder reads them: one row per component, (heads,
+    components, tokens) uint8 (0 where a component has no bits; each head's components in order, at least up to the
+    last any head keeps). The CPU encoder makes these, and the entropy stage decompresses into them, so codes that are
+    decoded (the fidelity check), entropy-coded, or decompressed and decoded are never packed and unpacked on the way.
+    `key_codes` and `value_codes` are packed from the rows when something asks for them (a payload or frame written
+    out, the GPU kernels)."""
 
     def __init__(self, layer: LayerCodes, coders: CoderPair, key_rows: torch.Tensor, value_rows: torch.Tensor):
         for part in fields(LayerCodes):
@@ -399,14 +403,18 @@ def encode_rows(
     rows: torch.Tensor,
     coders: Sequence[CoderPair],
     products: torch.dtype = torch.float32,
+    packed: bool = True,
 ) -> list[RowCodes]:
     """Code tokens `rows` (flat indices into batch*seq) of several Reuse units, each its member layers' post-RoPE
     keys and values (batch, H, seq, d), with the unit's (key, value) coders.
 
     Keys are de-rotated with the exact (cos, sin) (batch*seq, d) they were rotated with. Per unit: key codes, key
-    scale codes, value codes, value scale codes. The encoder products run in `products` (`backend` picks bf16 on
-    CPUs that multiply it natively). Each layer's tokens are read as slices of its cache (`token_runs`), de-rotated
-    and centred as whole (H, tokens, d) blocks, and written into one token-major buffer per unit and kind.
+    scale codes, value codes, value scale codes; the codes packed (tokens, bytes), as the kernels give them, or with
+    `packed=False` as the rows the decoder reads (blocks, components, tokens), for `UnpackedLayerCodes`: packing
+    waits until the codes are written, and codes decoded or entropy-coded where they are made are never packed. The
+    encoder products run in `products` (`backend` picks bf16 on CPUs that multiply it natively). Each layer's tokens
+    are read as slices of its cache (`token_runs`), de-rotated and centred as whole (H, tokens, d) blocks, and
+    written into one token-major buffer per unit and kind.
     """
     if not keys:
         return []
@@ -418,7 +426,10 @@ def encode_rows(
         key_blocks = _centred_unit(key_code, unit_keys, runs, rows.numel(), products, derotation)
         value_blocks = _centred_unit(value_code, unit_values, runs, rows.numel(), products)
         encoded.append(
-            (*_encode_heads(key_code, key_blocks, products), *_encode_heads(value_code, value_blocks, products))
+            (
+                *_encode_heads(key_code, key_blocks, products, packed),
+                *_encode_heads(value_code, value_blocks, products, packed),
+            )
         )
     return encoded
 

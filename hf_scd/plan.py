@@ -139,20 +139,27 @@ class Plan:
         )
 
     def encode_layer(
-        self, index: int, kv: Sequence[KV], tokens: TokenLayout, patch_input: torch.Tensor | None = None
+        self,
+        index: int,
+        kv: Sequence[KV],
+        tokens: TokenLayout,
+        patch_input: torch.Tensor | None = None,
+        packed: bool = True,
     ) -> LayerCodes:
         """Layer `index`'s codes, the same bytes `encode` gives it, from the (keys, values) of layers 0..index (at
-        least): a layer can leave while the next is being computed. A unit's last layer codes the whole unit."""
+        least): a layer can leave while the next is being computed. A unit's last layer codes the whole unit; with
+        `packed=False` it holds them unpacked (`UnpackedLayerCodes`) where the codec gives them so, for a frame
+        that is entropy-coded next."""
         coder = self.layers[index]
         if isinstance(coder, PatchLayer):
             return encode_patch_layer(patch_input, tokens.coded, coder.hidden, self.kv_shape)
-        codes = None
-        if coder.carries(index):
-            unit_keys, unit_values = self._unit_inputs([coder], kv)
-            coders = [(coder.key, coder.value)]
-            (codes,) = backend.code_units(unit_keys, unit_values, tokens.cos, tokens.sin, tokens.coded, coders)
         keys, values = kv[index]
-        return backend.layer_codes(keys, values, tokens.cos, tokens.sin, tokens.coded, tokens.sink, codes)
+        if not coder.carries(index):
+            return backend.layer_codes(keys, values, tokens.cos, tokens.sin, tokens.coded, tokens.sink)
+        unit_keys, unit_values = self._unit_inputs([coder], kv)
+        pair = (coder.key, coder.value)
+        (codes,) = backend.code_units(unit_keys, unit_values, tokens.cos, tokens.sin, tokens.coded, [pair], packed)
+        return backend.layer_codes(keys, values, tokens.cos, tokens.sin, tokens.coded, tokens.sink, codes, pair)
 
     def layout(self, record: TokenRecord, layer_tokens: Sequence[int] = ()) -> TokenLayout:
         """Where the recorded tokens go on the wire under this plan's sink; every layer must hold them all."""

@@ -174,6 +174,7 @@ def test_a_units_frame_round_trips_and_a_coded_frame_where_no_unit_ends_is_refus
     assert body.startswith(MAGIC) and len(body) < len(layer_to_bytes(payload.layers[last]))
     codes = decompress_layer(body, plan, last, tokens, max_bytes=len(body) * 4)
     assert layer_to_bytes(codes) == layer_to_bytes(payload.layers[last])
+    assert isinstance(codes, UnpackedLayerCodes) and compress_layer(codes, plan, last) == body  # from its rows
     first = unit.members[0]  # layer 0 only feeds a joint unit: its frame stays plain, and a coded one is refused
     assert compress_layer(payload.layers[first], plan, first) == layer_to_bytes(payload.layers[first])
     with pytest.raises(PayloadLimitError):

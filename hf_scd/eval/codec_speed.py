@@ -1,14 +1,16 @@
 """CPU codec throughput against the model's own prefill: can one core code K/V as fast as the model makes it?
 
-    python -m hf_scd.eval.codec_speed [--tokens 512,2048,4096] [--points 4x,8x] [--repeats 7] [--entropy]
+    python -m hf_scd.eval.codec_speed [--tokens 512,2048,4096] [--points 4x,8x] [--repeats 7] [--entropy] [--max-kl X]
 
 For SmolLM2-135M with its real artifacts, on real held-out text, one torch thread (run it pinned: `taskset -c 1`),
 the median time of: the prefill forward into an `SCDCache`; the one-shot encode (cache -> payload bytes) and decode
 (bytes -> rebuilt cache); and the streamed path, layer by layer (`Plan.encode_layer` and the frame's bytes on the
 producer, `layer_from_bytes` and `CacheRebuild.add_layer` on the consumer). With `--entropy`, the same four stages
 with the entropy stage (`hf_scd.entropy`) included: `compress_payload` after the encode and `decompress_payload`
-before the decode, `compress_layer` / `decompress_layer` per frame. Throughput is in GB/s of the bf16 K/V those tokens
-take (2 x layers x tokens x kv_heads x head_dim x 2 bytes), the prefill's too: the K/V it produces.
+before the decode, `compress_layer` / `decompress_layer` per frame. With `--max-kl`, also what a producer that checks
+each request pays: `encode(max_kl=...)` to bytes (the points it checks, each encoded and decoded once). Throughput
+is in GB/s of the bf16 K/V those tokens take (2 x layers x tokens x kv_heads x head_dim x 2 bytes), the prefill's
+too: the K/V it produces.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def stream_encode(cache: SCDCache, point: str, entropy: bool = False) -> list[by
     plan = cache.artifacts.plan(point, cache.layers[0].keys.device)
     tokens = plan.layout(cache.record)
     kv = [(layer.keys, layer.values) for layer in cache.layers]
-    codes = (plan.encode_layer(index, kv, tokens) for index in range(len(kv)))
+    codes = (plan.encode_layer(index, kv, tokens, packed=not entropy) for index in range(len(kv)))
     if entropy:
         return [compress_layer(layer, plan, index) for index, layer in enumerate(codes)]
     return [layer_to_bytes(layer) for layer in codes]
@@ -87,6 +89,10 @@ def stream_decode(
     return cache
 
 
+def checked_encode(cache: SCDCache, max_kl: float) -> bytes:
+    return cache.encode(max_kl=max_kl).to_bytes()
+
+
 def decode(blob: bytes, artifacts: SCDArtifacts, model, entropy: bool = False) -> SCDCache:
     payload = decompress_payload(blob, artifacts) if entropy else SCDPayload.from_bytes(blob)
     cache = SCDCache.from_payload(payload, artifacts, model)
@@ -106,6 +112,13 @@ def measure(args: argparse.Namespace) -> list[dict]:
         kv_bytes = tokens * artifacts.shape.bf16_bytes_per_token()
         prefill_ms = median_ms(args.prefill_repeats, prefilled, model, artifacts, prompt)
         cache = prefilled(model, artifacts, prompt)
+        checked = {}
+        if args.max_kl is not None:
+            checked = {
+                "max_kl": args.max_kl,
+                "checked_point": cache.encode(max_kl=args.max_kl).operating_point,
+                "checked_encode_ms": median_ms(args.repeats, checked_encode, cache, args.max_kl),
+            }
         for point in args.points:
             times, sizes = {}, {}
             for entropy in (False, True) if args.entropy else (False,):
@@ -133,6 +146,7 @@ def measure(args: argparse.Namespace) -> list[dict]:
                 "prefill_gbps": kv_bytes / prefill_ms / 1e6,
                 **{f"{stage}_ms": ms for stage, ms in times.items()},
                 **{f"{stage}_gbps": kv_bytes / ms / 1e6 for stage, ms in times.items()},
+                **checked,
                 "threads": args.threads,
                 "repeats": args.repeats,
             }
@@ -145,11 +159,15 @@ def table(rows: list[dict]) -> str:
     """Markdown: per prompt and point, ms and GB/s of bf16-equivalent K/V for every stage measured, the prefill
     alongside."""
     stages = [stage for stage in STAGES + ENTROPY_STAGES if f"{stage}_ms" in rows[0]]
-    head = "| tokens | point | prefill ms (tok/s, GB/s K/V) | " + " | ".join(f"{s} ms (GB/s)" for s in stages) + " |"
-    lines = [head, "|" + "---:|" * (3 + len(stages))]
+    checked = "checked_encode_ms" in rows[0]
+    head = "| tokens | point | prefill ms (tok/s, GB/s K/V) | " + " | ".join(f"{s} ms (GB/s)" for s in stages)
+    head += " | encode(max_kl) ms (point shipped) |" if checked else " |"
+    lines = [head, "|" + "---:|" * (3 + len(stages) + checked)]
     for row in rows:
         prefill = f"{row['prefill_ms']:.0f} ({row['prefill_tokens_per_s']:.0f}, {row['prefill_gbps']:.3f})"
         cells = " | ".join(f"{row[f'{s}_ms']:.1f} ({row[f'{s}_gbps']:.2f})" for s in stages)
+        if checked:
+            cells += f" | {row['checked_encode_ms']:.0f} ({row['checked_point']})"
         lines.append(f"| {row['tokens']} | {row['point']} | {prefill} | {cells} |")
     return "\n".join(lines)
 
@@ -162,6 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prefill-repeats", type=int, default=3, help="timed prefills per prompt (median)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--entropy", action="store_true", help="also every stage with the entropy stage included")
+    parser.add_argument("--max-kl", type=float, default=None, help="also encode(max_kl=...): the per-request check")
     parser.add_argument("--out", default="benchmarks/codec_speed_smollm2-135m-instruct.json")
     args = parser.parse_args(argv)
     with torch.inference_mode():

@@ -192,7 +192,7 @@ class CacheSender:
             raise CacheStateError(f"layer {index} was written where layer {self.report.layers} was due")
         written = [(layer.keys, layer.values) for layer in self.cache.layers[: index + 1]]
         patch_input = self.cache.recorder.patch_input(index) if index in self._plan.patch_layers else None
-        codes = self._plan.encode_layer(index, written, self._tokens, patch_input)
+        codes = self._plan.encode_layer(index, written, self._tokens, patch_input, packed=not self.entropy)
         body = compress_layer(codes, self._plan, index) if self.entropy else layer_to_bytes(codes)
         self.report.layers += 1
         self.report.encode_ms += _ms(start)

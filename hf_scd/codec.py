@@ -288,8 +288,8 @@ def unpacked_rows(code: TransformCode, packed: torch.Tensor) -> torch.Tensor:
 class UnpackedLayerCodes(LayerCodes):
     """A Reuse unit's last layer holding its K/V codes as the decoder reads them: one row per component, (heads,
     components, tokens) uint8 (0 where a component has no bits; each head's components in order, at least up to the
-    last any head keeps). The CPU encoder makes these, and the entropy stage decompresses into them, so codes that are
-    decoded (the fidelity check), entropy-coded, or decompressed and decoded are never packed and unpacked on the way.
+    last any head keeps). The entropy stage decompresses into these, and the CPU encoder makes them for a frame the
+    stage codes next (`Plan.encode_layer(..., packed=False)`), so those codes are not packed and unpacked on the way.
     `key_codes` and `value_codes` are packed from the rows when something asks for them (a payload or frame written
     out, the GPU kernels)."""
 
@@ -410,9 +410,8 @@ def encode_rows(
 
     Keys are de-rotated with the exact (cos, sin) (batch*seq, d) they were rotated with. Per unit: key codes, key
     scale codes, value codes, value scale codes; the codes packed (tokens, bytes), as the kernels give them, or with
-    `packed=False` as the rows the decoder reads (blocks, components, tokens), for `UnpackedLayerCodes`: packing
-    waits until the codes are written, and codes decoded or entropy-coded where they are made are never packed. The
-    encoder products run in `products` (`backend` picks bf16 on CPUs that multiply it natively). Each layer's tokens
+    `packed=False` as the rows the decoder reads (blocks, components, tokens), for `UnpackedLayerCodes`: codes the
+    entropy stage codes next are then never packed. The encoder products run in `products` (`backend` picks bf16 on CPUs that multiply it natively). Each layer's tokens
     are read as slices of its cache (`token_runs`), de-rotated and centred as whole (H, tokens, d) blocks, and
     written into one token-major buffer per unit and kind.
     """

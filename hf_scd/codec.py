@@ -411,9 +411,9 @@ def encode_rows(
     Keys are de-rotated with the exact (cos, sin) (batch*seq, d) they were rotated with. Per unit: key codes, key
     scale codes, value codes, value scale codes; the codes packed (tokens, bytes), as the kernels give them, or with
     `packed=False` as the rows the decoder reads (blocks, components, tokens), for `UnpackedLayerCodes`: codes the
-    entropy stage codes next are then never packed. The encoder products run in `products` (`backend` picks bf16 on CPUs that multiply it natively). Each layer's tokens
-    are read as slices of its cache (`token_runs`), de-rotated and centred as whole (H, tokens, d) blocks, and
-    written into one token-major buffer per unit and kind.
+    entropy stage codes next are then never packed. The encoder products run in `products` (`backend` picks bf16 on
+    CPUs that multiply it natively). Each layer's tokens are read as slices of its cache (`token_runs`), de-rotated
+    and centred as whole (H, tokens, d) blocks, and written into one token-major buffer per unit and kind.
     """
     if not keys:
         return []

@@ -62,7 +62,7 @@ def code_units(
     """Units' member layers' caches (batch, H, seq, d), rotary (batch*seq, d) -> per unit, the codes of its
     `coded_rows` (flat into batch*seq): on CUDA tensors of per-head units one Triton launch for all keys and one for
     all values. With `packed=False` the reference gives the rows the decoder reads instead of packed bytes, for
-    codes that are entropy-coded next (the kernels' codes come packed either way)."""
+    codes that are decoded or entropy-coded next (the kernels' codes come packed either way)."""
     if not keys:
         return []
     coder = _row_coder(codec.encode_rows, keys[0][0], coded_rows, keys, coders, packed=packed)
@@ -77,16 +77,20 @@ def encode_units(
     coded_rows: torch.Tensor,
     exact_rows: torch.Tensor,
     coders: Sequence[CoderPair],
+    packed: bool = True,
 ) -> list[list[LayerCodes]]:
     """Units' member layers' caches -> per unit, one `LayerCodes` per member: bf16 `exact_rows` in each, the unit's
-    codes (`code_units`) in its last and zero-width codes in the others. Padding is in neither set of rows."""
-    coded = code_units(keys, values, cos, sin, coded_rows, coders)
+    codes (`code_units`, packed or not) in its last and zero-width codes in the others. Padding is in neither set of
+    rows."""
+    coded = code_units(keys, values, cos, sin, coded_rows, coders, packed)
     return [
         [
-            layer_codes(k, v, cos, sin, coded_rows, exact_rows, unit_codes if member == len(unit_keys) - 1 else None)
+            layer_codes(
+                k, v, cos, sin, coded_rows, exact_rows, *((codes, pair) if member == len(unit_keys) - 1 else ())
+            )
             for member, (k, v) in enumerate(zip(unit_keys, unit_values, strict=True))
         ]
-        for unit_keys, unit_values, unit_codes in zip(keys, values, coded, strict=True)
+        for unit_keys, unit_values, codes, pair in zip(keys, values, coded, coders, strict=True)
     ]
 
 

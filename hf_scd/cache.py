@@ -100,12 +100,14 @@ class SCDCache(Cache):
 
     # ---- shipping -----------------------------------------------------------------------------------------------
 
-    def encode(self, point: str | None = None, *, max_kl: float | None = None) -> SCDPayload:
+    def encode(self, point: str | None = None, *, max_kl: float | None = None, packed: bool = True) -> SCDPayload:
         """The cache as compact codes, with everything the consumer needs to continue.
 
         `point` names another operating point of the artifacts to encode at, instead of the cache's own. `max_kl`
         instead checks this request: the cheapest point whose predicted KL is within it, or exact bf16 K/V when
-        none is (`choose_point`); the payload records the prediction.
+        none is (`choose_point`); the payload records the prediction. `packed=False` keeps the codes as the rows the
+        decoder reads where the CPU codec makes them, for `hf_scd.entropy.compress_payload`, which then neither packs
+        nor unpacks them; the payload writes out as the same bytes either way.
         """
         if max_kl is not None:
             if point is not None:
@@ -115,7 +117,7 @@ class SCDCache(Cache):
         self._check_encodable()
         plan = self.artifacts.plan(point or self.operating_point.name, self.layers[0].keys.device)
         return SCDPayload.of(
-            self.payload_head(plan.point), plan.encode(self._kv(), self.record, self.recorder.patch_input)
+            self.payload_head(plan.point), plan.encode(self._kv(), self.record, self.recorder.patch_input, packed)
         )
 
     def choose_point(self, max_kl: float) -> PointChoice:

@@ -13,7 +13,7 @@ time.
 The stage wraps a finished payload (or one stream frame: the layer that ends a Reuse unit) and gives it back byte for
 byte, so fidelity is the codes' own.
 
-    blob = compress_payload(cache.encode("8x"), artifacts)  # bytes to store or send
+    blob = compress_payload(cache.encode("8x", packed=False), artifacts)  # bytes to store or send
     payload = decompress_payload(blob, artifacts)           # the SCDPayload that was compressed
 """
 

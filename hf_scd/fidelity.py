@@ -219,7 +219,7 @@ def check_point(
     metric = artifacts.distortion_metric(handle, device)  # refuses artifacts without a map before any coding
     probe = probe if probe is not None else tail_probe(artifacts, handle, kv, record)
     plan = artifacts.plan(point, device)
-    layers = plan.encode(kv, record, patch_input)
+    layers = plan.encode(kv, record, patch_input, packed=False)  # decoded next: packed only if shipped
     rebuilt = plan.finish(plan.decode_layers(layers, record, handle, dtype), record, handle)
     worst = float(metric.distortion(kv, rebuilt, record.attention_mask).max())
     tail_kl = probe.kl(rebuilt) if probe is not None else None

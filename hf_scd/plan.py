@@ -108,18 +108,24 @@ class Plan:
         return [index for index, coder in enumerate(self.layers) if isinstance(coder, PatchLayer)]
 
     def encode(
-        self, kv: Sequence[KV], record: TokenRecord, patch_input: Callable[[int], torch.Tensor]
+        self,
+        kv: Sequence[KV],
+        record: TokenRecord,
+        patch_input: Callable[[int], torch.Tensor],
+        packed: bool = True,
     ) -> list[LayerCodes]:
         """Every layer's post-RoPE (keys, values) (batch, H, seq, d) -> its payload codes; `patch_input(layer)` is the
         producer's recorded attention input (batch, seq, hidden) at a Patch layer. All Reuse units are coded
-        together (one kernel launch on CUDA); `encode_layer` codes one layer, for streaming."""
+        together (one kernel launch on CUDA); `encode_layer` codes one layer, for streaming. With `packed=False` the
+        units' codes are held unpacked (`UnpackedLayerCodes`) where the codec gives them so, for codes that are
+        decoded or entropy-coded next."""
         tokens = self.layout(record, [keys.shape[2] for keys, _ in kv])
         layers: list[LayerCodes | None] = [None] * len(self.layers)
         units = self.units
         unit_keys, unit_values = self._unit_inputs(units, kv)
         coders = [(unit.key, unit.value) for unit in units]
         encoded = backend.encode_units(
-            unit_keys, unit_values, tokens.cos, tokens.sin, tokens.coded, tokens.sink, coders
+            unit_keys, unit_values, tokens.cos, tokens.sin, tokens.coded, tokens.sink, coders, packed
         )
         for unit, codes in zip(units, encoded, strict=True):
             for index, layer_codes in zip(unit.members, codes, strict=True):

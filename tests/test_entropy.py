@@ -69,6 +69,22 @@ def test_decompressed_codes_go_to_the_decoder_unpacked_and_are_packed_only_when_
     assert all({"key_codes", "value_codes"} <= vars(layer).keys() for layer in held)  # packed to be written
 
 
+def test_codes_kept_as_rows_compress_and_write_out_as_packed_ones_do(smollm2, artifacts):
+    """`encode(packed=False)` holds each unit's codes as rows for the stage: the same compressed bytes and the same
+    payload bytes as packed codes, and the rows go to zstd without being packed."""
+    model, tokenizer = smollm2
+    ids = tokenizer(evaluation_texts()[2], return_tensors="pt", add_special_tokens=False)["input_ids"][:, :300]
+    with torch.inference_mode():
+        cache = SCDCache(artifacts, model)
+        model(ids, **with_cache(model, cache))
+        packed, rows = cache.encode("8x"), cache.encode("8x", packed=False)
+    held = [layer for layer in rows.layers if isinstance(layer, UnpackedLayerCodes)]
+    assert len(held) == len(artifacts.plan("8x").units)
+    assert compress_payload(rows, artifacts) == compress_payload(packed, artifacts)
+    assert not any({"key_codes", "value_codes"} & vars(layer).keys() for layer in held)  # never packed
+    assert rows.to_bytes() == packed.to_bytes()
+
+
 def test_a_chat_prompt_shrinks_and_a_payload_with_nothing_to_code_is_stored_as_it_is(smollm2, artifacts, chat_ids):
     model, _ = smollm2
     blobs = {}

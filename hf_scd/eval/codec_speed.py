@@ -57,7 +57,7 @@ def prefilled(model, artifacts: SCDArtifacts, prompt: torch.Tensor) -> SCDCache:
 
 
 def encode(cache: SCDCache, point: str, entropy: bool = False) -> bytes:
-    payload = cache.encode(point)
+    payload = cache.encode(point, packed=not entropy)
     return compress_payload(payload, cache.artifacts) if entropy else payload.to_bytes()
 
 

@@ -26,7 +26,7 @@ class SCDTransfer(Transfer):
 
     def send(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> Shipment:
         cache = SCDCache(self.artifacts, self.producer, point=self.point)
-        payload = prefill(self.producer, input_ids, attention_mask, cache).encode()
+        payload = prefill(self.producer, input_ids, attention_mask, cache).encode(packed=not self.entropy)
         blob = compress_payload(payload, self.artifacts) if self.entropy else payload.to_bytes()
         return Shipment(blob, len(blob), input_ids, attention_mask)
 

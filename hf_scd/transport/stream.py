@@ -107,7 +107,10 @@ class CacheSender:
         """Send a filled cache: layer by layer, encoding the next while the last is on the wire, or in one frame."""
         if not streaming:
             start = time.perf_counter()
-            payload = self.cache.encode(self.point) if self.max_kl is None else self.cache.encode(max_kl=self.max_kl)
+            if self.max_kl is None:
+                payload = self.cache.encode(self.point, packed=not self.entropy)
+            else:
+                payload = self.cache.encode(max_kl=self.max_kl)
             self.point, self.predicted_kl = payload.operating_point, payload.predicted_kl
             blob = compress_payload(payload, self.cache.artifacts) if self.entropy else payload.to_bytes()
             self.report = SendReport(streaming=False, layers=len(self.cache.layers), encode_ms=_ms(start))

@@ -107,7 +107,8 @@ class SCDCache(Cache):
         instead checks this request: the cheapest point whose predicted KL is within it, or exact bf16 K/V when
         none is (`choose_point`); the payload records the prediction. `packed=False` keeps the codes as the rows the
         decoder reads where the CPU codec makes them, for `hf_scd.entropy.compress_payload`, which then neither packs
-        nor unpacks them; the payload writes out as the same bytes either way.
+        nor unpacks them (the codes a `max_kl` check chose are held so anyway: it decoded them); the payload writes
+        out as the same bytes either way.
         """
         if max_kl is not None:
             if point is not None:

@@ -75,8 +75,8 @@ class CacheSender:
     before a live stream's layer 0 leaves, and a live stream with `max_kl` is refused.
 
     `entropy=True` sends the codes through the entropy stage (`hf_scd.entropy`: about 11% fewer bytes at 8x, for
-    about half the codec's CPU time on each side), for slow links: each layer frame that ends a Reuse unit, or the
-    one-shot payload. `receive_cache` knows a coded frame by its magic.
+    up to about a fifth more of the codec's CPU time on each side), for slow links: each layer frame that ends a
+    Reuse unit, or the one-shot payload. `receive_cache` knows a coded frame by its magic.
     """
 
     def __init__(
